@@ -1,0 +1,110 @@
+"""The `energyvit` command. Flags follow MAE's names (--batch_size), with timm-style
+hyphenated aliases (--batch-size). Bad flags or values end in one clear line, not a traceback."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from energyvit.engine import LOSS_REGIONS
+from energyvit.model import ENERGY_READOUTS, MODEL_ARCHS
+from energyvit.probe import POOLING
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print the usage block first
+        raise CliError(f"{self.prog}: error: {message}")
+
+
+def add(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    """Add --snake_case with its --kebab-case alias."""
+    names = [name] + ([name.replace("_", "-")] if "_" in name else [])
+    parser.add_argument(*names, **kwargs)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def mask_fill(text: str) -> str | float:
+    if text == "noise":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'noise' or a number, got {text!r}") from None
+
+
+def add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    add(p, "--model", default="vit_nano_patch4", choices=list(MODEL_ARCHS), help="architecture name")
+    add(p, "--input_size", type=positive_int, default=None, help="image size (default: the model's)")
+    add(p, "--batch_size", type=positive_int, default=64)
+    add(p, "--epochs", type=positive_int, default=20)
+    add(p, "--warmup_epochs", type=int, default=2)
+    add(p, "--blr", type=float, default=1e-3, help="base lr: lr = blr * batch_size / 256")
+    add(p, "--lr", type=float, default=None, help="absolute lr (overrides --blr)")
+    add(p, "--weight_decay", type=float, default=0.05)
+    add(p, "--clip_grad", type=float, default=None, help="gradient norm clip (off by default)")
+    add(p, "--tasks", default="mim:0.5,denoise:0.25,sr:0.25",
+        help="task mixture name:weight,... from mim, sort, sr, denoise, colorize")
+    add(p, "--mask_ratio", type=fraction, default=0.5, help="mim: fraction of patches masked")
+    add(p, "--mask_fill", type=mask_fill, default="noise", help="mim: 'noise' (uniform) or a constant")
+    add(p, "--sort_fraction", type=fraction, default=0.25, help="sort: fraction of patches shuffled")
+    add(p, "--sr_factor", type=int, choices=(2, 4), default=2, help="sr: downsampling factor")
+    add(p, "--noise_sigma", type=float, default=0.2, help="denoise: Gaussian sigma in pixel units")
+    add(p, "--energy", choices=ENERGY_READOUTS, default="norm", help="energy readout")
+    add(p, "--restore_steps", type=int, choices=range(1, 9), default=2, metavar="K", help="gradient steps (1..8)")
+    add(p, "--step_size_init", type=float, default=1.0, help="initial step size a_k")
+    add(p, "--langevin_std", type=float, default=0.0, help="Langevin noise scale in training restoration")
+    add(p, "--loss_region", choices=LOSS_REGIONS, default="corrupted")
+    add(p, "--norm_pix_loss", action="store_true", help="per-patch normalized targets (MAE)")
+    add(p, "--probe_pool", choices=POOLING, default="mean", help="feature pooling of the linear probe")
+    add(p, "--fused", action="store_true", help="fused Triton attention (needs triton)")
+    add(p, "--output_dir", default="./output_dir")
+    add(p, "--resume", default="", help="checkpoint to continue from")
+    add(p, "--seed", type=int, default=0)
+    add(p, "--num_threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="energyvit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    pretrain = sub.add_parser("pretrain", help="pretrain an energy ViT (default: embedded digits)")
+    add_pretrain_args(pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "pretrain":
+            from energyvit.pretrain import run
+
+            run(args)
+        return 0
+    except CliError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
+        print(f"energyvit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("energyvit: interrupted; resume with --resume OUTPUT_DIR/checkpoint-last.pth", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""The energy ViT: one vision transformer whose forward pass maps an image to a scalar energy.
+
+Parameter names follow timm's VisionTransformer (patch_embed.proj, cls_token, pos_embed,
+blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm; LayerNorm eps 1e-6) so the
+encoder loads in timm. What timm does not have lives under other names: `energy_head` (the
+readout of the `linear` energy) and `restore_log_step` (the learnable restoration step sizes).
+
+Images enter in pixel space ([0, 1] per channel); the model normalizes them with the per-channel
+mean/std of its config, so corruptions, noise levels and losses are all stated in pixel units.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from energyvit.attention import BACKENDS, attention
+
+ENERGY_READOUTS = ("norm", "linear")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class EnergyViTConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    energy: str = "norm"  # readout: see EnergyViT.energy_from_features
+    restore_steps: int = 2  # K, gradient steps of restoration (1..8)
+    step_size_init: float = 1.0  # initial a_k for every step
+    attn_backend: str = "math"
+    pixel_mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
+    pixel_std: tuple[float, ...] = field(default=IMAGENET_STD)
+
+    def __post_init__(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.energy not in ENERGY_READOUTS:
+            raise ValueError(f"unknown energy readout {self.energy!r}; choose one of {', '.join(ENERGY_READOUTS)}")
+        if self.attn_backend not in BACKENDS:
+            raise ValueError(f"unknown attention backend {self.attn_backend!r}; choose one of {', '.join(BACKENDS)}")
+        if not 1 <= self.restore_steps <= 8:
+            raise ValueError(f"restore_steps must be in 1..8, got {self.restore_steps}")
+        if self.step_size_init <= 0:
+            raise ValueError(f"step_size_init must be > 0, got {self.step_size_init}")
+        if len(self.pixel_mean) != self.in_chans or len(self.pixel_std) != self.in_chans:
+            raise ValueError(
+                f"pixel_mean/pixel_std need {self.in_chans} values (in_chans), "
+                f"got {len(self.pixel_mean)} and {len(self.pixel_std)}"
+            )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+
+# Named architectures. The small ones are sized for CPU runs on the embedded digits.
+MODEL_ARCHS: dict[str, dict] = {
+    "vit_pico_patch2": dict(img_size=8, patch_size=2, embed_dim=32, depth=2, num_heads=2),
+    "vit_nano_patch4": dict(img_size=16, patch_size=4, embed_dim=64, depth=4, num_heads=4),
+    "vit_micro_patch4": dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4),
+    "vit_tiny_patch16": dict(embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16": dict(embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16": dict(embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16": dict(embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def model_config(name: str, **overrides) -> EnergyViTConfig:
+    """The config of a named architecture, with any field overridden (img_size, in_chans, ...)."""
+    if name not in MODEL_ARCHS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_ARCHS)}")
+    args = {**MODEL_ARCHS[name], **{k: v for k, v in overrides.items() if v is not None}}
+    chans = args.get("in_chans", 3)
+    if chans != 3 and "pixel_mean" not in args:  # ImageNet stats only fit RGB
+        args["pixel_mean"], args["pixel_std"] = (0.5,) * chans, (0.5,) * chans
+    return EnergyViTConfig(**args)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: EnergyViTConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, cfg.patch_size, stride=cfg.patch_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, backend: str) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = attention(qkv[0], qkv[1], qkv[2], backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: EnergyViTConfig) -> None:
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, cfg.num_heads, cfg.attn_backend)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def sincos_pos_embed(dim: int, grid: int) -> Tensor:
+    """2D sine-cosine position embedding (MAE's), (grid*grid, dim)."""
+    if dim % 4:
+        raise ValueError(f"embed_dim {dim} must be a multiple of 4 for the 2D sin-cos position embedding")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64), torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for pos in (ys.flatten(), xs.flatten()):
+        out = pos[:, None] * omega[None, :]
+        parts += [out.sin(), out.cos()]
+    return torch.cat(parts, dim=1).float()
+
+
+class EnergyViT(nn.Module):
+    """A ViT whose forward returns one scalar energy per image: low for real images."""
+
+    def __init__(self, cfg: EnergyViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
+        # Fixed 2D sin-cos embedding (as MAE), stored as a frozen parameter under timm's name.
+        grid = cfg.img_size // cfg.patch_size
+        pos = torch.cat([torch.zeros(1, cfg.embed_dim), sincos_pos_embed(cfg.embed_dim, grid)])
+        self.pos_embed = nn.Parameter(pos.unsqueeze(0), requires_grad=False)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        # No bias: a constant shift of the energy has no gradient, so it could never train.
+        self.energy_head = nn.Linear(cfg.embed_dim, 1, bias=False) if cfg.energy == "linear" else None
+        # a_k = exp(restore_log_step[k]) keeps every step size positive.
+        self.restore_log_step = nn.Parameter(torch.full((cfg.restore_steps,), math.log(cfg.step_size_init)))
+        self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, -1, 1, 1), persistent=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        nn.init.normal_(self.cls_token, std=0.02)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    @property
+    def step_sizes(self) -> Tensor:
+        """The restoration step sizes a_k > 0, one per step."""
+        return self.restore_log_step.exp()
+
+    def check_input(self, x: Tensor) -> None:
+        cfg = self.cfg
+        expected = (cfg.in_chans, cfg.img_size, cfg.img_size)
+        if x.ndim != 4 or tuple(x.shape[1:]) != expected:
+            raise ValueError(f"expected images of shape (batch, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected floating-point images, got dtype {x.dtype}")
+
+    def forward_tokens(self, x: Tensor) -> Tensor:
+        """The residual stream after the last block (B, 1 + num_patches, D), before the final norm."""
+        self.check_input(x)
+        x = self.patch_embed((x - self.pixel_mean) / self.pixel_std)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """Final normalized token features (B, 1 + num_patches, D), as timm; index 0 is the class token."""
+        return self.norm(self.forward_tokens(x))
+
+    def energy_from_tokens(self, z: Tensor) -> Tensor:
+        """Scalar energy per image from the residual stream z, summed over patch tokens.
+
+        `norm`: half the squared norm of each patch token divided by the width D, taken before the
+        final LayerNorm (after it every token's norm is fixed by construction).
+        `linear`: a learned linear map of each normalized patch token to a scalar.
+        Summing over tokens (not averaging) keeps dE/dx per pixel independent of image size.
+        """
+        patches = z[:, 1:]
+        if self.energy_head is None:
+            return 0.5 * patches.pow(2).sum(dim=(1, 2)) / patches.shape[-1]
+        return self.energy_head(self.norm(patches)).sum(dim=(1, 2))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Energy E(x), shape (batch,)."""
+        return self.energy_from_tokens(self.forward_tokens(x))
+
+
+def create_model(name: str = "vit_nano_patch4", **overrides) -> EnergyViT:
+    """Create an energy ViT by architecture name; keyword overrides set any config field."""
+    return EnergyViT(model_config(name, **overrides))
+
+
+def config_to_dict(cfg: EnergyViTConfig) -> dict:
+    return asdict(cfg)
+
+
+def config_from_dict(d: dict) -> EnergyViTConfig:
+    d = dict(d)
+    for key in ("pixel_mean", "pixel_std"):
+        d[key] = tuple(d[key])
+    return replace(EnergyViTConfig(), **d)

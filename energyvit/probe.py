@@ -1,0 +1,52 @@
+"""Linear probe: a linear classifier on frozen features, fit on one split, scored on another.
+
+Features are standardized with the training split's statistics (MAE's BatchNorm-without-affine
+head), then a multinomial logistic regression is fit by full-batch L-BFGS.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from energyvit.model import EnergyViT
+
+POOLING = ("mean", "cls")
+
+
+@torch.no_grad()
+def extract_features(model: EnergyViT, images: Tensor, pool: str = "mean", batch_size: int = 256) -> Tensor:
+    """Frozen features (n, D): the mean of the final patch tokens, or the class token."""
+    if pool not in POOLING:
+        raise ValueError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLING)}")
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        h = model.forward_features(images[i : i + batch_size])
+        out.append(h[:, 1:].mean(dim=1) if pool == "mean" else h[:, 0])
+    model.train(was_training)
+    return torch.cat(out)
+
+
+def linear_probe(
+    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, weight_decay: float = 1e-3, max_iter: int = 300
+) -> float:
+    """Held-out accuracy of a logistic regression on standardized features."""
+    train_x, test_x = train_x.double().flatten(1), test_x.double().flatten(1)
+    mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    num_classes = int(train_y.max()) + 1
+    weight = torch.zeros(train_x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(train_x @ weight + bias, train_y) + 0.5 * weight_decay * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return (test_x @ weight + bias).argmax(1).eq(test_y).double().mean().item()

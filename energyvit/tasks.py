@@ -1,0 +1,225 @@
+"""Pretext tasks: corruptions of clean images in pixel space ([0, 1] per channel).
+
+Each task maps a clean batch (B, C, H, W) to a `Corrupted`: the corrupted image, the region the
+loss covers and the region restoration may change. Masks are float {0, 1} of shape (B, 1, H, W).
+All randomness comes from the `generator` argument, so a seed reproduces a corruption.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Rec. 601 luma weights, the usual RGB -> grayscale conversion.
+LUMA_RGB = (0.299, 0.587, 0.114)
+
+
+@dataclass
+class Corrupted:
+    image: Tensor
+    loss_mask: Tensor  # 1 where the restoration loss is computed
+    update_mask: Tensor | None  # 1 where restoration may change pixels; None: everywhere
+
+
+def _check_images(x: Tensor, patch_size: int | None = None) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"expected images of shape (batch, channels, height, width), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"expected floating-point images, got dtype {x.dtype}")
+    if patch_size is not None and (x.shape[2] % patch_size or x.shape[3] % patch_size):
+        raise ValueError(f"image size {tuple(x.shape[2:])} is not a multiple of patch_size {patch_size}")
+
+
+def _full_mask(x: Tensor) -> Tensor:
+    return x.new_ones(x.shape[0], 1, *x.shape[2:])
+
+
+def _patch_mask_to_pixels(patch_mask: Tensor, grid_h: int, grid_w: int, patch_size: int) -> Tensor:
+    """(B, L) patch mask -> (B, 1, H, W) pixel mask."""
+    m = patch_mask.view(-1, 1, grid_h, grid_w)
+    return m.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
+
+
+def _random_patch_choice(batch: int, num_patches: int, num_chosen: int, generator, device) -> Tensor:
+    """Indices (B, num_chosen) of distinct random patches per image."""
+    noise = torch.rand(batch, num_patches, generator=generator, device=device)
+    return noise.argsort(dim=1)[:, :num_chosen]
+
+
+class MaskedImageModeling:
+    """Hide a random `mask_ratio` of patches, filled with a constant or uniform noise."""
+
+    name = "mim"
+
+    def __init__(self, patch_size: int, mask_ratio: float = 0.75, fill: str | float = "noise") -> None:
+        if not 0 < mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        if not (fill == "noise" or isinstance(fill, (int, float))):
+            raise ValueError(f"mask fill must be 'noise' or a number, got {fill!r}")
+        self.patch_size, self.mask_ratio, self.fill = patch_size, mask_ratio, fill
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Corrupted:
+        _check_images(x, self.patch_size)
+        B, _, H, W = x.shape
+        gh, gw = H // self.patch_size, W // self.patch_size
+        num_masked = max(1, round(self.mask_ratio * gh * gw))
+        chosen = _random_patch_choice(B, gh * gw, num_masked, generator, x.device)
+        patch_mask = torch.zeros(B, gh * gw, device=x.device, dtype=x.dtype).scatter_(1, chosen, 1.0)
+        mask = _patch_mask_to_pixels(patch_mask, gh, gw, self.patch_size)
+        if self.fill == "noise":
+            fill = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        else:
+            fill = torch.full_like(x, float(self.fill))
+        return Corrupted(x * (1 - mask) + fill * mask, mask, mask)
+
+
+class PatchSort:
+    """Shuffle a random `fraction` of patches among their own positions; every chosen patch moves."""
+
+    name = "sort"
+
+    def __init__(self, patch_size: int, fraction: float = 0.25) -> None:
+        if not 0 < fraction <= 1:
+            raise ValueError(f"sort fraction must be in (0, 1], got {fraction}")
+        self.patch_size, self.fraction = patch_size, fraction
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Corrupted:
+        _check_images(x, self.patch_size)
+        B, C, H, W = x.shape
+        p, gh, gw = self.patch_size, H // self.patch_size, W // self.patch_size
+        L = gh * gw
+        num_moved = max(2, round(self.fraction * L)) if L >= 2 else 0
+        # (B, L, C*p*p) patches
+        patches = x.reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B, L, C * p * p)
+        chosen = _random_patch_choice(B, L, num_moved, generator, x.device)
+        # A cyclic shift of a randomly ordered set moves every member (no fixed points).
+        source = chosen.roll(1, dims=1)
+        moved = patches.clone()
+        moved.scatter_(1, chosen[..., None].expand(-1, -1, patches.shape[2]),
+                       patches.gather(1, source[..., None].expand(-1, -1, patches.shape[2])))
+        image = moved.reshape(B, gh, gw, C, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+        patch_mask = torch.zeros(B, L, device=x.device, dtype=x.dtype).scatter_(1, chosen, 1.0)
+        mask = _patch_mask_to_pixels(patch_mask, gh, gw, p)
+        return Corrupted(image, mask, mask)
+
+
+class SuperResolution:
+    """Average-pool down by `factor`, then bilinear back up: restoration adds the lost detail."""
+
+    name = "sr"
+
+    def __init__(self, factor: int = 2) -> None:
+        if factor not in (2, 4):
+            raise ValueError(f"super-resolution factor must be 2 or 4, got {factor}")
+        self.factor = factor
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Corrupted:
+        _check_images(x, self.factor)
+        low = F.avg_pool2d(x, self.factor)
+        up = F.interpolate(low, size=x.shape[2:], mode="bilinear", align_corners=False)
+        return Corrupted(up, _full_mask(x), None)
+
+
+class Denoise:
+    """Add Gaussian noise of standard deviation `sigma` (pixel units)."""
+
+    name = "denoise"
+
+    def __init__(self, sigma: float = 0.2) -> None:
+        if sigma <= 0:
+            raise ValueError(f"noise sigma must be > 0, got {sigma}")
+        self.sigma = sigma
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Corrupted:
+        _check_images(x)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        return Corrupted(x + self.sigma * noise, _full_mask(x), None)
+
+
+class Colorize:
+    """Replace RGB by its luma in every channel: restoration brings the color back."""
+
+    name = "colorize"
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Corrupted:
+        _check_images(x)
+        if x.shape[1] != 3:
+            raise ValueError(f"colorization needs 3-channel RGB images, got {x.shape[1]} channel(s)")
+        w = torch.tensor(LUMA_RGB, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        gray = (x * w).sum(dim=1, keepdim=True).expand_as(x)
+        return Corrupted(gray.contiguous(), _full_mask(x), None)
+
+
+TASK_NAMES = ("mim", "sort", "sr", "denoise", "colorize")
+TASK_ALIASES = {"inpaint": "mim"}
+
+
+def build_task(
+    name: str,
+    patch_size: int,
+    mask_ratio: float = 0.75,
+    mask_fill: str | float = "noise",
+    sort_fraction: float = 0.25,
+    sr_factor: int = 2,
+    noise_sigma: float = 0.2,
+):
+    """A task by name (mim, sort, sr, denoise, colorize; `inpaint` is mim) with its options."""
+    key = TASK_ALIASES.get(name, name)
+    if key == "mim":
+        return MaskedImageModeling(patch_size, mask_ratio, mask_fill)
+    if key == "sort":
+        return PatchSort(patch_size, sort_fraction)
+    if key == "sr":
+        return SuperResolution(sr_factor)
+    if key == "denoise":
+        return Denoise(noise_sigma)
+    if key == "colorize":
+        return Colorize()
+    raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASK_NAMES)}")
+
+
+def parse_task_weights(spec: str) -> dict[str, float]:
+    """'mim:0.5,denoise:0.25,sr:0.25' -> {'mim': 0.5, ...}; a bare name has weight 1."""
+    weights: dict[str, float] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, _, w = item.partition(":")
+        name = TASK_ALIASES.get(name.strip(), name.strip())
+        if name not in TASK_NAMES:
+            raise ValueError(f"unknown task {name!r} in {spec!r}; choose from {', '.join(TASK_NAMES)}")
+        try:
+            weight = float(w) if w else 1.0
+        except ValueError:
+            raise ValueError(f"task weight {w!r} for {name!r} is not a number") from None
+        if weight <= 0:
+            raise ValueError(f"task weight for {name!r} must be > 0, got {weight}")
+        weights[name] = weights.get(name, 0.0) + weight
+    if not weights:
+        raise ValueError(f"no task in {spec!r}; e.g. 'mim:0.5,denoise:0.25,sr:0.25'")
+    return weights
+
+
+class TaskMixture:
+    """Samples one task per batch with probability proportional to its weight."""
+
+    def __init__(self, tasks: dict, weights: dict[str, float]) -> None:
+        self.tasks = tasks
+        self.names = list(weights)
+        self.probs = torch.tensor([weights[n] for n in self.names], dtype=torch.float64)
+        self.probs /= self.probs.sum()
+
+    def sample(self, generator: torch.Generator | None = None) -> str:
+        return self.names[int(torch.multinomial(self.probs, 1, generator=generator))]
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[str, Corrupted]:
+        name = self.sample(generator)
+        return name, self.tasks[name](x, generator)
+
+
+def build_mixture(spec: str, patch_size: int, in_chans: int, **options) -> TaskMixture:
+    """A task mixture from a spec like 'mim:0.5,denoise:0.25,sr:0.25'."""
+    weights = parse_task_weights(spec)
+    if "colorize" in weights and in_chans != 3:
+        raise ValueError(f"task 'colorize' needs 3-channel RGB images, but the data has {in_chans} channel(s)")
+    return TaskMixture({n: build_task(n, patch_size, **options) for n in weights}, weights)

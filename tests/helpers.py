@@ -1,0 +1,18 @@
+"""Shared test helpers: tiny models and inputs."""
+from __future__ import annotations
+
+import torch
+
+from energyvit.model import EnergyViT, model_config
+
+
+def tiny_model(dtype=torch.float64, seed: int = 0, **overrides) -> EnergyViT:
+    """vit_pico_patch2 on 8x8 single-channel images, in `dtype`."""
+    torch.manual_seed(seed)
+    args = dict(in_chans=1, restore_steps=2, step_size_init=0.5)
+    args.update(overrides)
+    return EnergyViT(model_config("vit_pico_patch2", **args)).to(dtype)
+
+
+def images(batch: int = 3, chans: int = 1, size: int = 8, dtype=torch.float64, seed: int = 1) -> torch.Tensor:
+    return torch.rand(batch, chans, size, size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
