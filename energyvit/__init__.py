@@ -1,0 +1,39 @@
+"""energyvit: energy-inspired self-supervised pretraining of vision transformers.
+
+One ViT maps an image to a scalar energy (its forward pass) and restores corrupted images by
+gradient descent on that energy (its backward pass). Public API:
+
+    model = create_model("vit_nano_patch4", in_chans=1)      # a model by name
+    e = model(images)                                        # energies, one per image
+    c = corrupt(images, "mim", patch_size=4, mask_ratio=0.5) # a named pretext task
+    r = restore(model, c.image, c.update_mask)               # inference: r.steps holds each x_k
+    r = restore(model, c.image, c.update_mask, create_graph=True)  # training mode
+    loss = restoration_loss(r.restored, images, c.loss_mask)
+    loss.backward()
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from energyvit.losses import restoration_loss
+from energyvit.model import MODEL_ARCHS, EnergyViT, EnergyViTConfig, create_model, model_config
+from energyvit.restore import Restoration, restore
+from energyvit.tasks import TASK_NAMES, Corrupted, build_mixture, build_task
+
+__version__ = "0.1.0"
+
+
+def corrupt(images: Tensor, task: str, patch_size: int = 16, generator: torch.Generator | None = None,
+            **options) -> Corrupted:
+    """Corrupt images (B, C, H, W) in [0, 1] with a named task (mim, sort, sr, denoise, colorize).
+
+    options: mask_ratio, mask_fill, sort_fraction, sr_factor, noise_sigma (see energyvit.tasks).
+    """
+    return build_task(task, patch_size, **options)(images, generator)
+
+
+__all__ = [
+    "MODEL_ARCHS", "TASK_NAMES", "Corrupted", "EnergyViT", "EnergyViTConfig", "Restoration", "build_mixture",
+    "build_task", "corrupt", "create_model", "model_config", "restoration_loss", "restore",
+]

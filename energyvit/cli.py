@@ -58,6 +58,7 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     add(p, "--lr", type=float, default=None, help="absolute lr (overrides --blr)")
     add(p, "--weight_decay", type=float, default=0.05)
     add(p, "--clip_grad", type=float, default=None, help="gradient norm clip (off by default)")
+    add(p, "--shift", type=int, default=0, help="augmentation: random translation up to this many pixels")
     add(p, "--tasks", default="mim:0.5,denoise:0.25,sr:0.25",
         help="task mixture name:weight,... from mim, sort, sr, denoise, colorize")
     add(p, "--mask_ratio", type=fraction, default=0.5, help="mim: fraction of patches masked")
@@ -71,7 +72,7 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     add(p, "--langevin_std", type=float, default=0.0, help="Langevin noise scale in training restoration")
     add(p, "--loss_region", choices=LOSS_REGIONS, default="corrupted")
     add(p, "--norm_pix_loss", action="store_true", help="per-patch normalized targets (MAE)")
-    add(p, "--probe_pool", choices=POOLING, default="mean", help="feature pooling of the linear probe")
+    add(p, "--probe_pool", choices=POOLING, default="tokens", help="features of the linear probe (see README)")
     add(p, "--fused", action="store_true", help="fused Triton attention (needs triton)")
     add(p, "--output_dir", default="./output_dir")
     add(p, "--resume", default="", help="checkpoint to continue from")

@@ -49,3 +49,14 @@ def iterate_batches(split: ImageSplit, batch_size: int, generator: torch.Generat
     for i in range(0, stop, batch_size):
         idx = order[i : i + batch_size]
         yield split.images[idx], split.labels[idx]
+
+
+def random_shift(images: Tensor, max_shift: int, generator: torch.Generator | None = None) -> Tensor:
+    """Translate each image by up to `max_shift` pixels in each direction, edges replicated:
+    the augmentation of the embedded digits (a random-resized-crop analogue at 16 pixels)."""
+    if max_shift <= 0:
+        return images
+    B, _, H, W = images.shape
+    padded = F.pad(images, (max_shift,) * 4, mode="replicate")
+    offsets = torch.randint(0, 2 * max_shift + 1, (B, 2), generator=generator).tolist()
+    return torch.stack([padded[i, :, dy : dy + H, dx : dx + W] for i, (dy, dx) in enumerate(offsets)])

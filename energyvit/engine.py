@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from energyvit.data import ImageSplit, iterate_batches
+from energyvit.data import ImageSplit, iterate_batches, random_shift
 from energyvit.losses import restoration_loss
 from energyvit.model import EnergyViT
 from energyvit.restore import restore
@@ -54,6 +54,7 @@ def train_one_epoch(
     lr_at_step,
     first_step: int,
     clip_grad: float | None = None,
+    max_shift: int = 0,
     step_fn=None,
 ) -> dict:
     """Train one pass over `train`; returns the epoch's mean loss per task and overall.
@@ -65,6 +66,7 @@ def train_one_epoch(
     counts: dict[str, int] = {}
     step = first_step
     for images, _ in iterate_batches(train, batch_size, generator):
+        images = random_shift(images, max_shift, generator)
         for group in optimizer.param_groups:
             group["lr"] = lr_at_step(step)
         name, corrupted = mixture(images, generator)

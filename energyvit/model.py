@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from energyvit.attention import BACKENDS, attention
 
-ENERGY_READOUTS = ("norm", "linear")
+ENERGY_READOUTS = ("norm", "linear", "cls")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -210,17 +210,21 @@ class EnergyViT(nn.Module):
         return self.norm(self.forward_tokens(x))
 
     def energy_from_tokens(self, z: Tensor) -> Tensor:
-        """Scalar energy per image from the residual stream z, summed over patch tokens.
+        """Scalar energy per image from the residual stream z of the last block.
 
-        `norm`: half the squared norm of each patch token divided by the width D, taken before the
-        final LayerNorm (after it every token's norm is fixed by construction).
-        `linear`: a learned linear map of each normalized patch token to a scalar.
-        Summing over tokens (not averaging) keeps dE/dx per pixel independent of image size.
+        `norm`: half the squared norm of each patch token over the width D, summed over patches.
+        `linear`: a learned linear map of each normalized patch token to a scalar, summed.
+        `cls`: half the squared norm of the class token over D, times the number of patches; the
+        one global token must then carry everything the energy knows about the image.
+        Norms are taken before the final LayerNorm (after it every token's norm is fixed), and
+        scale with the number of patches so dE/dx per pixel does not depend on image size.
         """
-        patches = z[:, 1:]
-        if self.energy_head is None:
-            return 0.5 * patches.pow(2).sum(dim=(1, 2)) / patches.shape[-1]
-        return self.energy_head(self.norm(patches)).sum(dim=(1, 2))
+        D = z.shape[-1]
+        if self.cfg.energy == "norm":
+            return 0.5 * z[:, 1:].pow(2).sum(dim=(1, 2)) / D
+        if self.cfg.energy == "cls":
+            return 0.5 * z[:, 0].pow(2).sum(dim=1) * (z.shape[1] - 1) / D
+        return self.energy_head(self.norm(z[:, 1:])).sum(dim=(1, 2))
 
     def forward(self, x: Tensor) -> Tensor:
         """Energy E(x), shape (batch,)."""

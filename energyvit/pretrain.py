@@ -12,7 +12,7 @@ from energyvit.checkpoint import load_checkpoint, save_checkpoint, save_json
 from energyvit.data import channel_stats, load_digits
 from energyvit.engine import LossOptions, cosine_lr, evaluate_restoration, train_one_epoch
 from energyvit.model import EnergyViT, config_from_dict, config_to_dict, model_config
-from energyvit.probe import extract_features, linear_probe
+from energyvit.probe import POOLING, extract_features, linear_probe
 from energyvit.tasks import build_mixture
 
 CHECKPOINT_NAME = "checkpoint-last.pth"
@@ -36,17 +36,22 @@ def build_model(args: Namespace, pixel_mean, pixel_std, in_chans: int) -> Energy
     return EnergyViT(cfg)
 
 
-def probe_accuracies(model: EnergyViT, train, held_out, pool: str, seed: int) -> dict[str, float]:
+def probe_accuracies(model: EnergyViT, train, held_out, pool: str, seed: int) -> dict:
     """Linear-probe accuracy of the model's frozen features, of the same architecture at random
-    init (seeded), and of the raw pixels, all on the same split."""
+    init (seeded), and of the raw pixels, on the same split; `pool` gives the headline numbers,
+    `probe_by_pool` holds every pooling."""
     torch.manual_seed(seed)
     random_model = EnergyViT(model.cfg)
-    acc = {}
-    for key, m in (("probe_acc", model), ("probe_acc_random_init", random_model)):
-        acc[key] = linear_probe(extract_features(m, train.images, pool), train.labels,
-                                extract_features(m, held_out.images, pool), held_out.labels)
-    acc["probe_acc_raw_pixels"] = linear_probe(train.images, train.labels, held_out.images, held_out.labels)
-    return acc
+    by_pool = {}
+    for p in POOLING:
+        by_pool[p] = {
+            key: linear_probe(extract_features(m, train.images, p), train.labels,
+                              extract_features(m, held_out.images, p), held_out.labels)
+            for key, m in (("pretrained", model), ("random_init", random_model))
+        }
+    raw = linear_probe(train.images, train.labels, held_out.images, held_out.labels)
+    return {"probe_acc": by_pool[pool]["pretrained"], "probe_acc_random_init": by_pool[pool]["random_init"],
+            "probe_acc_raw_pixels": raw, "probe_pool": pool, "probe_by_pool": by_pool}
 
 
 def run(args: Namespace) -> dict:
@@ -96,7 +101,7 @@ def run(args: Namespace) -> dict:
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
         stats = train_one_epoch(model, train, mixture, optimizer, opts, args.batch_size, generator,
-                                lambda s: cosine_lr(lr, s, total, warmup), step, args.clip_grad)
+                                lambda s: cosine_lr(lr, s, total, warmup), step, args.clip_grad, args.shift)
         step += stats.pop("steps")
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "step": step, **stats, "lr": optimizer.param_groups[0]["lr"],
@@ -126,7 +131,7 @@ def print_summary(summary: dict) -> None:
     print(f"  {'task':<10}{'corrupted':>12}{'restored':>12}")
     for name, r in summary["tasks"].items():
         print(f"  {name:<10}{r['mse_corrupted']:>12.5f}{r['mse_restored']:>12.5f}")
-    print("held-out linear probe accuracy (frozen features):")
+    print(f"held-out linear probe accuracy (frozen features, {summary['probe_pool']} pooling):")
     print(f"  pretrained   {summary['probe_acc']:.4f}")
     print(f"  random init  {summary['probe_acc_random_init']:.4f}")
     print(f"  raw pixels   {summary['probe_acc_raw_pixels']:.4f}")

@@ -11,12 +11,23 @@ from torch import Tensor
 
 from energyvit.model import EnergyViT
 
-POOLING = ("mean", "cls")
+POOLING = ("tokens", "mean", "cls")
+
+
+def pool_tokens(h: Tensor, pool: str) -> Tensor:
+    """(B, 1 + num_patches, D) tokens -> (B, features) by `pool` (see extract_features)."""
+    if pool == "tokens":
+        return h[:, 1:].flatten(1)
+    if pool == "mean":
+        return h[:, 1:].mean(dim=1)
+    return h[:, 0]
 
 
 @torch.no_grad()
 def extract_features(model: EnergyViT, images: Tensor, pool: str = "mean", batch_size: int = 256) -> Tensor:
-    """Frozen features (n, D): the mean of the final patch tokens, or the class token."""
+    """Frozen features of the final normalized tokens: `tokens` concatenates all patch tokens
+    (n, num_patches * D), a linear probe on the spatial feature map; `mean` averages them (n, D);
+    `cls` takes the class token (n, D)."""
     if pool not in POOLING:
         raise ValueError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLING)}")
     was_training = model.training
@@ -24,7 +35,7 @@ def extract_features(model: EnergyViT, images: Tensor, pool: str = "mean", batch
     out = []
     for i in range(0, len(images), batch_size):
         h = model.forward_features(images[i : i + batch_size])
-        out.append(h[:, 1:].mean(dim=1) if pool == "mean" else h[:, 0])
+        out.append(pool_tokens(h, pool))
     model.train(was_training)
     return torch.cat(out)
 

@@ -11,7 +11,7 @@ TIMM_KEYS = {
 }
 
 
-@pytest.mark.parametrize("energy", ["norm", "linear"])
+@pytest.mark.parametrize("energy", ["norm", "linear", "cls"])
 def test_energy_is_one_scalar_per_image(energy):
     model = tiny_model(energy=energy)
     e = model(images(batch=4))
@@ -30,7 +30,7 @@ def test_timm_key_names():
     assert norms and all(m.eps == 1e-6 for m in norms)
 
 
-@pytest.mark.parametrize("energy", ["norm", "linear"])
+@pytest.mark.parametrize("energy", ["norm", "linear", "cls"])
 def test_energy_gradcheck_and_gradgradcheck(energy):
     model = tiny_model(energy=energy)
     x = images(batch=2).requires_grad_(True)

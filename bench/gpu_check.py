@@ -1,0 +1,376 @@
+"""Correctness and timing check of the fused second-order attention kernels.
+
+CUDA (default): ViT shapes, batch 64 x heads 12, head_dim 64, N in 197, 577, 1024.
+  1. correctness of fwd (o, lse), bwd (dq, dk, dv) and bwd-of-bwd (gq, gk, gv, gdo) in float32
+     and bfloat16 against the eager math path in float64 (reference computed in chunks of
+     heads); relative error ||out - ref|| / ||ref||, with the eager math path in the same dtype
+     alongside for context.
+  2. timings (triton.testing.do_bench, median) of fwd, fwd+bwd and bwd-of-bwd: fused vs eager
+     math vs SDPA (flash for 16-bit, memory-efficient for fp32; fwd and fwd+bwd only: SDPA has no
+     second derivative). TFLOP/s use nominal counts: fwd 4*B*H*N^2*d, fwd+bwd 3.5x that,
+     bwd-of-bwd 6x (the fused kernels execute about 9.5x; see docs/kernels.md). Peak memory from
+     torch.cuda.max_memory_allocated, reset before each one-off run.
+--cpu-small: tiny shapes through the Triton interpreter (correctness + timings labelled CPU).
+
+Writes <out>/gpu_check.csv ('#' header lines: device, versions, git commit, date) and prints a
+readable log. Usage: python bench/gpu_check.py [--cpu-small] [--out DIR] [--timing-dtypes bf16,fp32]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import importlib
+import importlib.util
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cpu-small", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
+    ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results" / "local")))
+    ap.add_argument("--timing-dtypes", default=None, help="comma list of fp32,fp16,bf16 to time")
+    ap.add_argument("--ns", default=None, help="comma list of sequence lengths (overrides the default)")
+    ap.add_argument("--no-timing", action="store_true")
+    return ap.parse_args()
+
+
+ARGS = parse_args()
+if ARGS.cpu_small:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the triton import
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+
+
+def _import_package():
+    """energyvit.kernels, from the installed package or, failing that, from this checkout."""
+    try:
+        return importlib.import_module("energyvit.kernels"), importlib.import_module("energyvit.attention")
+    except ModuleNotFoundError as e:
+        if e.name not in ("energyvit", "energyvit.kernels"):
+            raise
+    sys.path.insert(0, str(ROOT))
+    import energyvit
+
+    spec = importlib.util.spec_from_file_location(
+        "energyvit.kernels", ROOT / "kernels" / "__init__.py", submodule_search_locations=[str(ROOT / "kernels")])
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["energyvit.kernels"] = mod
+    spec.loader.exec_module(mod)
+    energyvit.kernels = mod
+    return mod, importlib.import_module("energyvit.attention")
+
+
+EK, EA = _import_package()
+from energyvit.kernels import triton_attention as KMOD
+math_attention = EA.math_attention
+attn_fwd, attn_bwd, attn_bwdbwd = EK.attn_fwd, EK.attn_bwd, EK.attn_bwdbwd
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DNAME = {v: k for k, v in DTYPES.items()}
+
+if ARGS.cpu_small:
+    DEVICE, LABEL = "cpu", "CPU (Triton interpreter; timings are NOT GPU numbers)"
+    BATCH, HEADS, HEAD_D = 1, 3, 40
+    NS = [50, 77]
+    CHECK_DTYPES = [torch.float32, torch.float16]
+    TIME_DTYPES = [torch.float32]
+    CHUNK = 3
+    TOL = {torch.float32: 2e-5, torch.float16: 1e-2}
+else:
+    if not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --cpu-small for the interpreter check")
+    DEVICE, LABEL = "cuda", torch.cuda.get_device_name()
+    BATCH, HEADS, HEAD_D = 64, 12, 64
+    NS = [197, 577, 1024]
+    CHECK_DTYPES = [torch.float32, torch.bfloat16]
+    TIME_DTYPES = [torch.bfloat16, torch.float32]
+    CHUNK = 64  # heads per float64 reference chunk
+    TOL = {torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 5e-2}  # fp32 dots are TF32
+if ARGS.ns:
+    NS = [int(x) for x in ARGS.ns.split(",")]
+if ARGS.timing_dtypes:
+    TIME_DTYPES = [DTYPES[x] for x in ARGS.timing_dtypes.split(",")]
+
+FIELDS = ["kind", "op", "dtype", "batch", "heads", "n", "head_dim", "impl", "output",
+          "rel_err", "tol", "ok", "ms", "tflops", "peak_mib", "extra_mib", "note"]
+ROWS: list[dict] = []
+
+
+def row(**kw):
+    r = {f: "" for f in FIELDS}
+    r.update(kw)
+    ROWS.append(r)
+    shown = {k: v for k, v in r.items() if v != "" and k not in ("batch", "heads", "head_dim")}
+    print("  " + "  ".join(f"{k}={v}" for k, v in shown.items()), flush=True)
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def randn(shape, dtype, seed):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    return torch.randn(shape, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
+
+
+# ------------------------------------------------------------------------------------ references
+def ref_all(q, k, v, do, gdq, gdk, gdv, scale, dtype):
+    """Eager math path in `dtype` (float64 for the reference): o, lse, (dq, dk, dv), (gq, gk, gv, gdo)."""
+    x = [t.detach().to(dtype, copy=True).requires_grad_() for t in (q, k, v, do)]
+    o = math_attention(x[0], x[1], x[2], scale)
+    s = torch.matmul(x[0], x[1].transpose(-2, -1)) * scale
+    lse = torch.logsumexp(s if dtype == torch.float64 else s.float(), -1)
+    dq, dk, dv = torch.autograd.grad(o, x[:3], x[3], create_graph=True)
+    loss = sum((a * b.to(dtype)).sum() for a, b in zip((dq, dk, dv), (gdq, gdk, gdv)))
+    second = torch.autograd.grad(loss, x)
+    return [t.detach() for t in (o, lse, dq, dk, dv, *second)]
+
+
+NAMES = ["o", "lse", "dq", "dk", "dv", "gq", "gk", "gv", "gdo"]
+OPS = ["fwd", "fwd", "bwd", "bwd", "bwd", "bwdbwd", "bwdbwd", "bwdbwd", "bwdbwd"]
+
+
+def correctness(n, dtype):
+    shape = (BATCH, HEADS, n, HEAD_D)
+    scale = HEAD_D ** -0.5
+    q, k, v, do, gdq, gdk, gdv = (randn(shape, dtype, 100 + i) for i in range(7))
+    o, lse = attn_fwd(q, k, v, scale)
+    fused = [o, lse, *attn_bwd(q, k, v, o, lse, do, scale), *attn_bwdbwd(q, k, v, o, lse, do, gdq, gdk, gdv, scale)]
+    sync()
+    flat = lambda t: t.reshape(BATCH * HEADS, *t.shape[2:])  # noqa: E731
+    ins = [flat(t) for t in (q, k, v, do, gdq, gdk, gdv)]
+    fused = [flat(t) for t in fused]
+    err2 = {impl: [0.0] * 9 for impl in ("fused", "eager-math")}
+    ref2 = [0.0] * 9
+    finite = [True] * 9
+    for s in range(0, BATCH * HEADS, CHUNK):
+        sl = slice(s, s + CHUNK)
+        chunk = [t[sl].unsqueeze(0) for t in ins]
+        ref = ref_all(*chunk, scale, torch.float64)
+        eager = ref_all(*chunk, scale, dtype) if dtype != torch.float64 else ref
+        for i in range(9):
+            r = ref[i].squeeze(0).double()
+            f = fused[i][sl].double()
+            finite[i] &= bool(torch.isfinite(f).all())
+            ref2[i] += r.pow(2).sum().item()
+            err2["fused"][i] += (f - r).pow(2).sum().item()
+            err2["eager-math"][i] += (eager[i].squeeze(0).double() - r).pow(2).sum().item()
+        del ref, eager
+    ok_all = True
+    for i, name in enumerate(NAMES):
+        for impl in ("fused", "eager-math"):
+            e = (err2[impl][i] / ref2[i]) ** 0.5 if ref2[i] > 0 else err2[impl][i] ** 0.5
+            tol = (1e-5 if name == "lse" else TOL[dtype]) if impl == "fused" else ""
+            ok = (e < tol and finite[i]) if impl == "fused" else ""
+            ok_all &= ok is not False
+            row(kind="correctness", op=OPS[i], dtype=DNAME[dtype], batch=BATCH, heads=HEADS, n=n,
+                head_dim=HEAD_D, impl=impl, output=name, rel_err=f"{e:.3e}", tol=tol, ok=ok,
+                note="" if impl == "fused" else f"eager math in {DNAME[dtype]} vs float64 (context)")
+    return ok_all
+
+
+# ------------------------------------------------------------------------------------ timing
+def bench_ms(fn):
+    fn()  # compile / autotune outside the measurement
+    sync()
+    if DEVICE == "cuda":
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
+def peak_mem(fn):
+    if DEVICE != "cuda":
+        return "", ""
+    sync()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = fn()
+    sync()
+    peak = torch.cuda.max_memory_allocated()
+    del out
+    return f"{peak / 2**20:.0f}", f"{(peak - base) / 2**20:.0f}"
+
+
+class Rotate:
+    """Cycle through several input sets so no timing reuses one set (and none is zeros)."""
+
+    def __init__(self, sets):
+        self.sets, self.i = sets, 0
+
+    def next(self):
+        self.i = (self.i + 1) % len(self.sets)
+        return self.sets[self.i]
+
+
+def sdpa_backend(dtype):
+    from torch.nn.attention import SDPBackend
+
+    if DEVICE != "cuda":
+        return None, "sdpa-default"
+    if dtype == torch.float32:
+        return SDPBackend.EFFICIENT_ATTENTION, "sdpa-mem-efficient"
+    return SDPBackend.FLASH_ATTENTION, "sdpa-flash"
+
+
+def timing(n, dtype):
+    from torch.nn.attention import sdpa_kernel
+
+    shape = (BATCH, HEADS, n, HEAD_D)
+    scale = HEAD_D ** -0.5
+    fwd_flop = 4.0 * BATCH * HEADS * n * n * HEAD_D
+    sets = [[randn(shape, dtype, 1000 + 10 * j + i).requires_grad_() for i in range(3)] + [randn(shape, dtype, 1000 + 10 * j + 3)]
+            for j in range(2)]
+    rot = Rotate(sets)
+    backend, sdpa_name = sdpa_backend(dtype)
+
+    def sdpa(q, k, v):
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    impls = {"fused": lambda q, k, v: EK.attention(q, k, v, scale=scale),
+             "eager-math": lambda q, k, v: math_attention(q, k, v, scale),
+             sdpa_name: sdpa}
+
+    def emit(op, impl, ms, flop, mem, note=""):
+        row(kind="timing", op=op, dtype=DNAME[dtype], batch=BATCH, heads=HEADS, n=n, head_dim=HEAD_D,
+            impl=impl, ms=f"{ms:.4f}", tflops=f"{flop / ms / 1e9:.4g}", peak_mib=mem[0], extra_mib=mem[1],
+            note=note)
+
+    def guarded(op, impl, body):
+        try:
+            body()
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            row(kind="timing", op=op, dtype=DNAME[dtype], n=n, impl=impl, note="OOM")
+        except RuntimeError as e:  # e.g. SDPA backend not available for this dtype
+            row(kind="timing", op=op, dtype=DNAME[dtype], n=n, impl=impl, note=f"error: {str(e)[:120]}")
+
+    for impl, att in impls.items():
+        def fwd():
+            q, k, v, _ = rot.next()
+            with torch.no_grad():
+                return att(q, k, v)
+
+        def fwdbwd():
+            q, k, v, do = rot.next()
+            o = att(q, k, v)
+            return torch.autograd.grad(o, (q, k, v), do)
+
+        guarded("fwd", impl, lambda: emit("fwd", impl, bench_ms(fwd), fwd_flop, peak_mem(fwd)))
+        guarded("fwd+bwd", impl, lambda: emit("fwd+bwd", impl, bench_ms(fwdbwd), 3.5 * fwd_flop, peak_mem(fwdbwd)))
+
+    # bwd-of-bwd: time only the double-backward pass through a prebuilt create_graph graph,
+    # rotating the cotangents (gdq, gdk, gdv); memory is for the whole second-order step.
+    for impl in ("fused", "eager-math"):
+        att = impls[impl]
+
+        def body():
+            q, k, v, do = sets[0]
+            do = do.clone().requires_grad_()
+            cots = [[randn(shape, dtype, 2000 + 10 * j + i) for i in range(3)] for j in range(2)]
+            crot = Rotate(cots)
+
+            def step():
+                o = att(q, k, v)
+                g = torch.autograd.grad(o, (q, k, v), do, create_graph=True)
+                return torch.autograd.grad(g, (q, k, v, do), cots[0])
+
+            mem = peak_mem(step)
+            o = att(q, k, v)
+            g = torch.autograd.grad(o, (q, k, v), do, create_graph=True)
+            bb = lambda: torch.autograd.grad(g, (q, k, v, do), crot.next(), retain_graph=True)  # noqa: E731
+            emit("bwdbwd", impl, bench_ms(bb), 6 * fwd_flop, mem,
+                 note="double-backward pass only; memory = fwd + create_graph bwd + double bwd")
+            del g, o
+
+        guarded("bwdbwd", impl, body)
+
+    def body_op():
+        q, k, v, do = (t.detach() for t in sets[1])
+        o, lse = attn_fwd(q, k, v, scale)
+        cots = Rotate([[randn(shape, dtype, 3000 + 10 * j + i) for i in range(3)] for j in range(2)])
+        fn = lambda: attn_bwdbwd(q, k, v, o, lse, do, *cots.next(), scale)  # noqa: E731
+        emit("bwdbwd", "fused-op", bench_ms(fn), 6 * fwd_flop, peak_mem(fn), note="attn_bwdbwd op alone (2 kernels)")
+
+    guarded("bwdbwd", "fused-op", body_op)
+
+
+# ------------------------------------------------------------------------------------ main
+def git_commit():
+    try:
+        c = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        commit = c.stdout.strip() or "none (no commits)"
+        d = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        return commit + (" +uncommitted changes" if d.stdout.strip() else "")
+    except Exception as e:  # noqa: BLE001
+        return f"unknown ({type(e).__name__})"
+
+
+def main():
+    out = Path(ARGS.out)
+    out.mkdir(parents=True, exist_ok=True)
+    header = {
+        "device": LABEL,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda or "none",
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "interpreter": str(KMOD.INTERPRET),
+        "fp32_dots": "TF32" if (KMOD.ALLOW_TF32 and DEVICE == "cuda") else "IEEE",
+        "shapes": f"batch={BATCH} heads={HEADS} head_dim={HEAD_D} N={NS}",
+        "flop_counts": "fwd 4*B*H*N^2*d; fwd+bwd 3.5x fwd; bwdbwd nominal 6x fwd",
+    }
+    for k, v in header.items():
+        print(f"# {k}: {v}", flush=True)
+    t0 = time.time()
+    ok = True
+    for dtype in CHECK_DTYPES:
+        for n in NS:
+            print(f"[correctness] {DNAME[dtype]} N={n}", flush=True)
+            ok &= correctness(n, dtype)
+            if DEVICE == "cuda":
+                torch.cuda.empty_cache()
+    if not ARGS.no_timing:
+        for dtype in TIME_DTYPES:
+            for n in NS:
+                print(f"[timing] {DNAME[dtype]} N={n}", flush=True)
+                timing(n, dtype)
+                if DEVICE == "cuda":
+                    torch.cuda.empty_cache()
+    header["wall_s"] = f"{time.time() - t0:.1f}"
+    header["all_correctness_ok"] = str(ok)
+    path = out / "gpu_check.csv"
+    with open(path, "w", newline="") as f:
+        for k, v in header.items():
+            f.write(f"# {k}: {v}\n")
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(ROWS)
+    print(f"# wall_s: {header['wall_s']}  all_correctness_ok: {ok}\n# wrote {path}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

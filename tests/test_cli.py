@@ -1,0 +1,52 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from energyvit.cli import main
+
+TINY = ["pretrain", "--model", "vit_pico_patch2", "--batch_size", "250", "--warmup_epochs", "1",
+        "--tasks", "mim:0.5,sort:0.25,denoise:0.25"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["pretrain", "--bogus"], "unrecognized arguments: --bogus"),
+    (["pretrain", "--mask_ratio", "2"], "--mask_ratio/--mask-ratio: must be between 0 and 1, got 2"),
+    (["pretrain", "--model", "vit_huge"], "invalid choice: 'vit_huge'"),
+    (["pretrain", "--tasks", "mim,blur"], "unknown task 'blur'"),
+    (["pretrain", "--tasks", "colorize"], "needs 3-channel RGB images, but the data has 1 channel"),
+    (["pretrain", "--resume", "/nonexistent/ckpt.pth"], "checkpoint /nonexistent/ckpt.pth does not exist"),
+    (["pretrain", "--batch_size", "0"], "must be a positive integer"),
+])
+def test_bad_flags_and_values_give_one_clear_line(argv, needle, capsys, tmp_path):
+    assert main(argv + ["--output_dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1, err
+
+
+def test_pretrain_writes_checkpoint_log_and_summary_and_resumes_exactly(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert main(TINY + ["--epochs", "2", "--output_dir", str(full)]) == 0
+    summary = json.loads((full / "summary.json").read_text())
+    for key in ("probe_acc", "probe_acc_random_init", "probe_acc_raw_pixels"):
+        assert 0.0 <= summary[key] <= 1.0
+    assert set(summary["tasks"]) == {"mim", "sort", "denoise"}
+    for r in summary["tasks"].values():
+        assert r["mse_corrupted"] > 0 and r["mse_restored"] >= 0
+    log = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1] and all(len(r["step_sizes"]) == 2 for r in log)
+
+    # stop after epoch 1 of 2 (hyphenated aliases), then resume: the same weights as the uninterrupted run
+    assert main(TINY + ["--epochs", "1", "--output-dir", str(part)]) == 0
+    assert main(TINY + ["--epochs", "2", "--output_dir", str(part), "--resume", str(part / "checkpoint-last.pth")]) == 0
+    a = torch.load(full / "checkpoint-last.pth", weights_only=False)["model"]
+    b = torch.load(part / "checkpoint-last.pth", weights_only=False)["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_console_entry_point_prints_help():
+    out = subprocess.run([sys.executable, "-m", "energyvit.cli", "pretrain", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--batch_size" in out.stdout and "--batch-size" in out.stdout
