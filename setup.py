@@ -25,6 +25,7 @@ setup(
         "numpy",
         "pillow",
         "scikit-learn",  # ships the embedded default dataset (8x8 digits); no download
+        "safetensors",  # `energyvit export` writes timm-loadable .safetensors files
     ],
     extras_require={
         "triton": ["triton>=3.6"],

@@ -1,12 +1,16 @@
-"""Checkpoints: atomic writes (temporary file, then rename) and loading for resume."""
+"""Checkpoints: atomic writes (temporary file, then rename), loading for resume, and models from
+checkpoints or `energyvit export` files."""
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from energyvit.model import EnergyViT, config_from_dict
 
 
 def atomic_write(path: str | Path, write) -> None:
@@ -44,3 +48,51 @@ def load_checkpoint(path: str | Path) -> dict:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # a truncated or foreign file: say which file, not a pickle traceback
         raise ValueError(f"checkpoint {path} could not be read: {e}") from None
+
+
+ENERGY_ONLY_KEYS = ("energy_head.", "restore_log_step")  # model tensors that timm's ViT has no place for
+
+
+def load_model(path: str | Path, need_energy: bool = True, attn_backend: str = "math") -> tuple[EnergyViT, dict]:
+    """(EnergyViT, metadata) from a `pretrain` checkpoint (.pth) or an `export` file (.safetensors).
+
+    need_energy: the caller restores images, so the energy readout and step sizes must be in the
+    file; an encoder-only export then raises. attn_backend replaces the saved one: the weights do
+    not depend on it, and the evaluation tools should run where the training backend may not.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        state, meta = _read_safetensors(path)
+        if "energyvit_model_config" not in meta:
+            raise ValueError(f"{path} has no energyvit model config in its metadata; "
+                             "was it written by `energyvit export`?")
+        config = json.loads(meta["energyvit_model_config"])
+    else:
+        ckpt = load_checkpoint(path)
+        if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
+            raise ValueError(f"checkpoint {path} has no 'model' and 'model_config'; "
+                             "was it written by `energyvit pretrain`?")
+        state, config, meta = ckpt["model"], ckpt["model_config"], {"contents": "full"}
+    model = EnergyViT(replace(config_from_dict(config), attn_backend=attn_backend))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith(ENERGY_ONLY_KEYS) for k in missing):
+        raise ValueError(f"{path} does not match its model config: {len(missing)} missing keys {missing[:3]}, "
+                         f"{len(unexpected)} unexpected keys {unexpected[:3]}")
+    if missing and need_energy:
+        raise ValueError(f"{path} is an encoder-only export without {', '.join(missing)}; "
+                         "use the pretraining checkpoint or an `energyvit export --full` file")
+    return model.eval(), meta
+
+
+def _read_safetensors(path: Path) -> tuple[dict, dict]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        return load_file(str(path)), meta
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} could not be read as safetensors: {e}") from None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 from energyvit.engine import LOSS_REGIONS
 from energyvit.model import ENERGY_READOUTS, MODEL_ARCHS
 from energyvit.probe import POOLING
@@ -48,13 +50,23 @@ def mask_fill(text: str) -> str | float:
         raise argparse.ArgumentTypeError(f"must be 'noise' or a number, got {text!r}") from None
 
 
+def device(text: str) -> str:
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} (use cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r} requested but CUDA is not available on this machine")
+    return text
+
+
 def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     add(p, "--model", default="vit_nano_patch4", choices=list(MODEL_ARCHS), help="architecture name")
     add(p, "--input_size", type=positive_int, default=None, help="image size (default: the model's)")
     add(p, "--batch_size", type=positive_int, default=64)
-    add(p, "--epochs", type=positive_int, default=20)
+    add(p, "--epochs", type=positive_int, default=30)
     add(p, "--warmup_epochs", type=int, default=2)
-    add(p, "--blr", type=float, default=1e-3, help="base lr: lr = blr * batch_size / 256")
+    add(p, "--blr", type=float, default=4e-3, help="base lr: lr = blr * batch_size / 256")
     add(p, "--lr", type=float, default=None, help="absolute lr (overrides --blr)")
     add(p, "--weight_decay", type=float, default=0.05)
     add(p, "--clip_grad", type=float, default=None, help="gradient norm clip (off by default)")
@@ -74,6 +86,7 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     add(p, "--norm_pix_loss", action="store_true", help="per-patch normalized targets (MAE)")
     add(p, "--probe_pool", choices=POOLING, default="tokens", help="features of the linear probe (see README)")
     add(p, "--fused", action="store_true", help="fused Triton attention (needs triton)")
+    add(p, "--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     add(p, "--output_dir", default="./output_dir")
     add(p, "--resume", default="", help="checkpoint to continue from")
     add(p, "--seed", type=int, default=0)
@@ -85,7 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     pretrain = sub.add_parser("pretrain", help="pretrain an energy ViT (default: embedded digits)")
     add_pretrain_args(pretrain)
+    for name, (module, text) in tool_commands().items():
+        module.add_args(sub.add_parser(name, help=text))
     return parser
+
+
+def tool_commands() -> dict:
+    """The evaluation, export and restoration commands: name -> (module with add_args/run, help)."""
+    # imported here, not at the top: these modules use this one's argument helpers
+    from energyvit import evaluate, export, finetune, restore_image
+
+    return {
+        "export": (export, "write a pretrained encoder as timm-loadable .safetensors"),
+        "restore": (restore_image, "corrupt an image file and restore it with a pretrained model"),
+        "probe": (evaluate, "linear probe and weighted kNN of frozen features on the digits"),
+        "finetune": (finetune, "fine-tune a pretrained encoder end to end as a digit classifier"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
             from energyvit.pretrain import run
 
             run(args)
+        elif args.command in tool_commands():
+            tool_commands()[args.command][0].run(args)
         return 0
     except CliError as e:
         print(e, file=sys.stderr)

@@ -62,6 +62,7 @@ def train_one_epoch(
     step_fn(clean, corrupted) -> loss replaces the eager loss computation (e.g. a compiled step).
     """
     model.train()
+    device = model.pixel_mean.device
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
     step = first_step
@@ -69,7 +70,8 @@ def train_one_epoch(
         images = random_shift(images, max_shift, generator)
         for group in optimizer.param_groups:
             group["lr"] = lr_at_step(step)
-        name, corrupted = mixture(images, generator)
+        name, corrupted = mixture(images, generator)  # sampled on the CPU: one RNG stream on any device
+        images, corrupted = images.to(device), corrupted.to(device)
         loss = step_fn(images, corrupted) if step_fn else task_loss(model, images, corrupted, opts, generator)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (task {name})")
@@ -93,6 +95,7 @@ def evaluate_restoration(
     """Per task, the MSE of the corrupted input and of the restored output on held-out images,
     over each task's loss region, with corruptions drawn from a fixed seed; also mean energies."""
     model.eval()
+    device = model.pixel_mean.device
     results = {}
     for name, task in mixture.tasks.items():
         gen = torch.Generator().manual_seed(seed)
@@ -100,7 +103,8 @@ def evaluate_restoration(
                   "energy_corrupted": 0.0, "energy_restored": 0.0}
         n = 0
         for images, _ in iterate_batches(held_out, batch_size, drop_last=False):
-            corrupted = task(images, gen)
+            corrupted = task(images, gen).to(device)
+            images = images.to(device)
             result = restore(model, corrupted.image, corrupted.update_mask)
             with torch.no_grad():
                 w = len(images)

@@ -41,7 +41,7 @@ def probe_accuracies(model: EnergyViT, train, held_out, pool: str, seed: int) ->
     init (seeded), and of the raw pixels, on the same split; `pool` gives the headline numbers,
     `probe_by_pool` holds every pooling."""
     torch.manual_seed(seed)
-    random_model = EnergyViT(model.cfg)
+    random_model = EnergyViT(model.cfg).to(model.pixel_mean.device)
     by_pool = {}
     for p in POOLING:
         by_pool[p] = {
@@ -79,6 +79,7 @@ def run(args: Namespace) -> dict:
         model = EnergyViT(config_from_dict(resume_state["model_config"]))
     else:
         model = build_model(args, mean, std, train.images.shape[1])
+    model.to(args.device)
     lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
     if resume_state is not None:

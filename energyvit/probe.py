@@ -34,20 +34,23 @@ def extract_features(model: EnergyViT, images: Tensor, pool: str = "mean", batch
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        h = model.forward_features(images[i : i + batch_size])
-        out.append(pool_tokens(h, pool))
+        h = model.forward_features(images[i : i + batch_size].to(model.pixel_mean.device))
+        out.append(pool_tokens(h, pool).cpu())
     model.train(was_training)
     return torch.cat(out)
 
 
-def linear_probe(
-    train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, weight_decay: float = 1e-3, max_iter: int = 300
-) -> float:
-    """Held-out accuracy of a logistic regression on standardized features."""
+WEIGHT_DECAYS = (1e-4, 1e-3, 1e-2, 1e-1)
+VALIDATION_FRACTION = 0.2
+
+
+def fit_logistic(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, weight_decay: float,
+                 max_iter: int = 300) -> float:
+    """Held-out accuracy of an L2-regularized logistic regression on standardized features."""
     train_x, test_x = train_x.double().flatten(1), test_x.double().flatten(1)
     mean, std = train_x.mean(0), train_x.std(0).clamp_min(1e-6)
     train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-    num_classes = int(train_y.max()) + 1
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
     weight = torch.zeros(train_x.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
@@ -61,3 +64,16 @@ def linear_probe(
     opt.step(closure)
     with torch.no_grad():
         return (test_x @ weight + bias).argmax(1).eq(test_y).double().mean().item()
+
+
+def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor,
+                 weight_decays: tuple[float, ...] = WEIGHT_DECAYS) -> float:
+    """Held-out accuracy of a logistic-regression probe whose L2 strength is chosen per feature
+    set on a fixed validation fifth of the training split (then refit on the whole split), so
+    each feature set, pixels included, is scored at its own best regularization."""
+    n_val = max(1, int(len(train_y) * VALIDATION_FRACTION))
+    order = torch.randperm(len(train_y), generator=torch.Generator().manual_seed(0))
+    val, fit = order[:n_val], order[n_val:]
+    scores = [fit_logistic(train_x[fit], train_y[fit], train_x[val], train_y[val], wd) for wd in weight_decays]
+    best = weight_decays[max(range(len(scores)), key=scores.__getitem__)]
+    return fit_logistic(train_x, train_y, test_x, test_y, best)

@@ -22,6 +22,10 @@ class Corrupted:
     loss_mask: Tensor  # 1 where the restoration loss is computed
     update_mask: Tensor | None  # 1 where restoration may change pixels; None: everywhere
 
+    def to(self, device: torch.device | str) -> Corrupted:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return Corrupted(move(self.image), move(self.loss_mask), move(self.update_mask))
+
 
 def _check_images(x: Tensor, patch_size: int | None = None) -> None:
     if x.ndim != 4:

@@ -16,3 +16,13 @@ def tiny_model(dtype=torch.float64, seed: int = 0, **overrides) -> EnergyViT:
 
 def images(batch: int = 3, chans: int = 1, size: int = 8, dtype=torch.float64, seed: int = 1) -> torch.Tensor:
     return torch.rand(batch, chans, size, size, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def tiny_checkpoint(path, seed: int = 0, **overrides):
+    """Save a float32 tiny_model as a `pretrain`-style checkpoint at `path`; returns the model."""
+    from energyvit.checkpoint import save_checkpoint
+    from energyvit.model import config_to_dict
+
+    model = tiny_model(dtype=torch.float32, seed=seed, **overrides)
+    save_checkpoint(path, {"model": model.state_dict(), "model_config": config_to_dict(model.cfg), "epoch": 0})
+    return model

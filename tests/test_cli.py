@@ -19,6 +19,7 @@ TINY = ["pretrain", "--model", "vit_pico_patch2", "--batch_size", "250", "--warm
     (["pretrain", "--tasks", "colorize"], "needs 3-channel RGB images, but the data has 1 channel"),
     (["pretrain", "--resume", "/nonexistent/ckpt.pth"], "checkpoint /nonexistent/ckpt.pth does not exist"),
     (["pretrain", "--batch_size", "0"], "must be a positive integer"),
+    (["pretrain", "--device", "gpu7"], "not a device: 'gpu7'"),
 ])
 def test_bad_flags_and_values_give_one_clear_line(argv, needle, capsys, tmp_path):
     assert main(argv + ["--output_dir", str(tmp_path)]) == 2

@@ -1,0 +1,100 @@
+"""`energyvit export`: a pretrained energy ViT as a .safetensors file.
+
+By default the file holds the encoder only, under timm's VisionTransformer key names, so that
+`timm.create_model("vit_base_patch16_224", num_classes=0, checkpoint_path=FILE)` loads it with
+strict key matching. timm's default `global_pool="token"` keeps the final `norm` before pooling;
+its `fc_norm` and, with num_classes=0, its `head` are then Identity and expect no weights. The
+energy readout (`energy_head`) and the step sizes (`restore_log_step`) have no place in timm's
+model and are left out.
+
+`--full` keeps every tensor of the energy model; the config travels in the metadata, so
+`energyvit restore`, `probe` and `finetune` read the file like a checkpoint.
+
+The model normalizes pixels itself, timm does not: feed timm (x - pixel_mean) / pixel_std, with
+the values stored in the metadata (`pixel_mean`, `pixel_std`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from argparse import Namespace
+from pathlib import Path
+
+from torch import Tensor
+
+from energyvit.checkpoint import ENERGY_ONLY_KEYS, atomic_write, load_model
+from energyvit.model import EnergyViT, EnergyViTConfig, config_to_dict
+
+# (embed_dim, depth, num_heads) of the timm ViTs that share our named architectures
+TIMM_ARCHS = {(192, 12, 3): "vit_tiny", (384, 12, 6): "vit_small", (768, 12, 12): "vit_base",
+              (1024, 24, 16): "vit_large"}
+
+
+def timm_model_name(cfg: EnergyViTConfig) -> str | None:
+    """The timm model name with this architecture (e.g. vit_base_patch16_224), or None."""
+    arch = TIMM_ARCHS.get((cfg.embed_dim, cfg.depth, cfg.num_heads))
+    if arch is None or cfg.mlp_ratio != 4.0:
+        return None
+    return f"{arch}_patch{cfg.patch_size}_{cfg.img_size}"
+
+
+def timm_kwargs(cfg: EnergyViTConfig) -> dict:
+    """Arguments of timm's VisionTransformer that rebuild this encoder (num_classes=0: no head)."""
+    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans, embed_dim=cfg.embed_dim,
+                depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio, num_classes=0)
+
+
+def export_tensors(model: EnergyViT, full: bool = False) -> dict[str, Tensor]:
+    """The model's tensors by name; without `full`, only those timm's ViT has."""
+    # safetensors stores each tensor on its own: no shared storage, contiguous, on the CPU
+    return {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()
+            if full or not k.startswith(ENERGY_ONLY_KEYS)}
+
+
+def export_metadata(model: EnergyViT, full: bool) -> dict[str, str]:
+    cfg = model.cfg
+    return {
+        "format": "pt",
+        "contents": "full" if full else "encoder",
+        "energyvit_model_config": json.dumps(config_to_dict(cfg)),
+        "timm_model": timm_model_name(cfg) or "",
+        "timm_kwargs": json.dumps(timm_kwargs(cfg)),
+        "pixel_mean": json.dumps(list(cfg.pixel_mean)),
+        "pixel_std": json.dumps(list(cfg.pixel_std)),
+    }
+
+
+def export(checkpoint: str | Path, output: str | Path, full: bool = False) -> dict[str, str]:
+    """Write `checkpoint`'s model to `output` (.safetensors); returns the file's metadata."""
+    from safetensors.torch import save
+
+    output = Path(output)
+    if output.suffix != ".safetensors":
+        raise ValueError(f"--output {output} must end in .safetensors (timm picks the loader by extension)")
+    model, _ = load_model(checkpoint, need_energy=full)
+    metadata = export_metadata(model, full)
+    blob = save(export_tensors(model, full), metadata=metadata)
+    atomic_write(output, lambda f: f.write(blob))
+    return metadata
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="checkpoint-last.pth of `energyvit pretrain` (or a --full export)")
+    p.add_argument("--output", "-o", required=True, help="FILE.safetensors to write")
+    p.add_argument("--full", action="store_true",
+                   help="keep the energy readout and step sizes too (for restore/probe/finetune), not timm-only")
+
+
+def run(args: Namespace) -> dict[str, str]:
+    meta = export(args.checkpoint, args.output, args.full)
+    kwargs = json.loads(meta["timm_kwargs"])
+    if args.full:
+        print(f"wrote {args.output}: the full energy model (encoder, energy readout, step sizes) and its config")
+    else:
+        name = meta["timm_model"]
+        how = (f"timm.create_model({name!r}, num_classes=0, in_chans={kwargs['in_chans']}, checkpoint_path=...)"
+               if name else f"timm.models.vision_transformer.VisionTransformer(**{kwargs}) + load_state_dict")
+        print(f"wrote {args.output}: encoder with timm VisionTransformer keys; load with {how}")
+        print(f"inputs for timm: (x - pixel_mean) / pixel_std with pixel_mean {meta['pixel_mean']}, "
+              f"pixel_std {meta['pixel_std']} (x in [0, 1])")
+    return meta

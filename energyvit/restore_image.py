@@ -1,0 +1,187 @@
+"""`energyvit restore`: corrupt one image file and restore it with a pretrained energy model.
+
+The image is read with Pillow, center-cropped to a square, resized to the model's size and
+converted to its channels (L or RGB). Unless `--corrupted` says the file is already degraded, the
+task's corruption is applied here (synthetic), with `--seed`. Restoration is the model's K
+gradient steps in inference mode. Written: the restored image at the model's size, and a strip,
+zoomed for viewing, of corrupted | x_1 ... | restored (| clean reference).
+
+PSNR (whole image, pixels in [0, 1], after clamping to [0, 1] as written) is printed against
+`--clean` when given, otherwise against the input itself when the corruption is synthetic (the
+input is then the clean image); a `--corrupted` input without `--clean` has no reference.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+
+from energyvit.checkpoint import load_model
+from energyvit.model import EnergyViT
+from energyvit.restore import restore
+from energyvit.tasks import Corrupted, build_task
+
+TASKS = ("inpaint", "denoise", "sr", "colorize")
+
+
+def _open(path: str | Path, what: str) -> Image.Image:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{what} {path} could not be read as an image: {e}") from None
+    return image
+
+
+def _center_square(image: Image.Image) -> Image.Image:
+    w, h = image.size
+    s = min(w, h)
+    left, top = (w - s) // 2, (h - s) // 2
+    return image.crop((left, top, left + s, top + s))
+
+
+def _to_tensor(image: Image.Image) -> Tensor:
+    """PIL image (L or RGB) -> (1, C, H, W) float in [0, 1]."""
+    data = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    chans = len(image.getbands())
+    return data.view(image.size[1], image.size[0], chans).permute(2, 0, 1).unsqueeze(0).float() / 255.0
+
+
+def _to_image(x: Tensor) -> Image.Image:
+    """(C, H, W) in [0, 1] -> PIL image, L for one channel, RGB for three."""
+    data = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous()
+    mode = "L" if data.shape[2] == 1 else "RGB"
+    return Image.frombytes(mode, (data.shape[1], data.shape[0]), data.numpy().tobytes())
+
+
+def load_image(path: str | Path, size: int, chans: int, what: str = "image") -> tuple[Tensor, tuple[int, int]]:
+    """(1, chans, size, size) in [0, 1] and the file's (width, height)."""
+    image = _open(path, what)
+    original = image.size
+    image = _center_square(image.convert("L" if chans == 1 else "RGB"))
+    # LANCZOS filters when shrinking (no aliasing) and is sharp when enlarging
+    return _to_tensor(image.resize((size, size), Image.Resampling.LANCZOS)), original
+
+
+def load_mask(path: str | Path, size: int, image_size: tuple[int, int]) -> Tensor:
+    """(1, 1, size, size) in {0, 1}, 1 where the mask file is white (> 50% gray): pixels to fill.
+    The mask must have the input image's size (cropped and resized like it) or the model's."""
+    mask = _open(path, "mask")
+    if mask.size not in (image_size, (size, size)):
+        raise ValueError(f"mask {path} is {mask.size[0]}x{mask.size[1]}, but the image is "
+                         f"{image_size[0]}x{image_size[1]} and the model takes {size}x{size}; use one of those sizes")
+    # NEAREST keeps the mask binary when it is resized
+    mask = _center_square(mask.convert("L")).resize((size, size), Image.Resampling.NEAREST)
+    m = (_to_tensor(mask) > 0.5).float()
+    if not m.any():
+        raise ValueError(f"mask {path} has no white (masked) pixels at {size}x{size}")
+    return m
+
+
+def corrupt_image(x: Tensor, task: str, model: EnergyViT, args: Namespace, mask: Tensor | None) -> Corrupted:
+    """The synthetic corruption of the clean image x, or x itself when `args.corrupted`."""
+    cfg = model.cfg
+    if args.corrupted:
+        return Corrupted(x, torch.ones_like(x[:, :1]), mask)
+    generator = torch.Generator().manual_seed(args.seed)
+    if task == "inpaint" and mask is not None:
+        noise = args.mask_fill == "noise"
+        fill = torch.rand(x.shape, generator=generator) if noise else torch.full_like(x, args.mask_fill)
+        return Corrupted(x * (1 - mask) + fill * mask, mask, mask)
+    return build_task(task, cfg.patch_size, mask_ratio=args.mask_ratio, mask_fill=args.mask_fill,
+                      sr_factor=args.sr_factor, noise_sigma=args.noise_sigma)(x, generator)
+
+
+def psnr(a: Tensor, b: Tensor) -> float:
+    """Peak signal-to-noise ratio in dB of two images in [0, 1]."""
+    mse = (a - b).pow(2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def make_strip(frames: list[Tensor], zoom: int) -> Image.Image:
+    """Frames (C, H, W) side by side, each enlarged `zoom` times (NEAREST: pixels stay visible),
+    separated by gray gaps."""
+    tiles = [_to_image(f).resize((f.shape[2] * zoom, f.shape[1] * zoom), Image.Resampling.NEAREST) for f in frames]
+    gap = max(2, zoom // 2)
+    w, h = tiles[0].size
+    gray = 128 if tiles[0].mode == "L" else (128, 128, 128)
+    strip = Image.new(tiles[0].mode, (len(tiles) * w + (len(tiles) - 1) * gap, h), color=gray)
+    for i, tile in enumerate(tiles):
+        strip.paste(tile, (i * (w + gap), 0))
+    return strip
+
+
+def restore_file(args: Namespace) -> dict:
+    """Run the whole command; returns the numbers it prints (psnr is None without a reference)."""
+    model, _ = load_model(args.checkpoint, need_energy=True)
+    cfg = model.cfg
+    if args.task == "colorize" and cfg.in_chans != 3:
+        raise ValueError(f"colorize needs a 3-channel (RGB) model; {args.checkpoint} has {cfg.in_chans} channel(s)")
+    if args.mask and args.task != "inpaint":
+        raise ValueError(f"--mask is for --task inpaint, not {args.task}")
+    if args.corrupted and args.task == "inpaint" and not args.mask:
+        raise ValueError("--corrupted --task inpaint needs --mask to say which pixels to fill")
+    x, original_size = load_image(args.image, cfg.img_size, cfg.in_chans)
+    mask = load_mask(args.mask, cfg.img_size, original_size) if args.mask else None
+    clean = load_image(args.clean, cfg.img_size, cfg.in_chans, "clean reference")[0] if args.clean else None
+    reference = clean if clean is not None else (None if args.corrupted else x)
+
+    c = corrupt_image(x, args.task, model, args, mask)
+    r = restore(model, c.image, c.update_mask, steps=args.steps)
+    restored = r.restored.clamp(0, 1)
+
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    _to_image(restored[0]).save(output)
+    strip_path = Path(args.strip) if args.strip else output.with_name(f"{output.stem}-strip.png")
+    frames = [s[0] for s in r.steps] + ([reference[0]] if reference is not None else [])
+    make_strip(frames, args.zoom or max(1, 128 // cfg.img_size)).save(strip_path)
+
+    result = {
+        "task": args.task, "steps": len(r.steps) - 1, "energies": r.energies[:, 0].tolist(),
+        "psnr_corrupted": None if reference is None else psnr(c.image.clamp(0, 1), reference),
+        "psnr_restored": None if reference is None else psnr(restored, reference),
+        "reference": "clean" if clean is not None else (None if reference is None else "input"),
+        "output": str(output), "strip": str(strip_path),
+    }
+    energies = " -> ".join(f"{e:.3f}" for e in result["energies"])
+    print(f"{args.task}: {cfg.img_size}x{cfg.img_size}, {result['steps']} steps, energy {energies}")
+    if reference is not None:
+        print(f"PSNR vs {'--clean' if clean is not None else 'the input (synthetic corruption)'}: "
+              f"corrupted {result['psnr_corrupted']:.2f} dB, restored {result['psnr_restored']:.2f} dB")
+    frames_text = "corrupted | steps | restored" + (" | reference" if reference is not None else "")
+    print(f"wrote {output} and {strip_path} ({frames_text})")
+    return result
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    from energyvit.cli import add, fraction, mask_fill, positive_int  # here: cli imports this module
+
+    p.add_argument("checkpoint", help="checkpoint-last.pth of `energyvit pretrain` or an `export --full` file")
+    p.add_argument("image", help="image file (any Pillow format); center-cropped, resized to the model's size")
+    p.add_argument("--task", choices=TASKS, required=True)
+    p.add_argument("--output", "-o", required=True, help="restored image (.png)")
+    add(p, "--strip", default=None, help="strip image (default: OUTPUT's name + '-strip.png')")
+    add(p, "--mask", default=None, help="inpaint: mask image, white = pixels to fill (default: random patches)")
+    add(p, "--clean", default=None, help="clean reference image for PSNR")
+    add(p, "--corrupted", action="store_true",
+        help="the image is already corrupted: restore it as it is (inpaint then needs --mask)")
+    add(p, "--steps", type=positive_int, default=None, help="gradient steps (default: the model's K)")
+    add(p, "--mask_ratio", type=fraction, default=0.5, help="inpaint without --mask: fraction of patches hidden")
+    add(p, "--mask_fill", type=mask_fill, default="noise", help="inpaint: fill 'noise' (uniform) or a constant")
+    add(p, "--noise_sigma", type=float, default=0.2, help="denoise: Gaussian sigma in pixel units")
+    add(p, "--sr_factor", type=int, choices=(2, 4), default=2, help="sr: downsampling factor")
+    add(p, "--zoom", type=positive_int, default=None, help="strip enlargement (default: about 128 px per frame)")
+    add(p, "--seed", type=int, default=0, help="seed of the synthetic corruption")
+
+
+def run(args: Namespace) -> dict:
+    return restore_file(args)

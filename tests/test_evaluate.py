@@ -1,0 +1,67 @@
+import json
+
+import pytest
+import torch
+
+from energyvit.cli import main
+from energyvit.evaluate import knn_scores, topk_accuracy
+from helpers import tiny_checkpoint
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: the test machines' cores are shared, and more threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_knn_separates_clusters():
+    gen = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    x = torch.randn(3, 16, generator=gen)[y] * 3 + 0.3 * torch.randn(300, 16, generator=gen)
+    scores = knn_scores(x[:200], y[:200], x[200:], k=20, t=0.1)
+    assert scores.shape == (100, 3) and topk_accuracy(scores, y[200:], 1) == 1.0
+
+
+def test_knn_votes_are_weighted_by_similarity_over_temperature():
+    # two training neighbours of class 0 at cosine 0.6, one of class 1 at cosine 1
+    train_x = torch.tensor([[0.6, 0.8], [0.6, -0.8], [1.0, 0.0]])
+    train_y = torch.tensor([0, 0, 1])
+    query = torch.tensor([[2.0, 0.0]])  # the length does not matter: cosine similarity
+    sharp = knn_scores(train_x, train_y, query, k=3, t=0.1)  # exp(10) beats 2 exp(6)
+    flat = knn_scores(train_x, train_y, query, k=3, t=10.0)  # nearly a plain majority vote
+    assert sharp.argmax().item() == 1 and flat.argmax().item() == 0
+    torch.testing.assert_close(sharp, torch.tensor([[2 * torch.e ** 6, torch.e ** 10]]))
+    assert topk_accuracy(sharp, torch.tensor([0]), 1) == 0.0 and topk_accuracy(sharp, torch.tensor([0]), 2) == 1.0
+
+
+def test_knn_rejects_bad_k_and_t():
+    x, y = torch.randn(5, 4), torch.arange(5) % 2
+    with pytest.raises(ValueError, match=r"knn_k must be in 1..5 \(the training images\), got 6"):
+        knn_scores(x, y, x, k=6, t=0.1)
+    with pytest.raises(ValueError, match="knn_t must be > 0"):
+        knn_scores(x, y, x, k=2, t=0.0)
+
+
+@pytest.mark.parametrize("chans", [1, 3])
+def test_probe_command_prints_and_writes_json(chans, tmp_path, capsys):
+    tiny_checkpoint(tmp_path / "ckpt.pth", in_chans=chans)
+    assert main(["probe", str(tmp_path / "ckpt.pth"), "--pool", "mean", "--knn_k", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "linear probe" in printed and "kNN (k=10, t=0.1)" in printed
+    result = json.loads((tmp_path / "probe-mean.json").read_text())
+    assert result["n_train"] == 1500 and result["n_held_out"] == 297 and result["feature_dim"] == 32
+    for key in ("linear_probe_acc", "knn_top1", "knn_top5"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["knn_top1"] <= result["knn_top5"]
+    # even a random tiny encoder's features beat chance (0.1) by far on the digits
+    assert result["knn_top1"] > 0.3 and result["linear_probe_acc"] > 0.3
+
+
+def test_probe_errors_are_one_line(tmp_path, capsys):
+    tiny_checkpoint(tmp_path / "ckpt.pth")
+    assert main(["probe", str(tmp_path / "ckpt.pth"), "--knn_k", "5000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "knn_k must be in 1..1500" in err and len(err.splitlines()) == 1, err
