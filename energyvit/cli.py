@@ -86,6 +86,8 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     add(p, "--norm_pix_loss", action="store_true", help="per-patch normalized targets (MAE)")
     add(p, "--probe_pool", choices=POOLING, default="tokens", help="features of the linear probe (see README)")
     add(p, "--fused", action="store_true", help="fused Triton attention (needs triton)")
+    add(p, "--compile", action="store_true",
+        help="torch.compile the whole training step (exact second-order gradients; eager fallback with a warning)")
     add(p, "--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     add(p, "--output_dir", default="./output_dir")
     add(p, "--resume", default="", help="checkpoint to continue from")

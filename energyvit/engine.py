@@ -90,10 +90,13 @@ def train_one_epoch(
 
 
 def evaluate_restoration(
-    model: EnergyViT, held_out: ImageSplit, mixture: TaskMixture, seed: int, batch_size: int = 256
+    model: EnergyViT, held_out: ImageSplit, mixture: TaskMixture, seed: int, batch_size: int = 256, restore_fn=None
 ) -> dict[str, dict[str, float]]:
     """Per task, the MSE of the corrupted input and of the restored output on held-out images,
-    over each task's loss region, with corruptions drawn from a fixed seed; also mean energies."""
+    over each task's loss region, with corruptions drawn from a fixed seed; also mean energies.
+
+    restore_fn(image, update_mask) -> Restoration replaces eager inference restoration."""
+    restore_fn = restore_fn or (lambda image, mask: restore(model, image, mask))
     model.eval()
     device = model.pixel_mean.device
     results = {}
@@ -105,7 +108,7 @@ def evaluate_restoration(
         for images, _ in iterate_batches(held_out, batch_size, drop_last=False):
             corrupted = task(images, gen).to(device)
             images = images.to(device)
-            result = restore(model, corrupted.image, corrupted.update_mask)
+            result = restore_fn(corrupted.image, corrupted.update_mask)
             with torch.no_grad():
                 w = len(images)
                 totals["mse_corrupted"] += w * restoration_loss(corrupted.image, images, corrupted.loss_mask).item()

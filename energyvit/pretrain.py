@@ -89,6 +89,12 @@ def run(args: Namespace) -> dict:
         torch.set_rng_state(resume_state["torch_rng"])
         start_epoch, step = resume_state["epoch"] + 1, resume_state["step"]
 
+    step_fn = restore_fn = None
+    if args.compile:
+        from energyvit.compiled import compiled_restore, compiled_train_step
+
+        step_fn, restore_fn = compiled_train_step(model, opts, generator), compiled_restore(model)
+
     steps_per_epoch = len(train.labels) // args.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"--batch_size {args.batch_size} exceeds the {len(train.labels)} training images")
@@ -96,13 +102,14 @@ def run(args: Namespace) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"energyvit pretrain: {args.model} ({n_params / 1e6:.2f}M params, attention {model.cfg.attn_backend}), "
           f"{len(train.labels)} train / {len(held_out.labels)} held-out digits at {model.cfg.img_size}px, "
-          f"tasks {args.tasks}, K={model.cfg.restore_steps}, lr {lr:.2e}", flush=True)
+          f"tasks {args.tasks}, K={model.cfg.restore_steps}, lr {lr:.2e}{', compiled' if args.compile else ''}", flush=True)
 
     log_path = out / "log.jsonl"
     for epoch in range(start_epoch, args.epochs):
         t0 = time.perf_counter()
         stats = train_one_epoch(model, train, mixture, optimizer, opts, args.batch_size, generator,
-                                lambda s: cosine_lr(lr, s, total, warmup), step, args.clip_grad, args.shift)
+                                lambda s: cosine_lr(lr, s, total, warmup), step, args.clip_grad, args.shift,
+                                step_fn=step_fn)
         step += stats.pop("steps")
         seconds = time.perf_counter() - t0
         record = {"epoch": epoch, "step": step, **stats, "lr": optimizer.param_groups[0]["lr"],
@@ -118,7 +125,7 @@ def run(args: Namespace) -> dict:
             "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
         })
 
-    restoration = evaluate_restoration(model, held_out, mixture, seed=args.seed + 1)
+    restoration = evaluate_restoration(model, held_out, mixture, seed=args.seed + 1, restore_fn=restore_fn)
     probes = probe_accuracies(model, train, held_out, args.probe_pool, seed=args.seed + 2)
     summary = {**probes, "tasks": restoration, "model": args.model, "epochs": args.epochs, "seed": args.seed,
                "model_config": config_to_dict(model.cfg)}

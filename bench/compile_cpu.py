@@ -1,0 +1,210 @@
+"""CPU benchmark of the compiled training step (energyvit.compiled) against the eager one.
+
+The default pretraining configuration (`energyvit pretrain` defaults: vit_nano_patch4, 1-channel
+16px digits, batch 64, K=2, tasks mim:0.5,denoise:0.25,sr:0.25, AdamW with the cosine schedule)
+is trained for a few epochs from the same seed in separate worker processes:
+
+  eager          train_one_epoch as pretrain.run calls it
+  compiled_cold  with step_fn=compiled_train_step(...), empty Inductor cache (a first run)
+  compiled_warm  the same, reusing the Inductor cache the cold run filled (a later run)
+
+Reported per worker: training steps per second over the epochs after the first (the first one
+holds the compilation; steps_per_s uses the median epoch time, steps_per_s_mean the mean), the wall time of the first compiled call minus one steady step
+("compile time"), and memory as the peak resident set size of the worker process
+(resource.getrusage(RUSAGE_SELF).ru_maxrss; it includes compilation, but not Inductor's compile
+worker subprocesses) next to its RSS right before training (/proc/self/statm). The workers also
+log every step's loss, so the run doubles as the check that the compiled loss curve matches the
+eager one under the same seed (max relative difference per epoch).
+
+Writes bench/results/compile_cpu.json (machine: CPU model, cores, load average, torch version,
+date, git commit). Usage: python bench/compile_cpu.py [--epochs 8] [--threads 1] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+# The pretrain flags the workers use. The parent resolves their defaults once and passes them
+# explicitly, so every worker trains with the same hyperparameters even if the defaults change.
+PRETRAIN_FLAGS = ("model", "seed", "batch_size", "warmup_epochs", "blr", "weight_decay", "tasks", "mask_ratio",
+                  "mask_fill", "sort_fraction", "sr_factor", "noise_sigma", "energy", "restore_steps",
+                  "step_size_init", "langevin_std", "loss_region")
+
+
+def pretrain_argv(epochs: int, threads: int) -> list[str]:
+    from energyvit.cli import build_parser
+
+    args = build_parser().parse_args(["pretrain"])
+    argv = ["pretrain", "--epochs", str(epochs), "--num_threads", str(threads)]
+    for name in PRETRAIN_FLAGS:
+        argv += [f"--{name}", str(getattr(args, name))]
+    return argv
+
+
+def worker(mode: str, argv: list[str], out: str) -> None:
+    import torch
+
+    from energyvit.cli import build_parser
+    from energyvit.compiled import compiled_train_step
+    from energyvit.data import channel_stats, load_digits
+    from energyvit.engine import LossOptions, cosine_lr, train_one_epoch
+    from energyvit.model import model_config
+    from energyvit.pretrain import build_model, param_groups
+    from energyvit.tasks import build_mixture
+
+    # Setup as pretrain.run does it, from the command's own defaults.
+    args = build_parser().parse_args(argv)
+    threads = args.num_threads
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(args.num_threads)
+    train, _ = load_digits(args.input_size or model_config(args.model).img_size)
+    mean, std = channel_stats(train.images)
+    mixture = build_mixture(args.tasks, patch_size=model_config(args.model).patch_size, in_chans=train.images.shape[1],
+                            mask_ratio=args.mask_ratio, mask_fill=args.mask_fill, sort_fraction=args.sort_fraction,
+                            sr_factor=args.sr_factor, noise_sigma=args.noise_sigma)
+    opts = LossOptions(region=args.loss_region, langevin_std=args.langevin_std,
+                       norm_pix_patch=model_config(args.model).patch_size if args.norm_pix_loss else None)
+    generator = torch.Generator().manual_seed(args.seed)
+    model = build_model(args, mean, std, train.images.shape[1])
+    lr = args.blr * args.batch_size / 256
+    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
+    steps_per_epoch = len(train.labels) // args.batch_size
+    total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+
+    losses: list[float] = []
+    call_times: list[float] = []
+    inner = compiled_train_step(model, opts, generator) if mode != "eager" else None
+
+    def step_fn(clean, corrupted):
+        t0 = time.perf_counter()
+        if inner is None:
+            from energyvit.engine import task_loss
+            loss = task_loss(model, clean, corrupted, opts, generator)  # what train_one_epoch runs eagerly
+        else:
+            loss = inner(clean, corrupted)
+        call_times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+        return loss
+
+    rss_before = rss_mib()
+    epoch_s, step = [], 0
+    for epoch in range(args.epochs):
+        t0 = time.perf_counter()
+        stats = train_one_epoch(model, train, mixture, optimizer, opts, args.batch_size, generator,
+                                lambda s: cosine_lr(lr, s, total, warmup), step, args.clip_grad, step_fn=step_fn)
+        step += stats["steps"]
+        epoch_s.append(time.perf_counter() - t0)
+    steady = epoch_s[1:]
+    steady_steps = steps_per_epoch * len(steady)
+    result = {
+        "mode": mode,
+        "threads": threads,
+        "steps_per_epoch": steps_per_epoch,
+        "epoch_s": epoch_s,
+        "steps_per_s": steps_per_epoch / statistics.median(steady),  # median: robust to load spikes
+        "steps_per_s_mean": steady_steps / sum(steady),
+        "first_call_s": call_times[0],
+        "steady_call_s": sorted(call_times[steps_per_epoch:])[len(call_times[steps_per_epoch:]) // 2],
+        "losses": losses,
+        "rss_before_training_mib": rss_before,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "compiled_mode": None if inner is None else inner.mode,
+        "compiled_graphs": None if inner is None else inner.compiled_graphs(),
+    }
+    result["compile_s"] = result["first_call_s"] - result["steady_call_s"]
+    Path(out).write_text(json.dumps(result))
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout)
+    except OSError:
+        commit, dirty = "?", None
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": _dt.datetime.now().isoformat(timespec="seconds"), "git_commit": commit,
+            "git_worktree_dirty": dirty, "loadavg_start": os.getloadavg()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=8, help="epochs per worker (the first holds compilation)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "compile_cpu.json"))
+    ap.add_argument("--worker", choices=["eager", "compiled_cold", "compiled_warm"], help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-argv", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        return worker(a.worker, json.loads(a.worker_argv), a.worker_out)
+    if a.epochs < 2:
+        ap.error("--epochs must be at least 2 (the first epoch holds the compilation)")
+
+    info = machine_info()
+    argv = pretrain_argv(a.epochs, a.threads)
+    info["pretrain_argv"] = argv
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = Path(tmp) / "inductor-cache"  # empty for the cold run, filled for the warm one
+        for mode in ("eager", "compiled_cold", "compiled_warm"):
+            env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)}
+            path = Path(tmp) / f"{mode}.json"
+            t0 = time.perf_counter()
+            subprocess.run([sys.executable, __file__, "--worker", mode, "--worker-argv", json.dumps(argv),
+                            "--worker-out", str(path)], check=True, env=env, cwd=ROOT)
+            results[mode] = json.loads(path.read_text())
+            results[mode]["process_wall_s"] = time.perf_counter() - t0
+            print(f"{mode:14s} {results[mode]['steps_per_s']:.3f} steps/s, first call {results[mode]['first_call_s']:.1f} s, "
+                  f"peak RSS {results[mode]['peak_rss_mib']:.0f} MiB", flush=True)
+    info["loadavg_end"] = os.getloadavg()
+
+    eager = results["eager"]
+    summary = {"config": "energyvit pretrain defaults: vit_nano_patch4, in_chans=1, 16px digits, batch 64, K=2, "
+                         "tasks mim:0.5,denoise:0.25,sr:0.25, float32",
+               "epochs_per_worker": a.epochs, "threads": a.threads}
+    for mode in ("compiled_cold", "compiled_warm"):
+        r = results[mode]
+        per_epoch = []
+        n = eager["steps_per_epoch"]
+        for e in range(a.epochs):
+            ref, got = eager["losses"][e * n:(e + 1) * n], r["losses"][e * n:(e + 1) * n]
+            per_epoch.append(max(abs(x - y) / abs(y) for x, y in zip(got, ref)))
+        summary[mode] = {
+            "speedup_steps_per_s": r["steps_per_s"] / eager["steps_per_s"],
+            "speedup_steps_per_s_mean": r["steps_per_s_mean"] / eager["steps_per_s_mean"],
+            "compile_s": r["compile_s"],
+            "peak_rss_ratio": r["peak_rss_mib"] / eager["peak_rss_mib"],
+            "loss_max_rel_diff_per_epoch": per_epoch,
+            "epoch_mean_loss_rel_diff": [
+                abs(sum(r["losses"][e * n:(e + 1) * n]) - sum(eager["losses"][e * n:(e + 1) * n]))
+                / abs(sum(eager["losses"][e * n:(e + 1) * n])) for e in range(a.epochs)],
+        }
+    out = {"machine": info, "summary": summary, "workers": results}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps({"machine": info, "summary": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

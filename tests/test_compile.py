@@ -1,0 +1,225 @@
+"""torch.compile of the training step and of inference restoration (energyvit.compiled).
+
+Compiling is slow on CPU, so the compiled functions are built once per module (fixtures) on the
+tiny float64 model, and the tests that only exercise Dynamo's guards use the aot_eager backend.
+"""
+import warnings
+
+import pytest
+import torch
+
+import energyvit.compiled as compiled
+from energyvit.engine import LossOptions, task_loss
+from energyvit.losses import restoration_loss
+from energyvit.restore import restore
+from energyvit.tasks import Denoise, MaskedImageModeling
+from helpers import images, tiny_model
+
+pytestmark = pytest.mark.skipif(not compiled.compile_support()[0], reason="this torch cannot trace autograd.grad")
+
+# Every special path at once: loss over the whole image (a ones region in the compiled graph),
+# per-patch normalized targets and Langevin noise drawn from the caller's generator.
+OPTS = LossOptions(region="all", norm_pix_patch=2, langevin_std=0.05)
+SEED = 7
+
+
+def corrupt(batch, task="mim", seed=0):
+    clean = images(batch=batch, seed=batch + 10)
+    t = MaskedImageModeling(patch_size=2, mask_ratio=0.5) if task == "mim" else Denoise(0.2)
+    return clean, t(clean, torch.Generator().manual_seed(seed))
+
+
+def param_grads(model, loss):
+    """d loss / d params via loss.backward(), as train_one_epoch runs it (None where unused)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    loss.backward()
+    grads = [None if p.grad is None else p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    return grads
+
+
+def rel_err(a, b, none_is_zero=False):
+    """|a - b| / |b| over all parameters; by default both must leave the same parameters without grad."""
+    if none_is_zero:
+        pairs = [(x, y) for x, y in zip(a, b) if x is not None or y is not None]
+        a = [torch.zeros_like(y) if x is None else x for x, y in pairs]
+        b = [torch.zeros_like(x) if y is None else y for x, y in pairs]
+    assert [g is None for g in a] == [g is None for g in b]
+    fa = torch.cat([g.flatten() for g in a if g is not None])
+    fb = torch.cat([g.flatten() for g in b if g is not None])
+    return ((fa - fb).norm() / fb.norm()).item()
+
+
+def eager_grads(model, clean, c, seed=SEED):
+    return param_grads(model, task_loss(model, clean, c, OPTS, torch.Generator().manual_seed(seed)))
+
+
+def first_order_only_grads(model, clean, c, seed=SEED):
+    """The same loss with dE/dx detached: a_k, the noise and the path through x stay, the
+    second-order terms d(dE/dx)/d theta are dropped (what a silently-wrong compile would give)."""
+    gen = torch.Generator().manual_seed(seed)
+    a = model.step_sizes
+    mask = torch.ones_like(c.image[:, :1]) if c.update_mask is None else c.update_mask
+    x = c.image
+    for k in range(model.cfg.restore_steps):
+        xk = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(model(xk).sum(), xk)
+        noise = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+        x = x + (-a[k] * g + OPTS.langevin_std * (2 * a[k]).sqrt() * noise) * mask
+    return param_grads(model, restoration_loss(x, clean, None, OPTS.norm_pix_patch))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(dtype=torch.float64, energy="linear", restore_steps=2)
+
+
+@pytest.fixture(scope="module")
+def step(model):
+    """The Inductor-compiled training step, compiled once (first call at batch 4) for the module."""
+    fn = compiled.compiled_train_step(model, OPTS, torch.Generator().manual_seed(SEED))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no fallback allowed
+        clean, c = corrupt(4)
+        fn(clean, c)
+    assert fn.mode == "compiled" and fn.compiled_graphs() == 1
+    return fn
+
+
+def compiled_grads(model, step, clean, c, seed=SEED):
+    step.generator = torch.Generator().manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        loss = step(clean, c)
+    assert step.mode == "compiled"
+    return loss, param_grads(model, loss)
+
+
+@pytest.mark.parametrize("task", ["mim", "denoise"])
+def test_compiled_gradients_match_eager_and_keep_second_order_terms(model, step, task):
+    """Parameter gradients through a K=2 unrolled restoration, compiled vs eager, float64; and far
+    from the variant without second-order terms, which the compiled step must not silently become."""
+    clean, c = corrupt(4, task)
+    loss, grads = compiled_grads(model, step, clean, c)
+    ref_loss = task_loss(model, clean, c, OPTS, torch.Generator().manual_seed(SEED))
+    ref = eager_grads(model, clean, c)
+    assert abs(loss.item() - ref_loss.item()) <= 1e-12 * abs(ref_loss.item())
+    assert rel_err(grads, ref) < 1e-9
+    for g, r in zip(grads, ref):  # parameter by parameter too
+        if r is not None and r.norm() > 0:
+            assert ((g - r).norm() / r.norm()).item() < 1e-9
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert grads[names.index("restore_log_step")].abs().min() > 0  # every a_k is trained
+    # Without them only the step sizes a_k would get a gradient: every other parameter acts on
+    # the restored image only through dE/dx.
+    dropped = first_order_only_grads(model, clean, c)
+    assert rel_err(dropped, ref, none_is_zero=True) > 0.5  # the second-order terms matter here...
+    assert rel_err(grads, dropped, none_is_zero=True) > 0.5  # ...and the compiled step keeps them
+    assert step.compiled_graphs() == 1  # one graph for every task (update mask or None)
+
+
+def test_first_step_check_rejects_gradients_without_second_order_terms(model, step):
+    """The safety net of the first compiled call: gradients missing the second-order terms fail it."""
+    clean, c = corrupt(4)
+    args = step._args(clean, c, compiled._draw_noise(c.image, 2, OPTS.langevin_std, torch.Generator().manual_seed(SEED)), 4)
+    loss = task_loss(model, clean, c, OPTS, torch.Generator().manual_seed(SEED)).detach()
+    ref = eager_grads(model, clean, c)
+    assert step._check_against_eager(args, loss, ref) == ""
+    dropped = first_order_only_grads(model, clean, c)
+    assert "different set of parameters" in step._check_against_eager(args, loss, dropped)
+    zero_filled = [torch.zeros_like(r) if d is None and r is not None else d for d, r in zip(dropped, ref)]
+    assert "relative error" in step._check_against_eager(args, loss, zero_filled)
+
+
+def test_no_graph_break_in_the_training_step(model, step):
+    """One graph, no break (the fixture also compiles with fullgraph=True, where a break raises)."""
+    clean, c = corrupt(4)
+    noise = compiled._draw_noise(c.image, 2, OPTS.langevin_std, torch.Generator().manual_seed(SEED))
+    with compiled._trace_autograd():
+        explanation = torch._dynamo.explain(step._traced)(*step._args(clean, c, noise, 4))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("batch", [3, 1])
+def test_smaller_batches_are_padded_exactly_without_recompiling(model, step, batch):
+    clean, c = corrupt(batch)
+    loss, grads = compiled_grads(model, step, clean, c)
+    assert rel_err(grads, eager_grads(model, clean, c)) < 1e-9
+    assert step.compiled_graphs() == 1
+
+
+def test_batch_size_changes_compile_a_bounded_number_of_graphs(model):
+    """Smaller batches reuse (pad to) a compiled size, a larger one compiles once more, and past
+    max_graphs sizes a batch runs eagerly with one warning: never a crash, always exact."""
+    fn = compiled.compiled_train_step(model, OPTS, backend="aot_eager", max_graphs=2)
+    compiled._WARNED.discard("sizes")
+    counts = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch in (4, 3, 6, 5, 7, 1, 7):
+            clean, c = corrupt(batch)
+            fn.generator = torch.Generator().manual_seed(SEED)
+            grads = param_grads(model, fn(clean, c))
+            assert rel_err(grads, eager_grads(model, clean, c)) < 1e-9, batch
+            counts.append(fn.compiled_graphs())
+    assert counts == [1, 1, 2, 2, 2, 2, 2] and fn.mode == "compiled"
+    assert [str(w.message) for w in caught if "compiled sizes" in str(w.message)] == [
+        "energyvit compile: batch size 7 is beyond the 2 compiled sizes; such batches run eagerly"]
+
+
+def test_batch_size_policy():
+    sizes = compiled._BatchSizes(pad=True, max_graphs=2)
+    assert sizes.target(64) == 64
+    sizes.compiled.add(64)
+    assert [sizes.target(b) for b in (64, 40, 1)] == [64, 64, 64]
+    assert sizes.target(80) == 80
+    sizes.compiled.add(80)
+    assert sizes.target(81) is None and sizes.target(70) == 80
+    no_pad = compiled._BatchSizes(pad=False, max_graphs=2)
+    no_pad.compiled.add(64)
+    assert no_pad.target(40) == 40
+
+
+def test_unsupported_torch_falls_back_to_eager_with_one_warning(model, monkeypatch):
+    monkeypatch.setattr(compiled, "compile_support", lambda: (False, "no trace_autograd_ops"))
+    compiled._WARNED.discard("support")
+    with pytest.warns(RuntimeWarning, match="no trace_autograd_ops; training runs eagerly") as caught:
+        fn = compiled.compiled_train_step(model, OPTS, torch.Generator().manual_seed(SEED))
+        compiled.compiled_train_step(model, OPTS)
+    assert len([w for w in caught if "trace_autograd_ops" in str(w.message)]) == 1
+    assert fn.mode == "eager"
+    clean, c = corrupt(4)
+    loss = fn(clean, c)
+    assert torch.equal(loss, task_loss(model, clean, c, OPTS, torch.Generator().manual_seed(SEED)))
+
+
+def test_compile_failure_falls_back_to_eager_with_one_warning(model):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("backend cannot compile this")
+
+    fn = compiled.compiled_train_step(model, OPTS, backend=broken_backend)
+    compiled._WARNED.discard("fallback")
+    clean, c = corrupt(3)
+    with pytest.warns(RuntimeWarning, match="compiling the training step failed"):
+        fn.generator = torch.Generator().manual_seed(SEED)
+        grads = param_grads(model, fn(clean, c))
+    assert fn.mode == "eager"
+    assert rel_err(grads, eager_grads(model, clean, c)) < 1e-12
+
+
+def test_compiled_inference_restoration_matches_eager(model):
+    fn = compiled.compiled_restore(model)
+    for batch in (4, 3):  # 3 is padded to the compiled 4
+        _, c = corrupt(batch)
+        got = fn(c.image, c.update_mask, noise_std=0.01, generator=torch.Generator().manual_seed(1))
+        ref = restore(model, c.image, c.update_mask, noise_std=0.01, generator=torch.Generator().manual_seed(1))
+        assert got.energies.shape == ref.energies.shape == (3, batch)
+        assert torch.allclose(got.energies, ref.energies, rtol=1e-12, atol=1e-12)
+        assert len(got.steps) == len(ref.steps) == 3
+        for a, b in zip(got.steps, ref.steps):
+            assert torch.allclose(a, b, rtol=0, atol=1e-13)
+        assert not got.restored.requires_grad
+    assert fn.mode == "compiled" and fn.compiled_graphs() == 1
