@@ -108,13 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
 def tool_commands() -> dict:
     """The evaluation, export and restoration commands: name -> (module with add_args/run, help)."""
     # imported here, not at the top: these modules use this one's argument helpers
-    from energyvit import evaluate, export, finetune, restore_image
+    from energyvit import bench, evaluate, export, finetune, restore_image
 
     return {
         "export": (export, "write a pretrained encoder as timm-loadable .safetensors"),
         "restore": (restore_image, "corrupt an image file and restore it with a pretrained model"),
         "probe": (evaluate, "linear probe and weighted kNN of frozen features on the digits"),
         "finetune": (finetune, "fine-tune a pretrained encoder end to end as a digit classifier"),
+        "bench": (bench, "benchmark attention backends and the training step"),
     }
 
 
