@@ -136,15 +136,11 @@ def worker(mode: str, argv: list[str], out: str) -> None:
 def machine_info() -> dict:
     import torch
 
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout)
-    except OSError:
-        commit, dirty = "?", None
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "date": _dt.datetime.now().isoformat(timespec="seconds"), "git_commit": commit,
-            "git_worktree_dirty": dirty, "loadavg_start": os.getloadavg()}
+    from energyvit.bench import cpu_model, git_commit
+
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "date": _dt.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
+            "loadavg_start": os.getloadavg()}
 
 
 def main() -> None:

@@ -22,23 +22,9 @@ from pathlib import Path
 
 import torch
 
+from energyvit.bench import cpu_model, git_commit
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def run_one(flags: str, seed: int, out_dir: Path) -> dict:
@@ -80,7 +66,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench/results/digits_sweep.json"))
     args = p.parse_args()
     configs = dict(c.split("=", 1) for c in args.config)
-    results = {"machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+    results = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                            "python": platform.python_version()},
                "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "seeds": args.seeds, "configs": {}}
     for name, flags in configs.items():

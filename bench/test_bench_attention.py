@@ -4,7 +4,6 @@ A backend that cannot run an op (no second derivative, not installed) is skipped
 line of the error it raised; `energyvit bench` records the same as table rows.
 """
 import pytest
-import torch
 
 from _sizes import DEVICE, SIZES, synced
 from energyvit.bench import ATTN_OPS, DTYPES, Unavailable, attention_backends, attention_op, first_line

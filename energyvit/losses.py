@@ -1,7 +1,6 @@
 """The restoration loss: mean squared error between restored and clean images over a region."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -12,13 +12,7 @@ from energyvit.model import config_to_dict, create_model
 from helpers import images, tiny_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the test machines' cores are shared, and more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def timm_vit_tiny_patch16_224_keys() -> dict[str, tuple[int, ...]]:

@@ -8,13 +8,7 @@ from energyvit.finetune import Classifier, add_drop_path, param_groups
 from helpers import tiny_checkpoint, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: the test machines' cores are shared, and more threads only contend."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_layerwise_lr_decay_groups():

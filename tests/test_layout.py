@@ -3,7 +3,6 @@ energyvit.kernels (no top-level `kernels` module in site-packages)."""
 import re
 from pathlib import Path
 
-import energyvit
 
 ROOT = Path(__file__).resolve().parents[1]
 
