@@ -63,7 +63,7 @@ def main() -> None:
     p.add_argument("--config", action="append", required=True, help="NAME=FLAGS (flags for energyvit pretrain)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--work_dir", default="/tmp/energyvit_sweep")
-    p.add_argument("--out", default=str(ROOT / "bench/results/digits_sweep.json"))
+    p.add_argument("--out", default=str(ROOT / "bench/results/digits_sweep.json"), help="results JSON")
     args = p.parse_args()
     configs = dict(c.split("=", 1) for c in args.config)
     results = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,

@@ -64,7 +64,7 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     add(p, "--model", default="vit_nano_patch4", choices=list(MODEL_ARCHS), help="architecture name")
     add(p, "--input_size", type=positive_int, default=None, help="image size (default: the model's)")
     add(p, "--batch_size", type=positive_int, default=64)
-    add(p, "--epochs", type=positive_int, default=30)
+    add(p, "--epochs", type=positive_int, default=90)
     add(p, "--warmup_epochs", type=int, default=2)
     add(p, "--blr", type=float, default=4e-3, help="base lr: lr = blr * batch_size / 256")
     add(p, "--lr", type=float, default=None, help="absolute lr (overrides --blr)")
