@@ -33,7 +33,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "math", scale: flo
     if backend == "math":
         return math_attention(q, k, v, scale)
     if backend == "fused":
-        from energyvit.kernels import attention as fused_attention  # needs triton; imported lazily
-
+        try:  # imported here: only the fused backend needs triton
+            from energyvit.kernels import attention as fused_attention
+        except ModuleNotFoundError as e:
+            if e.name != "triton":
+                raise
+            raise ImportError("the fused attention backend needs triton: pip install 'energyvit[triton]'") from None
         return fused_attention(q, k, v, scale=scale)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")

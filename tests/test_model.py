@@ -63,3 +63,16 @@ def test_bad_inputs_raise_clear_errors():
         create_model("vit_pico_patch2", energy="max")
     with pytest.raises(ValueError, match="restore_steps must be in 1..8"):
         create_model("vit_pico_patch2", restore_steps=9)
+
+
+def test_fused_backend_without_triton_says_what_to_install(monkeypatch):
+    import sys
+
+    from energyvit.attention import attention
+
+    for name in [m for m in sys.modules if m.startswith("energyvit.kernels")]:
+        monkeypatch.delitem(sys.modules, name)  # forget an earlier import, submodules included
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` fail as if not installed
+    q = torch.rand(1, 1, 4, 8)
+    with pytest.raises(ImportError, match=r"needs triton: pip install 'energyvit\[triton\]'"):
+        attention(q, q, q, backend="fused")
