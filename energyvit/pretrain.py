@@ -61,24 +61,26 @@ def run(args: Namespace) -> dict:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
-    probe_size = args.input_size or model_config(args.model).img_size
-    train, held_out = load_digits(probe_size)
-    mean, std = channel_stats(train.images)
+    # A resumed run takes its architecture (image and patch size included) from the checkpoint.
+    resume_state = load_checkpoint(args.resume) if args.resume else None
+    model_name = resume_state["args"]["model"] if resume_state is not None else args.model
+    arch = (config_from_dict(resume_state["model_config"]) if resume_state is not None
+            else model_config(args.model, img_size=args.input_size))
+    train, held_out = load_digits(arch.img_size)
     mixture = build_mixture(
-        args.tasks, patch_size=model_config(args.model).patch_size, in_chans=train.images.shape[1],
+        args.tasks, patch_size=arch.patch_size, in_chans=train.images.shape[1],
         mask_ratio=args.mask_ratio, mask_fill=args.mask_fill, sort_fraction=args.sort_fraction,
         sr_factor=args.sr_factor, noise_sigma=args.noise_sigma,
     )
     opts = LossOptions(region=args.loss_region, langevin_std=args.langevin_std,
-                       norm_pix_patch=model_config(args.model).patch_size if args.norm_pix_loss else None)
+                       norm_pix_patch=arch.patch_size if args.norm_pix_loss else None)
 
     start_epoch, step = 0, 0
     generator = torch.Generator().manual_seed(args.seed)
-    resume_state = load_checkpoint(args.resume) if args.resume else None
     if resume_state is not None:
-        model = EnergyViT(config_from_dict(resume_state["model_config"]))
+        model = EnergyViT(arch)
     else:
-        model = build_model(args, mean, std, train.images.shape[1])
+        model = build_model(args, *channel_stats(train.images), train.images.shape[1])
     model.to(args.device)
     lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
@@ -100,7 +102,7 @@ def run(args: Namespace) -> dict:
         raise ValueError(f"--batch_size {args.batch_size} exceeds the {len(train.labels)} training images")
     total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"energyvit pretrain: {args.model} ({n_params / 1e6:.2f}M params, attention {model.cfg.attn_backend}), "
+    print(f"energyvit pretrain: {model_name} ({n_params / 1e6:.2f}M params, attention {model.cfg.attn_backend}), "
           f"{len(train.labels)} train / {len(held_out.labels)} held-out digits at {model.cfg.img_size}px, "
           f"tasks {args.tasks}, K={model.cfg.restore_steps}, lr {lr:.2e}{', compiled' if args.compile else ''}", flush=True)
 
@@ -127,7 +129,7 @@ def run(args: Namespace) -> dict:
 
     restoration = evaluate_restoration(model, held_out, mixture, seed=args.seed + 1, restore_fn=restore_fn)
     probes = probe_accuracies(model, train, held_out, args.probe_pool, seed=args.seed + 2)
-    summary = {**probes, "tasks": restoration, "model": args.model, "epochs": args.epochs, "seed": args.seed,
+    summary = {**probes, "tasks": restoration, "model": model_name, "epochs": args.epochs, "seed": args.seed,
                "model_config": config_to_dict(model.cfg)}
     save_json(out / "summary.json", summary)
     print_summary(summary)

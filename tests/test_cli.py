@@ -34,6 +34,7 @@ def test_pretrain_writes_checkpoint_log_and_summary_and_resumes_exactly(tmp_path
     for key in ("probe_acc", "probe_acc_random_init", "probe_acc_raw_pixels"):
         assert 0.0 <= summary[key] <= 1.0
     assert set(summary["tasks"]) == {"mim", "sort", "denoise"}
+    assert len({r["energy_clean"] for r in summary["tasks"].values()}) == 1  # same clean images for every task
     for r in summary["tasks"].values():
         assert r["mse_corrupted"] > 0 and r["mse_restored"] >= 0
     log = [json.loads(line) for line in (full / "log.jsonl").read_text().splitlines()]
@@ -41,9 +42,12 @@ def test_pretrain_writes_checkpoint_log_and_summary_and_resumes_exactly(tmp_path
 
     # stop after epoch 1 of 2 (hyphenated aliases), then resume: the same weights as the uninterrupted run
     assert main(TINY + ["--epochs", "1", "--output-dir", str(part)]) == 0
-    assert main(TINY + ["--epochs", "2", "--output_dir", str(part), "--resume", str(part / "checkpoint-last.pth")]) == 0
+    # the resumed run names no --model: the architecture comes from the checkpoint
+    resume_argv = [a for a in TINY if a not in ("--model", "vit_pico_patch2")]
+    assert main(resume_argv + ["--epochs", "2", "--output_dir", str(part), "--resume", str(part / "checkpoint-last.pth")]) == 0
     a = torch.load(full / "checkpoint-last.pth", weights_only=False)["model"]
     b = torch.load(part / "checkpoint-last.pth", weights_only=False)["model"]
+    assert json.loads((part / "summary.json").read_text())["model"] == "vit_pico_patch2"
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
