@@ -1,0 +1,201 @@
+"""Image transforms for pretraining on image files and uint8 arrays, written with Pillow and torch.
+
+MAE's pipeline without torchvision: random resized crop (scale 0.2..1, bicubic) and horizontal
+flip for training, resize + center crop for evaluation. Every random choice draws from an
+explicit `torch.Generator`, never from global state, so a sample's augmentation depends only on
+the seed it is given, not on which DataLoader worker runs it (exact resume relies on this).
+
+Outputs are float32 (C, H, W) pixels in [0, 1]: the model normalizes internally with the
+per-channel mean/std of its config (IMAGENET_MEAN/STD, or `estimate_channel_stats`).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from energyvit.model import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "IMAGENET_MEAN", "IMAGENET_STD", "EVAL_CROP_FRACTION", "convert_mode", "random_resized_crop_params",
+    "random_resized_crop", "resize_center_crop", "to_tensor", "random_hflip", "TrainTransform", "EvalTransform",
+    "estimate_channel_stats",
+]
+
+EVAL_CROP_FRACTION = 0.875  # MAE/DeiT eval: resize to size / 0.875 (224 -> 256), crop the center
+_MODES = {1: "L", 3: "RGB"}
+
+ImageLike = Image.Image | np.ndarray  # a PIL image, or a uint8 array (H, W) / (H, W, C)
+
+
+def _target_mode(channels: int) -> str:
+    if channels not in _MODES:
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    return _MODES[channels]
+
+
+def convert_mode(img: Image.Image, channels: int) -> Image.Image:
+    """`img` as mode "L" (channels=1) or "RGB" (channels=3), from any Pillow mode."""
+    target = _target_mode(channels)
+    if img.mode == target:
+        return img
+    if img.mode == "I" or img.mode.startswith("I;16"):
+        # 16-bit grayscale (Pillow opens it as I;16 or I): its own convert clips at 255 instead of scaling
+        depth8 = np.asarray(img, dtype=np.float64) / 257.0
+        img = Image.fromarray(np.clip(np.rint(depth8), 0, 255).astype(np.uint8))
+    elif img.mode == "F":  # float images are taken to hold [0, 1] pixels
+        img = Image.fromarray(np.clip(np.rint(np.asarray(img) * 255.0), 0, 255).astype(np.uint8))
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # Pillow warns when converting such palettes straight to RGB
+    return img.convert(target)
+
+
+def _array_channels(arr: np.ndarray) -> int:
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3):
+        raise ValueError(f"expected a uint8 array of shape (H, W) or (H, W, C), got {arr.dtype} {arr.shape}")
+    return 1 if arr.ndim == 2 else arr.shape[2]
+
+
+def _as_image(img: ImageLike) -> Image.Image:
+    if isinstance(img, Image.Image):
+        return img
+    squeeze = _array_channels(img) == 1 and img.ndim == 3
+    return Image.fromarray(img[..., 0] if squeeze else img)
+
+
+def random_resized_crop_params(
+    width: int,
+    height: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> tuple[int, int, int, int]:
+    """(top, left, crop_height, crop_width) of a random resized crop: torchvision's
+    RandomResizedCrop.get_params (same draws from the generator), so the crops match it."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect = math.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator).item())
+        w = round(math.sqrt(target_area * aspect))
+        h = round(math.sqrt(target_area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,), generator=generator).item())
+            return top, left, h, w
+    # no sample fit: the largest central crop whose aspect ratio lies within `ratio`
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif in_ratio > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def random_resized_crop(
+    img: Image.Image,
+    size: int,
+    generator: torch.Generator,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+) -> Image.Image:
+    """A random crop of `img` (area fraction in `scale`, aspect ratio in `ratio`), resized to
+    size x size with bicubic interpolation. Defaults are MAE's."""
+    top, left, h, w = random_resized_crop_params(img.width, img.height, generator, scale, ratio)
+    return img.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Evaluation view: shorter side resized (bicubic) to round(size / 0.875), then the central
+    size x size crop. An image that is already size x size is returned unchanged."""
+    if img.size == (size, size):
+        return img
+    short = round(size / EVAL_CROP_FRACTION)
+    w, h = img.size
+    if w <= h:
+        new_w, new_h = short, int(short * h / w)
+    else:
+        new_w, new_h = int(short * w / h), short
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = round((new_w - size) / 2), round((new_h - size) / 2)
+    return img.crop((left, top, left + size, top + size))
+
+
+def to_tensor(img: ImageLike, channels: int) -> Tensor:
+    """float32 (channels, H, W) in [0, 1] from a PIL image of any mode or a uint8 array
+    (H, W) / (H, W, C); arrays that already have `channels` channels skip Pillow."""
+    _target_mode(channels)
+    if isinstance(img, np.ndarray) and _array_channels(img) == channels:
+        arr = np.array(img, dtype=np.uint8)  # a copy: torch wants a writable array
+    else:
+        arr = np.array(convert_mode(_as_image(img), channels), dtype=np.uint8)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(torch.float32).div_(255.0)
+
+
+def random_hflip(x: Tensor, generator: torch.Generator, p: float = 0.5) -> Tensor:
+    """`x` (..., H, W) mirrored left-right with probability p (one draw from the generator)."""
+    return x.flip(-1) if torch.rand(1, generator=generator).item() < p else x
+
+
+class TrainTransform:
+    """MAE's training augmentation: random resized crop, horizontal flip (p=0.5), [0, 1] tensor."""
+
+    def __init__(self, size: int, channels: int, scale: tuple[float, float] = (0.2, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        _target_mode(channels)
+        self.size, self.channels, self.scale, self.ratio = size, channels, scale, ratio
+
+    def __call__(self, img: ImageLike, generator: torch.Generator) -> Tensor:
+        # mode first: cropping and resizing then work on the channels that are kept
+        img = convert_mode(_as_image(img), self.channels)
+        img = random_resized_crop(img, self.size, generator, self.scale, self.ratio)
+        return random_hflip(to_tensor(img, self.channels), generator)
+
+    def __repr__(self) -> str:
+        return f"TrainTransform(size={self.size}, channels={self.channels}, scale={self.scale}, ratio={self.ratio})"
+
+
+class EvalTransform:
+    """Deterministic evaluation view: resize + center crop, [0, 1] tensor."""
+
+    def __init__(self, size: int, channels: int):
+        _target_mode(channels)
+        self.size, self.channels = size, channels
+
+    def __call__(self, img: ImageLike, generator: torch.Generator | None = None) -> Tensor:
+        """`generator` is accepted and unused, so datasets call both transforms the same way."""
+        if isinstance(img, np.ndarray) and img.shape[:2] == (self.size, self.size):
+            return to_tensor(img, self.channels)  # arrays already at size (CIFAR at 32) skip Pillow
+        img = convert_mode(_as_image(img), self.channels)
+        return to_tensor(resize_center_crop(img, self.size), self.channels)
+
+    def __repr__(self) -> str:
+        return f"EvalTransform(size={self.size}, channels={self.channels})"
+
+
+def estimate_channel_stats(dataset, max_images: int = 1000) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel pixel mean and std over the first `max_images` images of `dataset` (items
+    `(image, ...)`; use an eval-transform dataset so the result is deterministic). The std is
+    clamped to >= 1e-3 so the model's normalization never divides by zero."""
+    count = min(len(dataset), max_images)
+    if count == 0:
+        raise ValueError("cannot estimate channel statistics of an empty dataset")
+    num_channels = dataset[0][0].shape[0]
+    total = torch.zeros(num_channels, dtype=torch.float64)
+    total_sq = torch.zeros(num_channels, dtype=torch.float64)
+    pixels = 0
+    for i in range(count):
+        x = dataset[i][0].to(torch.float64).flatten(1)
+        total += x.sum(1)
+        total_sq += x.square().sum(1)
+        pixels += x.shape[1]
+    mean = total / pixels
+    std = (total_sq / pixels - mean.square()).clamp_min(0.0).sqrt().clamp_min(1e-3)
+    return tuple(mean.tolist()), tuple(std.tolist())
