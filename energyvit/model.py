@@ -196,11 +196,24 @@ class EnergyViT(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point images, got dtype {x.dtype}")
 
+    def normalize(self, x: Tensor) -> Tensor:
+        """Pixel-space images -> the model's input space: (x - pixel_mean) / pixel_std per channel."""
+        return (x - self.pixel_mean) / self.pixel_std
+
+    def embed_patches(self, x: Tensor) -> Tensor:
+        """Patch tokens of pixel-space images with their position embedding (B, num_patches, D).
+
+        The class token is left out so a caller can drop patches first (MAE encodes only the
+        visible ones); its position embedding is pos_embed[:, :1].
+        """
+        self.check_input(x)
+        return self.patch_embed(self.normalize(x)) + self.pos_embed[:, 1:]
+
     def forward_tokens(self, x: Tensor) -> Tensor:
         """The residual stream after the last block (B, 1 + num_patches, D), before the final norm."""
-        self.check_input(x)
-        x = self.patch_embed((x - self.pixel_mean) / self.pixel_std)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.embed_patches(x)
+        cls = self.cls_token + self.pos_embed[:, :1]
+        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
         for block in self.blocks:
             x = block(x)
         return x
