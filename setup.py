@@ -29,7 +29,8 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest", "pytest-benchmark", "triton>=3.6"],
+        "tensorboard": ["tensorboard"],  # pretrain writes TensorBoard events when it is installed
+        "test": ["pytest", "pytest-benchmark", "triton>=3.6", "tensorboard"],
         "bench": ["pytest-benchmark", "nvidia-ml-py", "xformers"],
     },
     entry_points={"console_scripts": ["energyvit=energyvit.cli:main"]},

@@ -5,7 +5,7 @@ The default pretraining configuration (`energyvit pretrain` defaults: vit_nano_p
 is trained for a few epochs from the same seed in separate worker processes:
 
   eager          train_one_epoch as pretrain.run calls it
-  compiled_cold  with step_fn=compiled_train_step(...), empty Inductor cache (a first run)
+  compiled_cold  with EnergyMethod.step_loss(step_fn=compiled_train_step(...)), empty Inductor cache (a first run)
   compiled_warm  the same, reusing the Inductor cache the cold run filled (a later run)
 
 Reported per worker: training steps per second over the epochs after the first (the first one
@@ -61,13 +61,16 @@ def pretrain_argv(epochs: int, threads: int) -> list[str]:
 
 def worker(mode: str, argv: list[str], out: str) -> None:
     import torch
+    from torch.utils.data import DataLoader
 
     from energyvit.cli import build_parser
     from energyvit.compiled import compiled_train_step
-    from energyvit.data import channel_stats, load_digits
-    from energyvit.engine import LossOptions, cosine_lr, train_one_epoch
+    from energyvit.data import SplitDataset, channel_stats, load_digits
+    from energyvit.engine import EpochPlan, LossOptions, cosine_lr, train_one_epoch
+    from energyvit.methods import EnergyMethod
     from energyvit.model import model_config
     from energyvit.pretrain import build_model, param_groups
+    from energyvit.sampling import EpochSampler
     from energyvit.tasks import build_mixture
 
     # Setup as pretrain.run does it, from the command's own defaults.
@@ -82,34 +85,38 @@ def worker(mode: str, argv: list[str], out: str) -> None:
                             sr_factor=args.sr_factor, noise_sigma=args.noise_sigma)
     opts = LossOptions(region=args.loss_region, langevin_std=args.langevin_std,
                        norm_pix_patch=model_config(args.model).patch_size if args.norm_pix_loss else None)
-    generator = torch.Generator().manual_seed(args.seed)
     model = build_model(args, mean, std, train.images.shape[1])
+    method = EnergyMethod(model, mixture, opts)
     lr = args.blr * args.batch_size / 256
     optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
-    steps_per_epoch = len(train.labels) // args.batch_size
+    dataset = SplitDataset(train, args.shift)
+    steps_per_epoch = EpochSampler(len(dataset), args.batch_size, args.seed, 0).steps
     total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
 
     losses: list[float] = []
     call_times: list[float] = []
-    inner = compiled_train_step(model, opts, generator) if mode != "eager" else None
+    inner = compiled_train_step(model, opts) if mode != "eager" else None
 
-    def step_fn(clean, corrupted):
-        t0 = time.perf_counter()
-        if inner is None:
-            from energyvit.engine import task_loss
-            loss = task_loss(model, clean, corrupted, opts, generator)  # what train_one_epoch runs eagerly
-        else:
-            loss = inner(clean, corrupted)
-        call_times.append(time.perf_counter() - t0)
-        losses.append(loss.item())
-        return loss
+    def timed(step_loss):
+        def call(images, seed):
+            t0 = time.perf_counter()
+            name, loss = step_loss(images, seed)
+            call_times.append(time.perf_counter() - t0)
+            losses.append(loss.item())
+            return name, loss
+        return call
+
+    step_loss = timed(method.step_loss(step_fn=inner))  # eager: what pretrain runs
 
     rss_before = rss_mib()
     epoch_s, step = [], 0
     for epoch in range(args.epochs):
         t0 = time.perf_counter()
-        stats = train_one_epoch(model, train, mixture, optimizer, opts, args.batch_size, generator,
-                                lambda s: cosine_lr(lr, s, total, warmup), step, args.clip_grad, step_fn=step_fn)
+        loader = DataLoader(dataset, batch_size=args.batch_size, drop_last=True,
+                            sampler=EpochSampler(len(dataset), args.batch_size, args.seed, epoch))
+        plan = EpochPlan(epoch, steps_per_epoch, 0, step, clip_grad=args.clip_grad, seed=args.seed)
+        stats = train_one_epoch(model, step_loss, loader, optimizer, plan, lambda s: cosine_lr(lr, s, total, warmup),
+                                mixture.names)
         step += stats["steps"]
         epoch_s.append(time.perf_counter() - t0)
     steady = epoch_s[1:]

@@ -75,6 +75,9 @@ def load_model(path: str | Path, need_energy: bool = True, attn_backend: str = "
             raise ValueError(f"checkpoint {path} has no 'model' and 'model_config'; "
                              "was it written by `energyvit pretrain`?")
         state, config, meta = ckpt["model"], ckpt["model_config"], {"contents": "full"}
+        if need_energy and ckpt.get("method", "energy") != "energy":
+            raise ValueError(f"{path} was pretrained with --method {ckpt['method']}: its encoder has no trained "
+                             "energy to restore with (probe, finetune and export take it)")
     model = EnergyViT(replace(config_from_dict(config), attn_backend=attn_backend))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith(ENERGY_ONLY_KEYS) for k in missing):

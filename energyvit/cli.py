@@ -61,12 +61,20 @@ def device(text: str) -> str:
 
 
 def add_pretrain_args(p: argparse.ArgumentParser) -> None:
+    add(p, "--data_path", default=None,
+        help="image data: ImageFolder tree (with train/ and val/ or class folders), flat folder, CIFAR-10/100 "
+             "python batches or MNIST-style idx files (default: the embedded digits)")
+    add(p, "--method", choices=("energy", "mae"), default="energy",
+        help="energy: this project's method; mae: the MAE baseline on the same encoder, for comparisons")
+    add(p, "--mae_mask_ratio", type=fraction, default=0.75, help="mae: fraction of patches hidden")
     add(p, "--model", default="vit_nano_patch4", choices=list(MODEL_ARCHS), help="architecture name")
     add(p, "--input_size", type=positive_int, default=None, help="image size (default: the model's)")
-    add(p, "--batch_size", type=positive_int, default=64)
+    add(p, "--batch_size", type=positive_int, default=64, help="images per process per micro-batch")
+    add(p, "--accum_iter", type=positive_int, default=1,
+        help="micro-batches per optimizer step (effective batch = batch_size x accum_iter x processes)")
     add(p, "--epochs", type=positive_int, default=90)
     add(p, "--warmup_epochs", type=int, default=2)
-    add(p, "--blr", type=float, default=4e-3, help="base lr: lr = blr * batch_size / 256")
+    add(p, "--blr", type=float, default=4e-3, help="base lr: lr = blr * effective batch / 256")
     add(p, "--lr", type=float, default=None, help="absolute lr (overrides --blr)")
     add(p, "--weight_decay", type=float, default=0.05)
     add(p, "--clip_grad", type=float, default=None, help="gradient norm clip (off by default)")
@@ -84,10 +92,23 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     add(p, "--langevin_std", type=float, default=0.0, help="Langevin noise scale in training restoration")
     add(p, "--loss_region", choices=LOSS_REGIONS, default="corrupted")
     add(p, "--norm_pix_loss", action="store_true", help="per-patch normalized targets (MAE)")
-    add(p, "--probe_pool", choices=POOLING, default="tokens", help="features of the linear probe (see README)")
+    add(p, "--probe_pool", choices=POOLING, default=None,
+        help="features of the final linear probe (default: tokens on the digits, mean otherwise; see README)")
+    add(p, "--probe_images", type=positive_int, default=10000, help="training images the final probe fits on")
+    add(p, "--eval_images", type=positive_int, default=512, help="held-out images of the final evaluation")
     add(p, "--fused", action="store_true", help="fused Triton attention (needs triton)")
     add(p, "--compile", action="store_true",
         help="torch.compile the whole training step (exact second-order gradients; eager fallback with a warning)")
+    add(p, "--precision", choices=("auto", "bf16", "fp32"), default="auto",
+        help="auto: bf16 autocast on CUDA, fp32 on the CPU")
+    add(p, "--num_workers", type=int, default=None,
+        help="DataLoader workers (default: 0 for the embedded digits, else min(8, CPUs))")
+    add(p, "--save_every", type=int, default=0, help="also keep checkpoint-NNNN.pth every this many epochs (0: off)")
+    add(p, "--checkpoint_minutes", type=float, default=30.0,
+        help="mid-epoch checkpoint-last.pth at most this many minutes apart (0: only at epoch ends)")
+    add(p, "--grid_rows", type=int, default=8, help="images per PNG restoration grid each epoch (0: none)")
+    add(p, "--tensorboard", action=argparse.BooleanOptionalAction, default=True,
+        help="TensorBoard event files when tensorboard is installed")
     add(p, "--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     add(p, "--output_dir", default="./output_dir")
     add(p, "--resume", default="", help="checkpoint to continue from")
@@ -135,6 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, ImportError) as e:
         print(f"energyvit: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from energyvit.engine import TrainingDiverged
+
+        if not isinstance(e, TrainingDiverged):
+            raise
+        print(f"energyvit: training stopped: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("energyvit: interrupted; resume with --resume OUTPUT_DIR/checkpoint-last.pth", file=sys.stderr)
         return 130

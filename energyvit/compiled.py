@@ -8,8 +8,8 @@ fails ("aot_autograd does not currently support double backward"). What works is
 (d loss / d parameters) -- into one graph, and AOTAutograd/Inductor compile a single graph that
 already contains every first- and second-order term. See docs/compile.md.
 
-- ``compiled_train_step(model, opts, generator)`` returns ``step_fn(clean, corrupted) -> loss`` for
-  ``engine.train_one_epoch(step_fn=...)``. One compiled region (fullgraph=True: a graph break is
+- ``compiled_train_step(model, opts, generator)`` returns ``step_fn(clean, corrupted, generator=None)
+  -> loss`` for ``methods.EnergyMethod.step_loss(step_fn=...)``. One compiled region (fullgraph=True: a graph break is
   an error, never a silent split) runs the unrolled restoration, the loss and the parameter
   gradients, and returns the detached loss and the gradients. The loss is then re-attached to
   the parameters by a small autograd node whose backward hands out exactly those gradients
@@ -205,7 +205,7 @@ class _BatchSizes:
 class CompiledTrainStep:
     """step_fn(clean, corrupted) -> loss whose parameter gradients come from one compiled graph.
 
-    Use as ``train_one_epoch(..., step_fn=CompiledTrainStep(model, opts, generator))``; the caller
+    Use as ``EnergyMethod(...).step_loss(step_fn=CompiledTrainStep(model, opts))``; the caller
     runs ``loss.backward()`` as usual. ``mode`` is "compiled", or "eager" after a fallback;
     ``compiled_graphs()`` counts the graphs compiled so far.
     """
@@ -259,15 +259,17 @@ class CompiledTrainStep:
         self.mode = "eager"
         return self._eager_call(clean, corrupted, noise)
 
-    def __call__(self, clean: Tensor, corrupted: Corrupted) -> Tensor:
+    def __call__(self, clean: Tensor, corrupted: Corrupted, generator: torch.Generator | None = None) -> Tensor:
+        """generator, if given, replaces the constructor's for this call (a per-step seeded one)."""
+        generator = generator if generator is not None else self.generator
         if self.mode == "eager":
-            return task_loss(self.model, clean, corrupted, self.opts, self.generator)
+            return task_loss(self.model, clean, corrupted, self.opts, generator)
         image = corrupted.image
         self.model.check_input(image)  # user errors raise here, outside the compiled region
         if clean.shape != image.shape:
             raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(image.shape)} differ in shape")
         batch = image.shape[0]
-        noise = _draw_noise(image, self.steps, self.opts.langevin_std, self.generator)
+        noise = _draw_noise(image, self.steps, self.opts.langevin_std, generator)
         n = self.sizes.target(batch)
         if n is None:
             _warn_once("sizes", f"energyvit compile: batch size {batch} is beyond the {self.sizes.max_graphs} "
@@ -305,7 +307,7 @@ class CompiledTrainStep:
 
 def compiled_train_step(model: EnergyViT, opts: LossOptions = LossOptions(), generator: torch.Generator | None = None,
                         **kwargs) -> CompiledTrainStep:
-    """A compiled ``step_fn(clean, corrupted) -> loss`` for ``engine.train_one_epoch``.
+    """A compiled ``step_fn(clean, corrupted, generator=None) -> loss`` for ``methods.EnergyMethod.step_loss``.
 
     generator: the training generator; as in the eager step it is used only for Langevin noise.
     kwargs: verify_first_step (True), pad_batches (True), max_graphs (4), and torch.compile's

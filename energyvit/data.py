@@ -34,6 +34,25 @@ def load_digits(img_size: int = 16) -> tuple[ImageSplit, ImageSplit]:
     return ImageSplit(images[train], labels[train]), ImageSplit(images[test], labels[test])
 
 
+class SplitDataset(torch.utils.data.Dataset):
+    """An in-memory ImageSplit as a Dataset of the training loop: keys are (index, sample seed) from
+    energyvit.sampling.EpochSampler; items are (image, label, skipped files = 0). `max_shift` > 0
+    translates each image randomly (random_shift), seeded by the key."""
+
+    def __init__(self, split: ImageSplit, max_shift: int = 0) -> None:
+        self.split, self.max_shift = split, max_shift
+
+    def __len__(self) -> int:
+        return len(self.split.labels)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, int, int]:
+        index, seed = key if isinstance(key, tuple) else (key, 0)
+        image = self.split.images[index]
+        if self.max_shift > 0:
+            image = random_shift(image[None], self.max_shift, torch.Generator().manual_seed(seed))[0]
+        return image, int(self.split.labels[index]), 0
+
+
 def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of a (n, C, H, W) tensor, for the model's input normalization."""
     mean = images.mean(dim=(0, 2, 3))

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from energyvit.data import ImageSplit, iterate_batches, random_shift
+from energyvit.distributed import DistInfo, all_ranks_true, all_reduce_sum
 from energyvit.losses import restoration_loss
 from energyvit.model import EnergyViT
 from energyvit.restore import restore
+from energyvit.sampling import derive_seed
 from energyvit.tasks import Corrupted, TaskMixture
 
 LOSS_REGIONS = ("corrupted", "all")
@@ -27,12 +30,19 @@ class LossOptions:
             raise ValueError(f"unknown loss region {self.region!r}; choose one of {', '.join(LOSS_REGIONS)}")
 
 
-def task_loss(model: EnergyViT, clean: Tensor, corrupted: Corrupted, opts: LossOptions, generator=None) -> Tensor:
-    """Restore in training mode (create_graph) and score against the clean batch."""
+def task_loss(model: EnergyViT, clean: Tensor, corrupted: Corrupted, opts: LossOptions, generator=None,
+              energy_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Restore in training mode (create_graph) and score against the clean batch.
+
+    energy_fn: what computes E(x) if not the model itself (the DDP wrapper, which syncs gradients)."""
     result = restore(model, corrupted.image, corrupted.update_mask, create_graph=True,
-                     noise_std=opts.langevin_std, generator=generator)
+                     noise_std=opts.langevin_std, generator=generator, energy_fn=energy_fn)
     region = corrupted.loss_mask if opts.region == "corrupted" else None
     return restoration_loss(result.restored, clean, region, opts.norm_pix_patch)
+
+
+# (clean images on the training device, seed of this micro-batch) -> (task name, loss)
+StepLoss = Callable[[Tensor, int], tuple[str, Tensor]]
 
 
 def cosine_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int, min_lr: float = 0.0) -> float:
@@ -43,81 +53,142 @@ def cosine_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int, mi
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def train_one_epoch(
-    model: EnergyViT,
-    train: ImageSplit,
-    mixture: TaskMixture,
-    optimizer: torch.optim.Optimizer,
-    opts: LossOptions,
-    batch_size: int,
-    generator: torch.Generator,
-    lr_at_step,
-    first_step: int,
-    clip_grad: float | None = None,
-    max_shift: int = 0,
-    step_fn=None,
-) -> dict:
-    """Train one pass over `train`; returns the epoch's mean loss per task and overall.
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or gradient: the step was not applied."""
 
-    step_fn(clean, corrupted) -> loss replaces the eager loss computation (e.g. a compiled step).
+
+@dataclass
+class EpochPlan:
+    """What one call of train_one_epoch does: optimizer steps [start_step, steps) of `epoch`."""
+    epoch: int
+    steps: int  # optimizer steps in a full epoch
+    start_step: int  # steps of this epoch already done (a resumed run)
+    global_step: int  # optimizer steps done before this call, over all epochs
+    accum_iter: int = 1
+    clip_grad: float | None = None
+    amp_dtype: torch.dtype | None = None  # autocast dtype, None for full precision
+    seed: int = 0
+
+
+def train_one_epoch(
+    model: torch.nn.Module,
+    step_loss: StepLoss,
+    batches: Iterable,
+    optimizer: torch.optim.Optimizer,
+    plan: EpochPlan,
+    lr_at_step: Callable[[int], float],
+    task_names: list[str],
+    dist: DistInfo = DistInfo(),
+    ddp: torch.nn.Module | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_step: Callable[[int, int, dict], None] | None = None,
+) -> dict:
+    """Optimizer steps of one epoch; each step accumulates gradients over plan.accum_iter
+    micro-batches from `batches` ((images, labels, skipped files) as the DataLoader yields them).
+
+    Every micro-batch's randomness comes from derive_seed(seed, global step, micro-batch, rank).
+    A non-finite loss or gradient norm on any rank raises TrainingDiverged before the optimizer
+    step. should_stop() is asked after each step: True ends the epoch early (an interrupt).
+    on_step(global_step, step_in_epoch, info) is called after each step.
+    Returns the epoch's mean losses (per task and overall, over all ranks), mean gradient norm,
+    images, skipped files and whether it stopped early.
     """
     model.train()
-    device = model.pixel_mean.device
-    sums: dict[str, float] = {}
-    counts: dict[str, int] = {}
-    step = first_step
-    for images, _ in iterate_batches(train, batch_size, generator):
-        images = random_shift(images, max_shift, generator)
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    names = {n: i for i, n in enumerate(task_names)}
+    sums = torch.zeros(2 * len(names) + 3, dtype=torch.float64)  # loss sums, counts, grad norm, images, skipped
+    autocast = (torch.autocast(device.type, dtype=plan.amp_dtype) if plan.amp_dtype is not None else nullcontext())
+    batch_iter = iter(batches)
+    step, global_step, stopped = plan.start_step, plan.global_step, False
+    while step < plan.steps:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at_step(step)
-        name, corrupted = mixture(images, generator)  # sampled on the CPU: one RNG stream on any device
-        images, corrupted = images.to(device), corrupted.to(device)
-        loss = step_fn(images, corrupted) if step_fn else task_loss(model, images, corrupted, opts, generator)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite loss {loss.item()} at step {step} (task {name})")
+            group["lr"] = lr_at_step(global_step)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        losses = []
+        for micro in range(plan.accum_iter):
+            images, _, skipped = next(batch_iter)
+            images = images.to(device, non_blocking=True)
+            last = micro == plan.accum_iter - 1
+            sync = ddp.no_sync() if ddp is not None and not last else nullcontext()  # all-reduce once per step
+            with sync:
+                with autocast:
+                    name, loss = step_loss(images, derive_seed(plan.seed, global_step, micro, dist.rank))
+                (loss / plan.accum_iter).backward()
+            losses.append((name, loss.detach().float()))
+            sums[-1] += int(torch.as_tensor(skipped).sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, plan.clip_grad or math.inf)
+        finite = all(torch.isfinite(l).item() for _, l in losses) and math.isfinite(grad_norm.item())
+        if not all_ranks_true(finite, dist, device):
+            bad = ", ".join(f"{n}: {l.item():.4g}" for n, l in losses)
+            raise TrainingDiverged(f"non-finite loss or gradient at epoch {plan.epoch} step {step} "
+                                   f"(global step {global_step}; losses {bad}; gradient norm {grad_norm.item():.4g})")
         optimizer.step()
-        sums[name] = sums.get(name, 0.0) + loss.item()
-        counts[name] = counts.get(name, 0) + 1
-        step += 1
-    stats = {f"loss_{n}": sums[n] / counts[n] for n in sums}
-    stats["loss"] = sum(sums.values()) / max(1, sum(counts.values()))
-    stats["steps"] = step - first_step
+        for name, loss in losses:
+            sums[names[name]] += loss.item()
+            sums[len(names) + names[name]] += 1
+        sums[-3] += grad_norm.item()
+        sums[-2] += images.shape[0] * plan.accum_iter * dist.world_size
+        step, global_step = step + 1, global_step + 1
+        if on_step is not None:
+            on_step(global_step, step, {"loss": sum(l.item() for _, l in losses) / len(losses),
+                                        "images": images.shape[0] * plan.accum_iter * dist.world_size})
+        if should_stop():
+            stopped = True
+            break
+    done = step - plan.start_step
+    local = sums.clone()
+    sums = all_reduce_sum(sums.to(device), dist).cpu()
+    sums[-3:-1] = local[-3:-1]  # gradient norms are global already; images were counted for all ranks
+    n = len(names)
+    stats = {f"loss_{t}": (sums[i] / sums[n + i]).item() for t, i in names.items() if sums[n + i] > 0}
+    stats["loss"] = (sums[:n].sum() / sums[n:2 * n].sum().clamp_min(1)).item()
+    stats["grad_norm"] = (sums[-3] / max(1, done)).item()
+    stats.update(steps=done, images=int(sums[-2]), skipped_files=int(sums[-1]), stopped=stopped)
     return stats
 
 
-def evaluate_restoration(
-    model: EnergyViT, held_out: ImageSplit, mixture: TaskMixture, seed: int, batch_size: int = 256, restore_fn=None
-) -> dict[str, dict[str, float]]:
-    """Per task, the MSE of the corrupted input and of the restored output on held-out images,
-    over each task's loss region, with corruptions drawn from a fixed seed; also mean energies.
+def psnr(mse: float) -> float:
+    """Peak signal-to-noise ratio in dB of a mean squared error on [0, 1] pixels."""
+    return 10.0 * math.log10(1.0 / mse) if mse > 0 else math.inf
 
-    restore_fn(image, update_mask) -> Restoration replaces eager inference restoration."""
+
+def evaluate_restoration(
+    model: EnergyViT, images: Tensor, mixture: TaskMixture, seed: int, batch_size: int = 256, restore_fn=None,
+    keep_samples: int = 0,
+) -> tuple[dict[str, dict[str, float]], dict[str, tuple[Tensor, list[Tensor], Tensor]]]:
+    """Per task, the MSE (and PSNR) of the corrupted input and of the restored output on held-out
+    `images`, over each task's loss region, with corruptions drawn from a fixed seed; also mean
+    energies of clean, corrupted and restored images.
+
+    restore_fn(image, update_mask) -> Restoration replaces eager inference restoration.
+    keep_samples: also return, per task, (corrupted, every restoration step, clean) of the first
+    keep_samples images (on the CPU), for pictures."""
     restore_fn = restore_fn or (lambda image, mask: restore(model, image, mask))
+    was_training = model.training
     model.eval()
     device = model.pixel_mean.device
+    chunks = images.split(batch_size)
     with torch.no_grad():  # the clean images are the same for every task: score them once
-        energy_clean = sum(model(images.to(device)).sum().item()
-                           for images, _ in iterate_batches(held_out, batch_size, drop_last=False))
-    results = {}
+        energy_clean = sum(model(x.to(device)).sum().item() for x in chunks)
+    results, samples = {}, {}
     for name, task in mixture.tasks.items():
         gen = torch.Generator().manual_seed(seed)
         totals = {"mse_corrupted": 0.0, "mse_restored": 0.0, "energy_corrupted": 0.0, "energy_restored": 0.0}
-        n = 0
-        for images, _ in iterate_batches(held_out, batch_size, drop_last=False):
-            corrupted = task(images, gen).to(device)
-            images = images.to(device)
+        for i, clean in enumerate(chunks):
+            corrupted = task(clean, gen).to(device)
+            clean = clean.to(device)
             result = restore_fn(corrupted.image, corrupted.update_mask)
             with torch.no_grad():
-                w = len(images)
-                totals["mse_corrupted"] += w * restoration_loss(corrupted.image, images, corrupted.loss_mask).item()
-                totals["mse_restored"] += w * restoration_loss(result.restored, images, corrupted.loss_mask).item()
+                w = len(clean)
+                totals["mse_corrupted"] += w * restoration_loss(corrupted.image, clean, corrupted.loss_mask).item()
+                totals["mse_restored"] += w * restoration_loss(result.restored, clean, corrupted.loss_mask).item()
                 totals["energy_corrupted"] += result.energies[0].sum().item()
                 totals["energy_restored"] += result.energies[-1].sum().item()
-            n += w
-        results[name] = {k: v / n for k, v in totals.items()} | {"energy_clean": energy_clean / n}
-    model.train()
-    return results
+            if i == 0 and keep_samples:
+                samples[name] = (corrupted.image[:keep_samples].cpu(), [s[:keep_samples].cpu() for s in result.steps],
+                                 clean[:keep_samples].cpu())
+        r = {k: v / len(images) for k, v in totals.items()} | {"energy_clean": energy_clean / len(images)}
+        results[name] = r | {"psnr_corrupted": psnr(r["mse_corrupted"]), "psnr_restored": psnr(r["mse_restored"])}
+    model.train(was_training)
+    return results, samples

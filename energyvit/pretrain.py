@@ -1,24 +1,33 @@
-"""The pretraining job: data, model, optimizer, epochs, checkpoints, final evaluation."""
+"""The pretraining job: data, model, optimizer, epochs, checkpoints, logs, final evaluation.
+
+Runs as one process or under torchrun (one process per device, DistributedDataParallel). Only
+rank 0 writes files and prints.
+"""
 from __future__ import annotations
 
-import json
+import resource
+import signal
 import time
 from argparse import Namespace
 from pathlib import Path
 
 import torch
+from torch.utils.data import DataLoader
 
 from energyvit.checkpoint import load_checkpoint, save_checkpoint, save_json
-from energyvit.data import channel_stats, load_digits
-from energyvit.engine import LossOptions, cosine_lr, evaluate_restoration, train_one_epoch
+from energyvit.distributed import DistInfo, all_ranks_true, barrier, init_distributed, shutdown, wrap_ddp
+from energyvit.engine import EpochPlan, LossOptions, TrainingDiverged, cosine_lr, train_one_epoch
+from energyvit.methods import EnergyMethod, MAEMethod
 from energyvit.model import EnergyViT, config_from_dict, config_to_dict, model_config
-from energyvit.probe import POOLING, extract_features, linear_probe
+from energyvit.pretrain_data import PretrainData, load_pretrain_data, probe_accuracies
+from energyvit.sampling import EpochSampler
 from energyvit.tasks import build_mixture
 
 CHECKPOINT_NAME = "checkpoint-last.pth"
+EPOCH_EVAL_IMAGES = 128  # held-out images behind each epoch's restoration metrics and pictures
 
 
-def param_groups(model: EnergyViT, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases, norms, tokens and step sizes (1-d parameters), as MAE."""
     decay, no_decay = [], []
     for p in model.parameters():
@@ -36,104 +45,240 @@ def build_model(args: Namespace, pixel_mean, pixel_std, in_chans: int) -> Energy
     return EnergyViT(cfg)
 
 
-def probe_accuracies(model: EnergyViT, train, held_out, pool: str, seed: int) -> dict:
-    """Linear-probe accuracy of the model's frozen features, of the same architecture at random
-    init (seeded), and of the raw pixels, on the same split; `pool` gives the headline numbers,
-    `probe_by_pool` holds every pooling."""
-    torch.manual_seed(seed)
-    random_model = EnergyViT(model.cfg).to(model.pixel_mean.device)
-    by_pool = {}
-    for p in POOLING:
-        by_pool[p] = {
-            key: linear_probe(extract_features(m, train.images, p), train.labels,
-                              extract_features(m, held_out.images, p), held_out.labels)
-            for key, m in (("pretrained", model), ("random_init", random_model))
-        }
-    raw = linear_probe(train.images, train.labels, held_out.images, held_out.labels)
-    return {"probe_acc": by_pool[pool]["pretrained"], "probe_acc_random_init": by_pool[pool]["random_init"],
-            "probe_acc_raw_pixels": raw, "probe_pool": pool, "probe_by_pool": by_pool}
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default, full fp32 on the CPU unless asked."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB on Linux
+
+
+class StopRequest:
+    """SIGINT/SIGTERM ask the run to stop after the current optimizer step and save a checkpoint
+    there; a second SIGINT interrupts at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\nenergyvit pretrain: {signal.Signals(signum).name} received; stopping after this step "
+              "(again to stop at once)", flush=True)
+
+    def __enter__(self) -> StopRequest:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def run(args: Namespace) -> dict:
+    dist_info, device = init_distributed(args.device)
+    try:
+        return _run(args, dist_info, device)
+    finally:
+        shutdown(dist_info)
+
+
+def _run(args: Namespace, dist_info: DistInfo, device: torch.device) -> dict:
     torch.manual_seed(args.seed)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
+    main = dist_info.is_main
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    say = print if main else (lambda *a, **k: None)
 
     # A resumed run takes its architecture (image and patch size included) from the checkpoint.
     resume_state = load_checkpoint(args.resume) if args.resume else None
     model_name = resume_state["args"]["model"] if resume_state is not None else args.model
     arch = (config_from_dict(resume_state["model_config"]) if resume_state is not None
             else model_config(args.model, img_size=args.input_size))
-    train, held_out = load_digits(arch.img_size)
+    data = load_pretrain_data(args, arch.img_size, arch.in_chans if resume_state is not None else None)
     mixture = build_mixture(
-        args.tasks, patch_size=arch.patch_size, in_chans=train.images.shape[1],
+        args.tasks, patch_size=arch.patch_size, in_chans=data.in_chans,
         mask_ratio=args.mask_ratio, mask_fill=args.mask_fill, sort_fraction=args.sort_fraction,
         sr_factor=args.sr_factor, noise_sigma=args.noise_sigma,
     )
     opts = LossOptions(region=args.loss_region, langevin_std=args.langevin_std,
                        norm_pix_patch=arch.patch_size if args.norm_pix_loss else None)
 
-    start_epoch, step = 0, 0
-    generator = torch.Generator().manual_seed(args.seed)
-    if resume_state is not None:
-        model = EnergyViT(arch)
-    else:
-        model = build_model(args, *channel_stats(train.images), train.images.shape[1])
-    model.to(args.device)
-    lr = args.lr if args.lr is not None else args.blr * args.batch_size / 256
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
+    model = EnergyViT(arch) if resume_state is not None else build_model(args, *data.pixel_stats, data.in_chans)
+    method_name = resume_state.get("method", "energy") if resume_state is not None else args.method
+    if method_name != args.method:
+        raise ValueError(f"{args.resume} was pretrained with --method {method_name}, not {args.method}")
+    method = (EnergyMethod(model, mixture, opts) if args.method == "energy"
+              else MAEMethod(model, args.mae_mask_ratio, args.norm_pix_loss))
+    model = method.encoder
+    method.module.to(device)
+    per_step = args.batch_size * args.accum_iter
+    eff_batch = per_step * dist_info.world_size
+    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    optimizer = torch.optim.AdamW(param_groups(method.module, args.weight_decay), lr=lr, betas=(0.9, 0.95))
+    steps_per_epoch = EpochSampler(data.num_train, per_step, args.seed, 0, 0, dist_info.world_size).steps
+    epoch, step_in_epoch, global_step = 0, 0, 0
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
+        method.load_extra(resume_state)
         optimizer.load_state_dict(resume_state["optimizer"])
-        generator.set_state(resume_state["generator"])
-        torch.set_rng_state(resume_state["torch_rng"])
-        start_epoch, step = resume_state["epoch"] + 1, resume_state["step"]
+        epoch, step_in_epoch, global_step = (resume_state[k] for k in ("epoch", "step_in_epoch", "global_step"))
+        if resume_state["steps_per_epoch"] != steps_per_epoch and step_in_epoch not in (0, resume_state["steps_per_epoch"]):
+            raise ValueError(f"{args.resume} stopped mid-epoch at {resume_state['steps_per_epoch']} steps per epoch; "
+                             f"this run has {steps_per_epoch} (change of data, batch size, accum_iter or processes)")
+        if step_in_epoch >= resume_state["steps_per_epoch"]:
+            epoch, step_in_epoch = epoch + 1, 0
 
+    ddp = None
+    if dist_info.enabled:
+        if args.compile:
+            raise ValueError("--compile runs in a single process for now; drop it under torchrun")
+        ddp = wrap_ddp(method.module, device)
     step_fn = restore_fn = None
     if args.compile:
+        if args.method != "energy":
+            raise ValueError("--compile applies to the energy method only")
         from energyvit.compiled import compiled_restore, compiled_train_step
 
-        step_fn, restore_fn = compiled_train_step(model, opts, generator), compiled_restore(model)
+        step_fn, restore_fn = compiled_train_step(model, opts), compiled_restore(model)
+    step_loss = method.step_loss(ddp, step_fn)
 
-    steps_per_epoch = len(train.labels) // args.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"--batch_size {args.batch_size} exceeds the {len(train.labels)} training images")
     total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"energyvit pretrain: {model_name} ({n_params / 1e6:.2f}M params, attention {model.cfg.attn_backend}), "
-          f"{len(train.labels)} train / {len(held_out.labels)} held-out digits at {model.cfg.img_size}px, "
-          f"tasks {args.tasks}, K={model.cfg.restore_steps}, lr {lr:.2e}{', compiled' if args.compile else ''}", flush=True)
+    autocast_dtype = amp_dtype(args.precision, device)
+    n_params = sum(p.numel() for p in method.module.parameters())
+    what = (f"tasks {args.tasks}, K={model.cfg.restore_steps}" if args.method == "energy"
+            else f"MAE baseline, mask ratio {args.mae_mask_ratio}")
+    say(f"energyvit pretrain: {model_name} ({n_params / 1e6:.2f}M params, attention {model.cfg.attn_backend}), "
+        f"{data.description} at {model.cfg.img_size}px, {what}, "
+        f"batch {args.batch_size} x {args.accum_iter} accum x {dist_info.world_size} processes, lr {lr:.2e}, "
+        f"{'bf16 autocast' if autocast_dtype else 'fp32'} on {device}{', compiled' if args.compile else ''}", flush=True)
 
-    log_path = out / "log.jsonl"
-    for epoch in range(start_epoch, args.epochs):
-        t0 = time.perf_counter()
-        stats = train_one_epoch(model, train, mixture, optimizer, opts, args.batch_size, generator,
-                                lambda s: cosine_lr(lr, s, total, warmup), step, args.clip_grad, args.shift,
-                                step_fn=step_fn)
-        step += stats.pop("steps")
-        seconds = time.perf_counter() - t0
-        record = {"epoch": epoch, "step": step, **stats, "lr": optimizer.param_groups[0]["lr"],
-                  "step_sizes": [round(a, 6) for a in model.step_sizes.tolist()],
-                  "images_per_s": steps_per_epoch * args.batch_size / seconds, "epoch_s": seconds}
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        print(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f}  "
-              f"{record['images_per_s']:.0f} img/s  a_k {record['step_sizes']}", flush=True)
-        save_checkpoint(out / CHECKPOINT_NAME, {
-            "model": model.state_dict(), "model_config": config_to_dict(model.cfg),
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "args": vars(args),
-            "generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
-        })
+    from energyvit.metrics import MetricsLogger
+    from energyvit.progress import Progress
 
-    restoration = evaluate_restoration(model, held_out, mixture, seed=args.seed + 1, restore_fn=restore_fn)
-    probes = probe_accuracies(model, train, held_out, args.probe_pool, seed=args.seed + 2)
-    summary = {**probes, "tasks": restoration, "model": model_name, "epochs": args.epochs, "seed": args.seed,
-               "model_config": config_to_dict(model.cfg)}
-    save_json(out / "summary.json", summary)
-    print_summary(summary)
+    logger = MetricsLogger(out, args.tensorboard, purge_step=global_step or None) if main else None
+    if logger is not None and logger.tensorboard_note:
+        say(f"energyvit pretrain: {logger.tensorboard_note}")
+    progress = Progress(total, first_step=global_step, desc="pretrain") if main else None
+
+    def checkpoint_state(epoch: int, step_in_epoch: int, global_step: int) -> dict:
+        return {"model": model.state_dict(), "model_config": config_to_dict(model.cfg),
+                "optimizer": optimizer.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "steps_per_epoch": steps_per_epoch, "global_step": global_step, "args": vars(args),
+                "method": method.name, "data": data.description, **method.checkpoint_extra()}
+
+    last_save = time.monotonic()
+
+    def on_step(gstep: int, sstep: int, info: dict) -> None:
+        nonlocal last_save
+        if progress is not None:
+            progress.update(gstep, info["images"], loss=info["loss"])
+        minutes = args.checkpoint_minutes
+        if main and minutes and time.monotonic() - last_save > 60 * minutes and sstep < steps_per_epoch:
+            save_checkpoint(out / CHECKPOINT_NAME, checkpoint_state(epoch, sstep, gstep))
+            last_save = time.monotonic()
+
+    try:
+        with StopRequest() as stop:
+            while epoch < args.epochs:
+                t0 = time.perf_counter()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                sampler = EpochSampler(data.num_train, per_step, args.seed, epoch, dist_info.rank,
+                                       dist_info.world_size, start_step=step_in_epoch)
+                loader = DataLoader(data.train, batch_size=args.batch_size, sampler=sampler,
+                                    num_workers=data.num_workers, pin_memory=device.type == "cuda",
+                                    drop_last=True, persistent_workers=False)
+                plan = EpochPlan(epoch, steps_per_epoch, step_in_epoch, global_step, args.accum_iter,
+                                 args.clip_grad, autocast_dtype, args.seed)
+                stats = train_one_epoch(
+                    method.module, step_loss, loader, optimizer, plan, lambda s: cosine_lr(lr, s, total, warmup),
+                    method.task_names, dist_info, ddp,
+                    should_stop=lambda: not all_ranks_true(not stop.requested, dist_info, device), on_step=on_step)
+                global_step += stats["steps"]
+                step_in_epoch += stats["steps"]
+                if stats["stopped"] and step_in_epoch < steps_per_epoch:
+                    if main:
+                        save_checkpoint(out / CHECKPOINT_NAME, checkpoint_state(epoch, step_in_epoch, global_step))
+                    say(f"energyvit pretrain: stopped at epoch {epoch} step {step_in_epoch}/{steps_per_epoch}; "
+                        f"continue with --resume {out / CHECKPOINT_NAME}", flush=True)
+                    raise KeyboardInterrupt
+                if main:
+                    record = epoch_record(method, data, stats, epoch, global_step, optimizer,
+                                          time.perf_counter() - t0, device, out, args.grid_rows, logger, restore_fn)
+                    step_sizes = f"  a_k {record['step_sizes']}" if "step_sizes" in record else ""
+                    say(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f}  "
+                        f"{record['images_per_s']:.0f} img/s{step_sizes}", flush=True)
+                    save_checkpoint(out / CHECKPOINT_NAME, checkpoint_state(epoch, steps_per_epoch, global_step))
+                    if args.save_every and (epoch + 1) % args.save_every == 0:
+                        save_checkpoint(out / f"checkpoint-{epoch + 1:04d}.pth",
+                                        checkpoint_state(epoch, steps_per_epoch, global_step))
+                    last_save = time.monotonic()
+                barrier(dist_info)
+                epoch, step_in_epoch = epoch + 1, 0
+                if stop.requested:  # asked between the last step and the end-of-epoch checkpoint
+                    say(f"energyvit pretrain: stopped after epoch {epoch}; continue with --resume "
+                        f"{out / CHECKPOINT_NAME}", flush=True)
+                    raise KeyboardInterrupt
+    except TrainingDiverged as e:
+        saved = out / CHECKPOINT_NAME
+        raise TrainingDiverged(f"{e}; stopped without applying it. Last good checkpoint: "
+                               f"{saved if saved.exists() else 'none yet'}") from None
+    finally:
+        if progress is not None:
+            progress.close()
+        if logger is not None:
+            logger.close()
+
+    summary = None
+    if main:
+        summary = final_evaluation(method, data, args, model_name, restore_fn)
+        save_json(out / "summary.json", summary)
+        print_summary(summary)
+    barrier(dist_info)
     return summary
+
+
+def epoch_record(method, data: PretrainData, stats: dict, epoch: int, global_step: int, optimizer, seconds: float,
+                 device: torch.device, out: Path, grid_rows: int, logger, restore_fn) -> dict:
+    """One JSON-lines record of an epoch (and its PNG grids): training losses, held-out restoration
+    PSNR (and energies) per task on a fixed subset, step sizes, gradient norm, lr, throughput, memory."""
+    from energyvit.visualize import save_restoration_grid
+
+    tasks, samples = method.evaluate(data.held_out.images[:EPOCH_EVAL_IMAGES], seed=1, keep_samples=grid_rows,
+                                     restore_fn=restore_fn)
+    for name, r in tasks.items():
+        if f"loss_{name}" in stats:
+            r["train_loss"] = stats[f"loss_{name}"]
+    record = {"epoch": epoch, "step": global_step, "loss": stats["loss"], "tasks": tasks, **method.record(),
+              "grad_norm": stats["grad_norm"], "lr": optimizer.param_groups[0]["lr"],
+              "images_per_s": stats["images"] / seconds, "epoch_s": seconds,
+              "peak_memory_mib": peak_memory_mib(device), "skipped_files": stats["skipped_files"]}
+    logger.log(record, step=global_step)
+    for name, (corrupted, steps, clean) in samples.items():
+        path = out / "pictures" / f"epoch{epoch + 1:04d}-{name}.png"
+        grid = save_restoration_grid(path, corrupted, steps, clean, max_rows=grid_rows)
+        logger.add_image(f"restoration/{name}", grid, global_step)
+    return record
+
+
+def final_evaluation(method, data: PretrainData, args: Namespace, model_name: str, restore_fn) -> dict:
+    restoration, _ = method.evaluate(data.held_out.images, seed=args.seed + 1, restore_fn=restore_fn)
+    probes = probe_accuracies(method.encoder, data, args.probe_pool or data.default_probe_pool, seed=args.seed + 2,
+                              probe_images=args.probe_images)
+    return {**probes, "tasks": restoration, "model": model_name, "epochs": args.epochs, "seed": args.seed,
+            "method": method.name, "data": data.description, "model_config": config_to_dict(method.encoder.cfg)}
 
 
 def print_summary(summary: dict) -> None:
@@ -141,6 +286,9 @@ def print_summary(summary: dict) -> None:
     print(f"  {'task':<10}{'corrupted':>12}{'restored':>12}")
     for name, r in summary["tasks"].items():
         print(f"  {name:<10}{r['mse_corrupted']:>12.5f}{r['mse_restored']:>12.5f}")
+    if summary["probe_acc"] is None:
+        print(f"linear probe: skipped ({summary['probe_note']})")
+        return
     print(f"held-out linear probe accuracy (frozen features, {summary['probe_pool']} pooling):")
     print(f"  pretrained   {summary['probe_acc']:.4f}")
     print(f"  random init  {summary['probe_acc_random_init']:.4f}")

@@ -11,6 +11,7 @@ Two modes:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,12 +28,12 @@ class Restoration:
     energies: Tensor
 
 
-def energy_grad(model: EnergyViT, x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
+def energy_grad(energy_fn: Callable[[Tensor], Tensor], x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
     """(E(x), dE/dx), with the graph kept for a further backward when create_graph is set."""
     with torch.enable_grad():
         if not x.requires_grad:
             x = x.detach().requires_grad_(True)
-        energy = model(x)
+        energy = energy_fn(x)
         (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
     return energy, grad
 
@@ -45,11 +46,14 @@ def restore(
     create_graph: bool = False,
     noise_std: float = 0.0,
     generator: torch.Generator | None = None,
+    energy_fn: Callable[[Tensor], Tensor] | None = None,
 ) -> Restoration:
     """Restore `corrupted` by `steps` (default: the model's K) gradient steps on its energy.
 
     update_mask: (B, 1 or C, H, W) in {0, 1}; 1 where pixels may change. None updates all.
     noise_std: Langevin noise, x += noise_std * sqrt(2 a_k) * N(0, 1) after each step.
+    energy_fn: computes E(x) in place of model(x), e.g. the model's DistributedDataParallel wrapper
+    (whose forward makes the outer backward all-reduce the parameter gradients).
     """
     K = model.cfg.restore_steps if steps is None else steps
     if not 1 <= K <= model.restore_log_step.numel():
@@ -61,7 +65,7 @@ def restore(
     x = corrupted
     trajectory, energies = [x.detach()], []
     for k in range(K):
-        energy, grad = energy_grad(model, x, create_graph)
+        energy, grad = energy_grad(energy_fn or model, x, create_graph)
         energies.append(energy.detach())
         a = step_sizes[k] if create_graph else step_sizes[k].detach()
         delta = -a * grad
