@@ -56,6 +56,32 @@ def test_probe_command_prints_and_writes_json(chans, tmp_path, capsys):
 
 def test_probe_errors_are_one_line(tmp_path, capsys):
     tiny_checkpoint(tmp_path / "ckpt.pth")
-    assert main(["probe", str(tmp_path / "ckpt.pth"), "--knn_k", "5000"]) == 2
+    assert main(["probe", str(tmp_path / "ckpt.pth"), "--knn_t", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "knn_k must be in 1..1500" in err and len(err.splitlines()) == 1, err
+    assert "knn_t must be > 0" in err and len(err.splitlines()) == 1, err
+
+
+def test_probe_defaults_to_k200_and_scores_random_init(tmp_path, capsys):
+    tiny_checkpoint(tmp_path / "ckpt.pth", seed=3)
+    assert main(["probe", str(tmp_path / "ckpt.pth"), "--pool", "mean"]) == 0
+    assert main(["probe", str(tmp_path / "ckpt.pth"), "--pool", "mean", "--random_init", "--seed", "5"]) == 0
+    assert "(random init)" in capsys.readouterr().out
+    trained = json.loads((tmp_path / "probe-mean.json").read_text())
+    random = json.loads((tmp_path / "probe-mean-random-init.json").read_text())
+    assert trained["knn_k"] == 200 and trained["knn_t"] == 0.1 and random["random_init"]
+    assert trained["linear_probe_acc"] != random["linear_probe_acc"]  # other weights, other features
+
+
+def test_probe_on_a_labeled_image_folder(tmp_path):
+    from PIL import Image
+
+    for label, value in (("dark", 40), ("bright", 200)):
+        (tmp_path / "data" / label).mkdir(parents=True)
+        for i in range(12):
+            Image.new("L", (10, 10), value + 3 * i).save(tmp_path / "data" / label / f"{i}.png")
+    tiny_checkpoint(tmp_path / "ckpt.pth")
+    assert main(["probe", str(tmp_path / "ckpt.pth"), "--data_path", str(tmp_path / "data"), "--pool", "mean"]) == 0
+    result = json.loads((tmp_path / "probe-mean.json").read_text())
+    # 24 images, a tenth (2) held out; k capped at the 22 training images
+    assert result["n_train"] == 22 and result["n_held_out"] == 2 and result["knn_k"] == 22
+    assert result["linear_probe_acc"] == 1.0
