@@ -5,7 +5,8 @@ vs raw pixels, every pooling) and restoration errors as mean and spread over see
     python bench/sweep_digits.py --seeds 0 1 2 --config base="" --config linear="--energy linear"
 
 Each run is a separate `energyvit pretrain` process; results go to a JSON file with the
-machine, torch version, date and git commit.
+machine, torch version, date and git commit. `--from_runs NAME=DIR,DIR,...` aggregates runs that
+already exist (their summary.json, and log.jsonl for the training time) instead of running them.
 """
 from __future__ import annotations
 
@@ -37,6 +38,14 @@ def run_one(flags: str, seed: int, out_dir: Path) -> dict:
     return summary
 
 
+def read_run(out_dir: Path) -> dict:
+    """A finished run's summary, with its training time (sum of the epochs' times) as wall_s."""
+    summary = json.loads((out_dir / "summary.json").read_text())
+    log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    summary["wall_s"] = sum(r["epoch_s"] for r in log)
+    return summary
+
+
 def mean_std(values: list[float]) -> dict:
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
@@ -60,18 +69,28 @@ def aggregate(runs: list[dict]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", action="append", required=True, help="NAME=FLAGS (flags for energyvit pretrain)")
+    p.add_argument("--config", action="append", default=[], help="NAME=FLAGS (flags for energyvit pretrain)")
+    p.add_argument("--from_runs", action="append", default=[], help="NAME=DIR,DIR,...: aggregate finished runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--work_dir", default="/tmp/energyvit_sweep")
     p.add_argument("--out", default=str(ROOT / "bench/results/digits_sweep.json"), help="results JSON")
     args = p.parse_args()
     configs = dict(c.split("=", 1) for c in args.config)
+    finished = {name: dirs.split(",") for name, dirs in (c.split("=", 1) for c in args.from_runs)}
+    if not configs and not finished:
+        p.error("give --config or --from_runs")
     results = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                            "python": platform.python_version()},
                "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "seeds": args.seeds, "configs": {}}
-    for name, flags in configs.items():
-        runs = [run_one(flags, s, Path(args.work_dir) / f"{name}_seed{s}") for s in args.seeds]
-        results["configs"][name] = {"flags": flags, "summary": aggregate(runs)}
+    jobs = [(name, flags, None) for name, flags in configs.items()] + [(n, None, d) for n, d in finished.items()]
+    for name, flags, dirs in jobs:
+        if dirs is None:
+            runs = [run_one(flags, s, Path(args.work_dir) / f"{name}_seed{s}") for s in args.seeds]
+            results["configs"][name] = {"flags": flags, "summary": aggregate(runs)}
+        else:
+            runs = [read_run(Path(d)) for d in dirs]
+            results["configs"][name] = {"runs": dirs, "seeds": [r["seed"] for r in runs], "summary": aggregate(runs),
+                                        "wall_s": "training time: the sum of the epochs' epoch_s in log.jsonl"}
         agg = results["configs"][name]["summary"]
         line = "  ".join(f"{k} {agg[k]['mean']:.4f}±{agg[k]['std']:.4f}" for k in
                          ("tokens/pretrained", "tokens/random_init", "raw_pixels", "mean/pretrained", "mean/random_init"))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from energyvit.model import Block, EnergyViT, EnergyViTConfig, sincos_pos_embed
+from energyvit.model import Block, EnergyViT, EnergyViTConfig, init_linear_and_norm, sincos_pos_embed
 
 # MAE's decoder for ViT-B/L/H: 512 wide, 8 blocks, 16 heads of width 32.
 MAE_DECODER_WIDTH = 512
@@ -134,13 +134,7 @@ class MAEBaseline(nn.Module):
         # MAE's init; the encoder already initialized itself the same way in EnergyViT.
         nn.init.normal_(self.mask_token, std=0.02)
         decoder_modules = [self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred]
-        for m in (sub for part in decoder_modules for sub in part.modules()):
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm(sub for part in decoder_modules for sub in part.modules())
 
     @property
     def num_visible(self) -> int:

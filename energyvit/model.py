@@ -135,6 +135,18 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def init_linear_and_norm(modules) -> None:
+    """MAE's init: xavier-uniform linear weights, zero biases, LayerNorms at identity."""
+    for m in modules:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
 def sincos_pos_embed(dim: int, grid: int) -> Tensor:
     """2D sine-cosine position embedding (MAE's), (grid*grid, dim)."""
     if dim % 4:
@@ -174,14 +186,7 @@ class EnergyViT(nn.Module):
         nn.init.normal_(self.cls_token, std=0.02)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linear_and_norm(self.modules())
 
     @property
     def step_sizes(self) -> Tensor:

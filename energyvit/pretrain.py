@@ -227,7 +227,7 @@ def _run(args: Namespace, dist_info: DistInfo, device: torch.device) -> dict:
                     last_save = time.monotonic()
                 barrier(dist_info)
                 epoch, step_in_epoch = epoch + 1, 0
-                if stop.requested:  # asked between the last step and the end-of-epoch checkpoint
+                if not all_ranks_true(not stop.requested, dist_info, device):  # asked after the last step
                     say(f"energyvit pretrain: stopped after epoch {epoch}; continue with --resume "
                         f"{out / CHECKPOINT_NAME}", flush=True)
                     raise KeyboardInterrupt
