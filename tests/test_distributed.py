@@ -97,12 +97,15 @@ def test_ddp_gradients_and_accumulated_step_equal_one_process(tmp_path):
 def test_torchrun_pretrain_two_cpu_processes(tmp_path):
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "energyvit", "pretrain",
-           "--model", "vit_pico_patch2", "--batch_size", "125", "--epochs", "2", "--warmup_epochs", "1",
+           "--model", "vit_pico_patch2", "--batch_size", "125", "--accum_iter", "2", "--epochs", "2", "--warmup_epochs", "1",
            "--num_threads", "1", "--grid_rows", "2", "--output_dir", str(tmp_path), "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "x 2 processes" in done.stdout and done.stdout.count("energyvit pretrain:") == 1  # rank 0 prints
+    # lr = blr x 125 x 2 accum x 2 processes / 256; only rank 0 prints
+    assert "batch 125 x 2 accum x 2 processes, lr 7.81e-03" in done.stdout, done.stdout
+    assert done.stdout.count("energyvit pretrain:") == 1
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert [r["epoch"] for r in log] == [0, 1] and log[-1]["step"] == 2 * 6  # 1500 // (125 x 2) steps per epoch
+    assert [r["epoch"] for r in log] == [0, 1] and log[-1]["step"] == 2 * 3  # 1500 // (125 x 2 x 2) steps per epoch
+    assert log[-1]["images_per_s"] > 0 and sorted(p.name for p in (tmp_path / "pictures").iterdir())[0] == "epoch0001-denoise.png"
     assert json.loads((tmp_path / "summary.json").read_text())["probe_acc"] > 0.5

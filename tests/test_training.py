@@ -196,3 +196,14 @@ def test_bf16_precision_flag_trains_on_cpu(tmp_path):
     assert main(TINY + ["--epochs", "1", "--precision", "bf16", "--output_dir", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert all(r["mse_restored"] < r["mse_corrupted"] * 2 for r in summary["tasks"].values())
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    argv = [a for a in TINY if a != "--no-tensorboard"]
+    assert main(argv + ["--epochs", "1", "--grid_rows", "2", "--output_dir", str(tmp_path)]) == 0
+    events = EventAccumulator(str(tmp_path)).Reload()
+    assert {"loss", "tasks/mim/psnr_restored", "step_sizes/0", "grad_norm"} <= set(events.Tags()["scalars"])
+    assert "restoration/mim" in events.Tags()["images"]
