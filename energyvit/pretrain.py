@@ -9,6 +9,8 @@ import resource
 import signal
 import time
 from argparse import Namespace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from energyvit.checkpoint import load_checkpoint, save_checkpoint, save_json
 from energyvit.distributed import DistInfo, all_ranks_true, barrier, init_distributed, shutdown, wrap_ddp
-from energyvit.engine import EpochPlan, LossOptions, TrainingDiverged, cosine_lr, train_one_epoch
+from energyvit.engine import EpochPlan, LossOptions, StepLoss, TrainingDiverged, cosine_lr, train_one_epoch
 from energyvit.methods import EnergyMethod, MAEMethod
 from energyvit.model import EnergyViT, config_from_dict, config_to_dict, model_config
 from energyvit.pretrain_data import PretrainData, load_pretrain_data, probe_accuracies
@@ -83,7 +85,7 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def run(args: Namespace) -> dict:
+def run(args: Namespace) -> dict | None:
     dist_info, device = init_distributed(args.device)
     try:
         return _run(args, dist_info, device)
@@ -91,17 +93,38 @@ def run(args: Namespace) -> dict:
         shutdown(dist_info)
 
 
-def _run(args: Namespace, dist_info: DistInfo, device: torch.device) -> dict:
-    torch.manual_seed(args.seed)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    main = dist_info.is_main
-    out = Path(args.output_dir)
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-    say = print if main else (lambda *a, **k: None)
+@dataclass
+class Training:
+    """Everything the epoch loop needs, built by setup()."""
+    method: EnergyMethod | MAEMethod
+    data: PretrainData
+    optimizer: torch.optim.Optimizer
+    lr: float
+    steps_per_epoch: int
+    epoch: int  # where training stands: the epoch to run next,
+    step_in_epoch: int  # the optimizer steps of it already done,
+    global_step: int  # and the optimizer steps done in all
+    step_loss: StepLoss
+    ddp: torch.nn.Module | None
+    restore_fn: Callable | None  # compiled inference restoration, or None for eager
+    autocast_dtype: torch.dtype | None
+    model_name: str
 
-    # A resumed run takes its architecture (image and patch size included) from the checkpoint.
+    @property
+    def encoder(self) -> EnergyViT:
+        return self.method.encoder
+
+    def checkpoint(self, args: Namespace, epoch: int, step_in_epoch: int, global_step: int) -> dict:
+        """The checkpoint of the position (epoch, steps of it done, steps done in all)."""
+        return {"model": self.encoder.state_dict(), "model_config": config_to_dict(self.encoder.cfg),
+                "optimizer": self.optimizer.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+                "steps_per_epoch": self.steps_per_epoch, "global_step": global_step, "args": vars(args),
+                "method": self.method.name, "data": self.data.description, **self.method.checkpoint_extra()}
+
+
+def setup(args: Namespace, dist_info: DistInfo, device: torch.device) -> Training:
+    """Data, method, optimizer and the position to start from (a resumed run: the checkpoint's,
+    with its architecture); DDP and compilation when asked."""
     resume_state = load_checkpoint(args.resume) if args.resume else None
     model_name = resume_state["args"]["model"] if resume_state is not None else args.model
     arch = (config_from_dict(resume_state["model_config"]) if resume_state is not None
@@ -114,23 +137,20 @@ def _run(args: Namespace, dist_info: DistInfo, device: torch.device) -> dict:
     )
     opts = LossOptions(region=args.loss_region, langevin_std=args.langevin_std,
                        norm_pix_patch=arch.patch_size if args.norm_pix_loss else None)
-
     model = EnergyViT(arch) if resume_state is not None else build_model(args, *data.pixel_stats, data.in_chans)
     method_name = resume_state.get("method", "energy") if resume_state is not None else args.method
     if method_name != args.method:
         raise ValueError(f"{args.resume} was pretrained with --method {method_name}, not {args.method}")
     method = (EnergyMethod(model, mixture, opts) if args.method == "energy"
               else MAEMethod(model, args.mae_mask_ratio, args.norm_pix_loss))
-    model = method.encoder
     method.module.to(device)
     per_step = args.batch_size * args.accum_iter
-    eff_batch = per_step * dist_info.world_size
-    lr = args.lr if args.lr is not None else args.blr * eff_batch / 256
+    lr = args.lr if args.lr is not None else args.blr * per_step * dist_info.world_size / 256
     optimizer = torch.optim.AdamW(param_groups(method.module, args.weight_decay), lr=lr, betas=(0.9, 0.95))
     steps_per_epoch = EpochSampler(data.num_train, per_step, args.seed, 0, 0, dist_info.world_size).steps
     epoch, step_in_epoch, global_step = 0, 0, 0
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
+        method.encoder.load_state_dict(resume_state["model"])
         method.load_extra(resume_state)
         optimizer.load_state_dict(resume_state["optimizer"])
         epoch, step_in_epoch, global_step = (resume_state[k] for k in ("epoch", "step_in_epoch", "global_step"))
@@ -151,103 +171,117 @@ def _run(args: Namespace, dist_info: DistInfo, device: torch.device) -> dict:
             raise ValueError("--compile applies to the energy method only")
         from energyvit.compiled import compiled_restore, compiled_train_step
 
-        step_fn, restore_fn = compiled_train_step(model, opts), compiled_restore(model)
-    step_loss = method.step_loss(ddp, step_fn)
+        step_fn, restore_fn = compiled_train_step(method.encoder, opts), compiled_restore(method.encoder)
+    return Training(method, data, optimizer, lr, steps_per_epoch, epoch, step_in_epoch, global_step,
+                    method.step_loss(ddp, step_fn), ddp, restore_fn, amp_dtype(args.precision, device), model_name)
 
-    total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
-    autocast_dtype = amp_dtype(args.precision, device)
-    n_params = sum(p.numel() for p in method.module.parameters())
+
+def _run(args: Namespace, dist_info: DistInfo, device: torch.device) -> dict | None:
+    torch.manual_seed(args.seed)
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    out = Path(args.output_dir)
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    t = setup(args, dist_info, device)
+    model = t.encoder
+    n_params = sum(p.numel() for p in t.method.module.parameters())
     what = (f"tasks {args.tasks}, K={model.cfg.restore_steps}" if args.method == "energy"
             else f"MAE baseline, mask ratio {args.mae_mask_ratio}")
-    say(f"energyvit pretrain: {model_name} ({n_params / 1e6:.2f}M params, attention {model.cfg.attn_backend}), "
-        f"{data.description} at {model.cfg.img_size}px, {what}, "
-        f"batch {args.batch_size} x {args.accum_iter} accum x {dist_info.world_size} processes, lr {lr:.2e}, "
-        f"{'bf16 autocast' if autocast_dtype else 'fp32'} on {device}{', compiled' if args.compile else ''}", flush=True)
+    if dist_info.is_main:
+        print(f"energyvit pretrain: {t.model_name} ({n_params / 1e6:.2f}M params, attention {model.cfg.attn_backend}), "
+              f"{t.data.description} at {model.cfg.img_size}px, {what}, "
+              f"batch {args.batch_size} x {args.accum_iter} accum x {dist_info.world_size} processes, lr {t.lr:.2e}, "
+              f"{'bf16 autocast' if t.autocast_dtype else 'fp32'} on {device}{', compiled' if args.compile else ''}",
+              flush=True)
+    train(t, args, dist_info, device, out)
+    summary = None
+    if dist_info.is_main:
+        summary = final_evaluation(t.method, t.data, args, t.model_name, t.restore_fn)
+        save_json(out / "summary.json", summary)
+        print_summary(summary)
+    barrier(dist_info)
+    return summary
 
+
+def train(t: Training, args: Namespace, dist_info: DistInfo, device: torch.device, out: Path) -> None:
+    """The epochs from t's position to args.epochs: checkpoints, logs and pictures on rank 0.
+
+    Raises KeyboardInterrupt after saving when stopped by a signal, and TrainingDiverged (naming
+    the last good checkpoint) on a non-finite loss."""
     from energyvit.metrics import MetricsLogger
     from energyvit.progress import Progress
 
-    logger = MetricsLogger(out, args.tensorboard, purge_step=global_step or None) if main else None
+    main = dist_info.is_main
+    say = print if main else (lambda *a, **k: None)
+    ckpt_path = out / CHECKPOINT_NAME
+    total, warmup = args.epochs * t.steps_per_epoch, args.warmup_epochs * t.steps_per_epoch
+    logger = MetricsLogger(out, args.tensorboard, purge_step=t.global_step or None) if main else None
     if logger is not None and logger.tensorboard_note:
         say(f"energyvit pretrain: {logger.tensorboard_note}")
-    progress = Progress(total, first_step=global_step, desc="pretrain") if main else None
-
-    def checkpoint_state(epoch: int, step_in_epoch: int, global_step: int) -> dict:
-        return {"model": model.state_dict(), "model_config": config_to_dict(model.cfg),
-                "optimizer": optimizer.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "steps_per_epoch": steps_per_epoch, "global_step": global_step, "args": vars(args),
-                "method": method.name, "data": data.description, **method.checkpoint_extra()}
-
+    progress = Progress(total, first_step=t.global_step, desc="pretrain") if main else None
+    epoch = t.epoch
     last_save = time.monotonic()
 
-    def on_step(gstep: int, sstep: int, info: dict) -> None:
+    def on_step(global_step: int, step_in_epoch: int, info: dict) -> None:
         nonlocal last_save
         if progress is not None:
-            progress.update(gstep, info["images"], loss=info["loss"])
+            progress.update(global_step, info["images"], loss=info["loss"])
         minutes = args.checkpoint_minutes
-        if main and minutes and time.monotonic() - last_save > 60 * minutes and sstep < steps_per_epoch:
-            save_checkpoint(out / CHECKPOINT_NAME, checkpoint_state(epoch, sstep, gstep))
+        if main and minutes and time.monotonic() - last_save > 60 * minutes and step_in_epoch < t.steps_per_epoch:
+            save_checkpoint(ckpt_path, t.checkpoint(args, epoch, step_in_epoch, global_step))
             last_save = time.monotonic()
 
     try:
         with StopRequest() as stop:
+            stop_everywhere = lambda: not all_ranks_true(not stop.requested, dist_info, device)  # noqa: E731
+            step_in_epoch, global_step = t.step_in_epoch, t.global_step
             while epoch < args.epochs:
                 t0 = time.perf_counter()
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                sampler = EpochSampler(data.num_train, per_step, args.seed, epoch, dist_info.rank,
-                                       dist_info.world_size, start_step=step_in_epoch)
-                loader = DataLoader(data.train, batch_size=args.batch_size, sampler=sampler,
-                                    num_workers=data.num_workers, pin_memory=device.type == "cuda",
-                                    drop_last=True, persistent_workers=False)
-                plan = EpochPlan(epoch, steps_per_epoch, step_in_epoch, global_step, args.accum_iter,
-                                 args.clip_grad, autocast_dtype, args.seed)
-                stats = train_one_epoch(
-                    method.module, step_loss, loader, optimizer, plan, lambda s: cosine_lr(lr, s, total, warmup),
-                    method.task_names, dist_info, ddp,
-                    should_stop=lambda: not all_ranks_true(not stop.requested, dist_info, device), on_step=on_step)
+                sampler = EpochSampler(t.data.num_train, args.batch_size * args.accum_iter, args.seed, epoch,
+                                       dist_info.rank, dist_info.world_size, start_step=step_in_epoch)
+                loader = DataLoader(t.data.train, batch_size=args.batch_size, sampler=sampler,
+                                    num_workers=t.data.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+                plan = EpochPlan(epoch, t.steps_per_epoch, step_in_epoch, global_step, args.accum_iter,
+                                 args.clip_grad, t.autocast_dtype, args.seed)
+                stats = train_one_epoch(t.method.module, t.step_loss, loader, t.optimizer, plan,
+                                        lambda s: cosine_lr(t.lr, s, total, warmup), t.method.task_names, dist_info,
+                                        t.ddp, should_stop=stop_everywhere, on_step=on_step)
                 global_step += stats["steps"]
                 step_in_epoch += stats["steps"]
-                if stats["stopped"] and step_in_epoch < steps_per_epoch:
+                if stats["stopped"] and step_in_epoch < t.steps_per_epoch:
                     if main:
-                        save_checkpoint(out / CHECKPOINT_NAME, checkpoint_state(epoch, step_in_epoch, global_step))
-                    say(f"energyvit pretrain: stopped at epoch {epoch} step {step_in_epoch}/{steps_per_epoch}; "
-                        f"continue with --resume {out / CHECKPOINT_NAME}", flush=True)
+                        save_checkpoint(ckpt_path, t.checkpoint(args, epoch, step_in_epoch, global_step))
+                    say(f"energyvit pretrain: stopped at epoch {epoch} step {step_in_epoch}/{t.steps_per_epoch}; "
+                        f"continue with --resume {ckpt_path}", flush=True)
                     raise KeyboardInterrupt
                 if main:
-                    record = epoch_record(method, data, stats, epoch, global_step, optimizer,
-                                          time.perf_counter() - t0, device, out, args.grid_rows, logger, restore_fn)
+                    record = epoch_record(t.method, t.data, stats, epoch, global_step, t.optimizer,
+                                          time.perf_counter() - t0, device, out, args.grid_rows, logger, t.restore_fn)
                     step_sizes = f"  a_k {record['step_sizes']}" if "step_sizes" in record else ""
                     say(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f}  "
                         f"{record['images_per_s']:.0f} img/s{step_sizes}", flush=True)
-                    save_checkpoint(out / CHECKPOINT_NAME, checkpoint_state(epoch, steps_per_epoch, global_step))
+                    state = t.checkpoint(args, epoch, t.steps_per_epoch, global_step)
+                    save_checkpoint(ckpt_path, state)
                     if args.save_every and (epoch + 1) % args.save_every == 0:
-                        save_checkpoint(out / f"checkpoint-{epoch + 1:04d}.pth",
-                                        checkpoint_state(epoch, steps_per_epoch, global_step))
+                        save_checkpoint(out / f"checkpoint-{epoch + 1:04d}.pth", state)
                     last_save = time.monotonic()
                 barrier(dist_info)
                 epoch, step_in_epoch = epoch + 1, 0
-                if not all_ranks_true(not stop.requested, dist_info, device):  # asked after the last step
-                    say(f"energyvit pretrain: stopped after epoch {epoch}; continue with --resume "
-                        f"{out / CHECKPOINT_NAME}", flush=True)
+                if stop_everywhere():  # asked after the epoch's last step
+                    say(f"energyvit pretrain: stopped after epoch {epoch}; continue with --resume {ckpt_path}",
+                        flush=True)
                     raise KeyboardInterrupt
     except TrainingDiverged as e:
-        saved = out / CHECKPOINT_NAME
         raise TrainingDiverged(f"{e}; stopped without applying it. Last good checkpoint: "
-                               f"{saved if saved.exists() else 'none yet'}") from None
+                               f"{ckpt_path if ckpt_path.exists() else 'none yet'}") from None
     finally:
         if progress is not None:
             progress.close()
         if logger is not None:
             logger.close()
-
-    summary = None
-    if main:
-        summary = final_evaluation(method, data, args, model_name, restore_fn)
-        save_json(out / "summary.json", summary)
-        print_summary(summary)
-    barrier(dist_info)
-    return summary
 
 
 def epoch_record(method, data: PretrainData, stats: dict, epoch: int, global_step: int, optimizer, seconds: float,
