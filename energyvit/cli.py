@@ -8,6 +8,7 @@ import sys
 import torch
 
 from energyvit.engine import LOSS_REGIONS
+from energyvit.methods import METHODS
 from energyvit.model import ENERGY_READOUTS, MODEL_ARCHS
 from energyvit.probe import POOLING
 
@@ -64,7 +65,7 @@ def add_pretrain_args(p: argparse.ArgumentParser) -> None:
     add(p, "--data_path", default=None,
         help="image data: ImageFolder tree (with train/ and val/ or class folders), flat folder, CIFAR-10/100 "
              "python batches or MNIST-style idx files (default: the embedded digits)")
-    add(p, "--method", choices=("energy", "mae"), default="energy",
+    add(p, "--method", choices=METHODS, default="energy",
         help="energy: this project's method; mae: the MAE baseline on the same encoder, for comparisons")
     add(p, "--mae_mask_ratio", type=fraction, default=0.75, help="mae: fraction of patches hidden")
     add(p, "--model", default="vit_nano_patch4", choices=list(MODEL_ARCHS), help="architecture name")

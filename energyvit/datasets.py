@@ -15,6 +15,7 @@ files) fail at once with one message that names the path.
 """
 from __future__ import annotations
 
+import copy
 import gzip
 import logging
 import math
@@ -86,6 +87,13 @@ class _KeyedDataset(Dataset):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.source or '?'}, {len(self)} images, {self.num_classes} classes)"
+
+    def unaugmented(self) -> _KeyedDataset:
+        """The same images through EvalTransform: a shallow copy sharing the file list or arrays
+        (opening the dataset again would walk the folder or load the arrays a second time)."""
+        plain = copy.copy(self)
+        plain.transform = EvalTransform(self.transform.size, self.channels)
+        return plain
 
 
 class ImageFileDataset(_KeyedDataset):

@@ -97,7 +97,9 @@ def train_one_epoch(
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     names = {n: i for i, n in enumerate(task_names)}
-    sums = torch.zeros(2 * len(names) + 3, dtype=torch.float64)  # loss sums, counts, grad norm, images, skipped
+    n = len(names)
+    sums = torch.zeros(2 * n + 1, dtype=torch.float64)  # per-task loss sums and counts, skipped files
+    grad_norm_sum, images_seen = 0.0, 0  # the same on every rank: not summed over ranks
     autocast = (torch.autocast(device.type, dtype=plan.amp_dtype) if plan.amp_dtype is not None else nullcontext())
     batch_iter = iter(batches)
     step, global_step, stopped = plan.start_step, plan.global_step, False
@@ -116,7 +118,7 @@ def train_one_epoch(
                     name, loss = step_loss(images, derive_seed(plan.seed, global_step, micro, dist.rank))
                 (loss / plan.accum_iter).backward()
             losses.append((name, loss.detach().float()))
-            sums[-1] += int(torch.as_tensor(skipped).sum())
+            sums[2 * n] += int(torch.as_tensor(skipped).sum())
         grad_norm = torch.nn.utils.clip_grad_norm_(params, plan.clip_grad or math.inf)
         finite = all(torch.isfinite(l).item() for _, l in losses) and math.isfinite(grad_norm.item())
         if not all_ranks_true(finite, dist, device):
@@ -126,31 +128,33 @@ def train_one_epoch(
         optimizer.step()
         for name, loss in losses:
             sums[names[name]] += loss.item()
-            sums[len(names) + names[name]] += 1
-        sums[-3] += grad_norm.item()
-        sums[-2] += images.shape[0] * plan.accum_iter * dist.world_size
+            sums[n + names[name]] += 1
+        step_images = images.shape[0] * plan.accum_iter * dist.world_size
+        grad_norm_sum, images_seen = grad_norm_sum + grad_norm.item(), images_seen + step_images
         step, global_step = step + 1, global_step + 1
         if on_step is not None:
             on_step(global_step, step, {"loss": sum(l.item() for _, l in losses) / len(losses),
-                                        "images": images.shape[0] * plan.accum_iter * dist.world_size})
+                                        "images": step_images})
         if should_stop():
             stopped = True
             break
     done = step - plan.start_step
-    local = sums.clone()
     sums = all_reduce_sum(sums.to(device), dist).cpu()
-    sums[-3:-1] = local[-3:-1]  # gradient norms are global already; images were counted for all ranks
-    n = len(names)
     stats = {f"loss_{t}": (sums[i] / sums[n + i]).item() for t, i in names.items() if sums[n + i] > 0}
     stats["loss"] = (sums[:n].sum() / sums[n:2 * n].sum().clamp_min(1)).item()
-    stats["grad_norm"] = (sums[-3] / max(1, done)).item()
-    stats.update(steps=done, images=int(sums[-2]), skipped_files=int(sums[-1]), stopped=stopped)
+    stats["grad_norm"] = grad_norm_sum / max(1, done)
+    stats.update(steps=done, images=images_seen, skipped_files=int(sums[2 * n]), stopped=stopped)
     return stats
 
 
 def psnr(mse: float) -> float:
     """Peak signal-to-noise ratio in dB of a mean squared error on [0, 1] pixels."""
     return 10.0 * math.log10(1.0 / mse) if mse > 0 else math.inf
+
+
+def with_psnr(errors: dict[str, float]) -> dict[str, float]:
+    """mse_corrupted / mse_restored plus their PSNRs."""
+    return errors | {"psnr_corrupted": psnr(errors["mse_corrupted"]), "psnr_restored": psnr(errors["mse_restored"])}
 
 
 def evaluate_restoration(
@@ -188,7 +192,7 @@ def evaluate_restoration(
             if i == 0 and keep_samples:
                 samples[name] = (corrupted.image[:keep_samples].cpu(), [s[:keep_samples].cpu() for s in result.steps],
                                  clean[:keep_samples].cpu())
-        r = {k: v / len(images) for k, v in totals.items()} | {"energy_clean": energy_clean / len(images)}
-        results[name] = r | {"psnr_corrupted": psnr(r["mse_corrupted"]), "psnr_restored": psnr(r["mse_restored"])}
+        results[name] = with_psnr({k: v / len(images) for k, v in totals.items()}
+                                  | {"energy_clean": energy_clean / len(images)})
     model.train(was_training)
     return results, samples

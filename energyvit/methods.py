@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from energyvit.distributed import ddp_energy_fn
-from energyvit.engine import LossOptions, StepLoss, evaluate_restoration, psnr, task_loss
+from energyvit.engine import LossOptions, StepLoss, evaluate_restoration, task_loss, with_psnr
 from energyvit.losses import restoration_loss
 from energyvit.model import EnergyViT
 from energyvit.sampling import derive_seed, seeded_generator
@@ -113,9 +113,8 @@ class MAEMethod:
             if i == 0 and keep_samples:
                 samples["mae"] = (masked[:keep_samples].cpu(), [masked[:keep_samples].cpu(), pasted[:keep_samples].cpu()],
                                   clean[:keep_samples].cpu())
-        r = {k: v / len(images) for k, v in totals.items()}
         self.module.train(was_training)
-        return {"mae": r | {"psnr_corrupted": psnr(r["mse_corrupted"]), "psnr_restored": psnr(r["mse_restored"])}}, samples
+        return {"mae": with_psnr({k: v / len(images) for k, v in totals.items()})}, samples
 
     def record(self) -> dict:
         return {}

@@ -137,7 +137,7 @@ def setup(args: Namespace, dist_info: DistInfo, device: torch.device) -> Trainin
     )
     opts = LossOptions(region=args.loss_region, langevin_std=args.langevin_std,
                        norm_pix_patch=arch.patch_size if args.norm_pix_loss else None)
-    model = EnergyViT(arch) if resume_state is not None else build_model(args, *data.pixel_stats, data.in_chans)
+    model = EnergyViT(arch) if resume_state is not None else build_model(args, *data.pixel_stats(), data.in_chans)
     method_name = resume_state.get("method", "energy") if resume_state is not None else args.method
     if method_name != args.method:
         raise ValueError(f"{args.resume} was pretrained with --method {method_name}, not {args.method}")

@@ -45,7 +45,6 @@ class PretrainData:
     train_plain: Dataset  # the same images without augmentation, for probe features
     held_out: ImageSplit  # in memory; labels are -1 when the data has none
     in_chans: int
-    pixel_stats: tuple[tuple[float, ...], tuple[float, ...]]
     labeled: bool
     description: str
     num_workers: int
@@ -55,6 +54,15 @@ class PretrainData:
     def num_train(self) -> int:
         return len(self.train)
 
+    def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std for a new model's input normalization: over all training digits,
+        or over up to 1000 unaugmented training images (decoded here, so only when needed)."""
+        if isinstance(self.train_plain, SplitDataset):
+            return channel_stats(self.train_plain.split.images)
+        from energyvit.datasets import estimate_channel_stats
+
+        return estimate_channel_stats(self.train_plain)
+
 
 def load_pretrain_data(args: Namespace, img_size: int, channels: int | None) -> PretrainData:
     """The data of `energyvit pretrain`; channels None takes the data's own (1 for the digits and
@@ -63,15 +71,14 @@ def load_pretrain_data(args: Namespace, img_size: int, channels: int | None) -> 
         train, held_out = load_digits(img_size)
         if channels not in (None, 1):
             raise ValueError(f"the embedded digits are grayscale; a {channels}-channel model cannot take them")
-        return PretrainData(SplitDataset(train, args.shift), SplitDataset(train), held_out, 1,
-                            channel_stats(train.images), True,
+        return PretrainData(SplitDataset(train, args.shift), SplitDataset(train), held_out, 1, True,
                             f"embedded digits: {len(train.labels)} train / {len(held_out.labels)} held-out images",
                             args.num_workers or 0, "tokens")
 
-    from energyvit.datasets import estimate_channel_stats, open_dataset
+    from energyvit.datasets import open_dataset
 
     train = open_dataset(args.data_path, "train", img_size, channels, augment=True)
-    plain = open_dataset(args.data_path, "train", img_size, channels, augment=False)
+    plain = train.unaugmented()
     val = open_dataset(args.data_path, "val", img_size, channels, augment=False)
     n = len(train)
     if val is None:  # hold out a fixed part of the training images
@@ -88,8 +95,7 @@ def load_pretrain_data(args: Namespace, img_size: int, channels: int | None) -> 
     in_chans = held_out.images.shape[1]
     labeled = bool((held_out.labels >= 0).all())
     num_workers = args.num_workers if args.num_workers is not None else min(8, os.cpu_count() or 1)
-    stats = estimate_channel_stats(plain)
-    return PretrainData(train, plain, held_out, in_chans, stats, labeled,
+    return PretrainData(train, plain, held_out, in_chans, labeled,
                         f"{open_dataset_source(args.data_path, train)}: {len(train)} train images, {held_note}",
                         num_workers, "mean")
 

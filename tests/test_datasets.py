@@ -185,6 +185,19 @@ def test_augmentation_is_reproducible_per_seed(tmp_path):
                        transform(Image.fromarray(rgb(0)), torch.Generator().manual_seed(3)))
 
 
+@pytest.mark.parametrize("make", [make_imagefolder, make_cifar10])
+def test_unaugmented_view_equals_the_eval_dataset_and_leaves_the_original(tmp_path, make):
+    make(tmp_path)
+    train = open_dataset(str(tmp_path), "train", 8, None, augment=True)
+    plain = train.unaugmented()
+    evaluated = open_dataset(str(tmp_path), "train", 8, None, augment=False)
+    assert isinstance(plain.transform, EvalTransform) and isinstance(train.transform, TrainTransform)
+    assert len(plain) == len(evaluated) == len(train)
+    for i in range(len(plain)):
+        image, label, _ = plain[(i, 5)]
+        assert torch.equal(image, evaluated[i][0]) and label == evaluated[i][1]
+
+
 def test_crop_of_a_constant_image_is_constant_and_exactly_sized():
     img = Image.new("RGB", (37, 23), (10, 200, 90))
     for seed in range(5):
