@@ -1,7 +1,7 @@
 """CPU benchmark of the compiled training step (energyvit.compiled) against the eager one.
 
-The default pretraining configuration (`energyvit pretrain` defaults: vit_nano_patch4, 1-channel
-16px digits, batch 64, K=2, tasks mim:0.5,denoise:0.25,sr:0.25, AdamW with the cosine schedule)
+The default pretraining configuration (`energyvit pretrain` defaults, resolved once and recorded
+as pretrain_argv: vit_nano_patch4 on the 1-channel 16px digits, AdamW with the cosine schedule)
 is trained for a few epochs from the same seed in separate worker processes:
 
   eager          train_one_epoch as pretrain.run calls it
@@ -183,8 +183,7 @@ def main() -> None:
     info["loadavg_end"] = os.getloadavg()
 
     eager = results["eager"]
-    summary = {"config": "energyvit pretrain defaults: vit_nano_patch4, in_chans=1, 16px digits, batch 64, K=2, "
-                         "tasks mim:0.5,denoise:0.25,sr:0.25, float32",
+    summary = {"config": "energyvit " + " ".join(argv) + " (float32, 16px digits)",
                "epochs_per_worker": a.epochs, "threads": a.threads}
     for mode in ("compiled_cold", "compiled_warm"):
         r = results[mode]

@@ -42,7 +42,8 @@ def pretrain(out: Path, data: Path, fused: bool, cpu: bool) -> list[dict]:
            ["--model", "vit_tiny_patch16", "--input_size", "64", "--batch_size", "64", "--epochs", "2",
             "--num_workers", "4"]
     cmd = [sys.executable, "-m", "energyvit", "pretrain", "--data_path", str(data), "--output_dir", str(out),
-           "--warmup_epochs", "1", "--grid_rows", "4", "--no-tensorboard", *size, *(["--fused"] if fused else [])]
+           "--warmup_epochs", "1", "--grid_rows", "4",
+           "--tasks", "mim:0.5,denoise:0.25,sr:0.25", "--restore_steps", "2", "--no-tensorboard", *size, *(["--fused"] if fused else [])]
     env = {**os.environ, **({"TRITON_INTERPRET": "1"} if cpu else {})}
     subprocess.run(cmd, check=True, env=env)
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]

@@ -290,14 +290,16 @@ def epoch_record(method, data: PretrainData, stats: dict, epoch: int, global_ste
     PSNR (and energies) per task on a fixed subset, step sizes, gradient norm, lr, throughput, memory."""
     from energyvit.visualize import save_restoration_grid
 
+    t0 = time.perf_counter()
     tasks, samples = method.evaluate(data.held_out.images[:EPOCH_EVAL_IMAGES], seed=1, keep_samples=grid_rows,
                                      restore_fn=restore_fn)
+    eval_seconds = time.perf_counter() - t0
     for name, r in tasks.items():
         if f"loss_{name}" in stats:
             r["train_loss"] = stats[f"loss_{name}"]
     record = {"epoch": epoch, "step": global_step, "loss": stats["loss"], "tasks": tasks, **method.record(),
               "grad_norm": stats["grad_norm"], "lr": optimizer.param_groups[0]["lr"],
-              "images_per_s": stats["images"] / seconds, "epoch_s": seconds,
+              "images_per_s": stats["images"] / seconds, "epoch_s": seconds, "eval_s": eval_seconds,
               "peak_memory_mib": peak_memory_mib(device), "skipped_files": stats["skipped_files"]}
     logger.log(record, step=global_step)
     for name, (corrupted, steps, clean) in samples.items():

@@ -13,7 +13,8 @@ from PIL import Image
 from energyvit.cli import main
 
 BASE = ["pretrain", "--model", "vit_pico_patch2", "--input_size", "8", "--batch_size", "8", "--epochs", "2",
-        "--warmup_epochs", "1", "--num_threads", "1", "--no-tensorboard", "--grid_rows", "2"]
+        "--warmup_epochs", "1", "--tasks", "mim:0.5,denoise:0.25,sr:0.25", "--num_threads", "1", "--no-tensorboard",
+        "--grid_rows", "2"]
 
 
 def write_images(folder, n: int, bright_left: bool, seed: int, size=(20, 24)) -> None:

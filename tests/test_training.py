@@ -12,7 +12,8 @@ from energyvit.sampling import EpochSampler, derive_seed
 from helpers import images, tiny_model
 
 TINY = ["pretrain", "--model", "vit_pico_patch2", "--batch_size", "100", "--warmup_epochs", "1",
-        "--num_threads", "1", "--grid_rows", "0", "--no-tensorboard"]
+        "--tasks", "mim:0.5,denoise:0.25,sr:0.25", "--restore_steps", "2", "--num_threads", "1", "--grid_rows", "0",
+        "--no-tensorboard"]
 STEPS_PER_EPOCH = 15  # 1500 digits / 100
 
 
@@ -164,7 +165,7 @@ def test_periodic_checkpoints_and_epoch_records(uninterrupted):
         for t in r["tasks"].values():
             assert t["psnr_restored"] > 0 and t["energy_clean"] != t["energy_corrupted"] and "train_loss" in t
         assert r["grad_norm"] > 0 and r["lr"] > 0 and r["images_per_s"] > 0 and r["peak_memory_mib"] > 0
-        assert r["skipped_files"] == 0
+        assert r["skipped_files"] == 0 and r["eval_s"] > 0
 
 
 def test_non_finite_loss_stops_cleanly_with_the_last_checkpoint_intact(uninterrupted, tmp_path, monkeypatch, capsys):
