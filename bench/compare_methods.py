@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from energyvit.bench import cpu_model, git_commit
+from energyvit.bench import cpu_model, git_commit, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 POOLS = ("tokens", "mean")
@@ -50,11 +49,6 @@ def evaluate(ckpt: Path, out: Path, seed: int, threads: int, random_init: bool =
               threads=threads)
     result["finetune"] = json.loads((out / "finetune" / "summary.json").read_text())["held_out_top1"]
     return result
-
-
-def mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
 
 
 def main() -> None:

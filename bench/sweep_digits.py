@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from energyvit.bench import cpu_model, git_commit
+from energyvit.bench import cpu_model, git_commit, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,11 +43,6 @@ def read_run(out_dir: Path) -> dict:
     log = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     summary["wall_s"] = sum(r["epoch_s"] for r in log)
     return summary
-
-
-def mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
 
 
 def aggregate(runs: list[dict]) -> dict:

@@ -102,6 +102,12 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def mean_std(values: list[float]) -> dict:
+    """Mean, sample standard deviation and the values themselves, as the results files keep them."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
 def _loadavg() -> str:
     try:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
