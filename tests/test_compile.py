@@ -121,6 +121,20 @@ def test_compiled_gradients_match_eager_and_keep_second_order_terms(model, step,
     assert step.compiled_graphs() == 1  # one graph for every task (update mask or None)
 
 
+def test_compiled_gradients_match_eager_with_the_default_readout_and_one_step():
+    """The pretraining defaults' shape of the step, K = 1 with the `norm` readout: compiled vs
+    eager parameter gradients in float64, second-order terms kept."""
+    model = tiny_model(dtype=torch.float64, energy="norm", restore_steps=1)
+    step = compiled.compiled_train_step(model, OPTS, torch.Generator().manual_seed(SEED))
+    clean, c = corrupt(4)
+    loss, grads = compiled_grads(model, step, clean, c)
+    ref = eager_grads(model, clean, c)
+    ref_loss = task_loss(model, clean, c, OPTS, torch.Generator().manual_seed(SEED))
+    assert abs(loss.item() - ref_loss.item()) <= 1e-12 * abs(ref_loss.item())
+    assert rel_err(grads, ref) < 1e-9
+    assert rel_err(grads, first_order_only_grads(model, clean, c), none_is_zero=True) > 0.5
+
+
 def test_first_step_check_rejects_gradients_without_second_order_terms(model, step):
     """The safety net of the first compiled call: gradients missing the second-order terms fail it."""
     clean, c = corrupt(4)
