@@ -32,15 +32,19 @@ from energyvit.probe import linear_probe
 
 @torch.no_grad()
 def block_features(model: EnergyViT, images: Tensor) -> list[Tensor]:
-    """Per block: (n, num_patches * D) layer-normalized patch tokens of its output."""
-    model.eval()
-    x = model.embed_patches(images)
-    cls = model.cls_token + model.pos_embed[:, :1]
-    h = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
-    out = []
-    for block in model.blocks:
-        h = block(h)
+    """Per block: (n, num_patches * D) layer-normalized patch tokens of its output, caught by
+    forward hooks during the model's own forward_tokens."""
+    out: list[Tensor] = []
+
+    def keep(module, inputs, h: Tensor) -> None:
         out.append(F.layer_norm(h[:, 1:], h.shape[-1:], eps=1e-6).flatten(1))
+
+    handles = [block.register_forward_hook(keep) for block in model.blocks]
+    try:
+        model.eval().forward_tokens(images)
+    finally:
+        for handle in handles:
+            handle.remove()
     return out
 
 

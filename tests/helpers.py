@@ -5,6 +5,10 @@ import torch
 
 from energyvit.model import EnergyViT, model_config
 
+# `pretrain` flags for three tasks and two restoration steps, so tests of the training loop cover a
+# task mixture and steps after the first whatever the defaults are
+THREE_TASKS_K2 = ["--tasks", "mim:0.5,denoise:0.25,sr:0.25", "--restore_steps", "2"]
+
 
 def tiny_model(dtype=torch.float64, seed: int = 0, **overrides) -> EnergyViT:
     """vit_pico_patch2 on 8x8 single-channel images, in `dtype`."""

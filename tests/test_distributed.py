@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from energyvit.distributed import DistInfo, ddp_energy_fn, wrap_ddp
 from energyvit.engine import EpochPlan, LossOptions, task_loss, train_one_epoch
 from energyvit.tasks import Corrupted
-from helpers import images, tiny_model
+from helpers import THREE_TASKS_K2, images, tiny_model
 
 BATCH = 8
 
@@ -98,8 +98,7 @@ def test_torchrun_pretrain_two_cpu_processes(tmp_path):
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "energyvit", "pretrain",
            "--model", "vit_pico_patch2", "--batch_size", "125", "--accum_iter", "2", "--epochs", "2", "--warmup_epochs", "1",
-           "--tasks", "mim:0.5,denoise:0.25,sr:0.25", "--restore_steps", "2", "--num_threads", "1", "--grid_rows", "2",
-           "--output_dir", str(tmp_path), "--device", "cpu"]
+           *THREE_TASKS_K2, "--num_threads", "1", "--grid_rows", "2", "--output_dir", str(tmp_path), "--device", "cpu"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -9,11 +9,10 @@ import torch
 from energyvit.cli import main
 from energyvit.engine import EpochPlan, TrainingDiverged, train_one_epoch
 from energyvit.sampling import EpochSampler, derive_seed
-from helpers import images, tiny_model
+from helpers import THREE_TASKS_K2, images, tiny_model
 
-TINY = ["pretrain", "--model", "vit_pico_patch2", "--batch_size", "100", "--warmup_epochs", "1",
-        "--tasks", "mim:0.5,denoise:0.25,sr:0.25", "--restore_steps", "2", "--num_threads", "1", "--grid_rows", "0",
-        "--no-tensorboard"]
+TINY = ["pretrain", "--model", "vit_pico_patch2", "--batch_size", "100", "--warmup_epochs", "1", *THREE_TASKS_K2,
+        "--num_threads", "1", "--grid_rows", "0", "--no-tensorboard"]
 STEPS_PER_EPOCH = 15  # 1500 digits / 100
 
 
