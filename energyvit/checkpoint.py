@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -41,13 +43,27 @@ def save_json(path: str | Path, obj) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's contents, read weights-only: tensors and plain data (dicts, lists, numbers,
+    strings) load, anything else is refused before it is built, so no code in the file runs."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise ValueError(f"checkpoint {path} is not a file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        blocked = re.search(r"GLOBAL (\S+)", str(e))
+        if blocked:
+            raise ValueError(f"checkpoint {path} refused: it holds a Python object ({blocked.group(1)}) beyond tensors "
+                             "and plain data, and loading it could run code; energyvit checkpoints never hold one, "
+                             "so this file was not written by energyvit") from None
+        raise ValueError(f"checkpoint {path} could not be read: not a PyTorch checkpoint, or damaged") from None
     except Exception as e:  # a truncated or foreign file: say which file, not a pickle traceback
-        raise ValueError(f"checkpoint {path} could not be read: {e}") from None
+        raise ValueError(f"checkpoint {path} could not be read: {type(e).__name__}: {e}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(state).__name__}, not the dict energyvit writes")
+    return state
 
 
 ENERGY_ONLY_KEYS = ("energy_head.", "restore_log_step")  # model tensors that timm's ViT has no place for

@@ -45,8 +45,8 @@ def test_pretrain_writes_checkpoint_log_and_summary_and_resumes_exactly(tmp_path
     # the resumed run names no --model: the architecture comes from the checkpoint
     resume_argv = [a for a in TINY if a not in ("--model", "vit_pico_patch2")]
     assert main(resume_argv + ["--epochs", "2", "--output_dir", str(part), "--resume", str(part / "checkpoint-last.pth")]) == 0
-    a = torch.load(full / "checkpoint-last.pth", weights_only=False)["model"]
-    b = torch.load(part / "checkpoint-last.pth", weights_only=False)["model"]
+    a = torch.load(full / "checkpoint-last.pth", weights_only=True)["model"]
+    b = torch.load(part / "checkpoint-last.pth", weights_only=True)["model"]
     assert json.loads((part / "summary.json").read_text())["model"] == "vit_pico_patch2"
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)

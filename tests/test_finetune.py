@@ -59,7 +59,7 @@ def test_finetune_command_trains_and_writes_summary(tmp_path, capsys):
     losses = [h["loss"] for h in summary["history"]]
     assert losses[-1] < losses[0] < 2.4  # it learns; ln(10) = 2.30 is the loss of a uniform guess
     assert 0.0 <= summary["held_out_top1"] <= 1.0
-    state = torch.load(out / "checkpoint-finetuned.pth", weights_only=False)
+    state = torch.load(out / "checkpoint-finetuned.pth", weights_only=True)
     assert state["num_classes"] == 10 and "head.weight" in state["model"]
     assert len((out / "log.jsonl").read_text().splitlines()) == 3
 

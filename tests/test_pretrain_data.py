@@ -111,7 +111,7 @@ def test_mae_baseline_pretrains_and_its_encoder_probes(image_folder, tmp_path, c
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "mae" and set(summary["tasks"]) == {"mae"}
     assert summary["tasks"]["mae"]["mse_restored"] > 0 and summary["probe_acc"] is not None
-    state = torch.load(out / "checkpoint-last.pth", weights_only=False)
+    state = torch.load(out / "checkpoint-last.pth", weights_only=True)
     assert state["method"] == "mae" and "decoder_pred.weight" in state["mae"]
     assert "blocks.0.attn.qkv.weight" in state["model"] and not any(k.startswith("decoder") for k in state["model"])
     assert main(["probe", str(out / "checkpoint-last.pth"), "--knn_k", "5"]) == 0

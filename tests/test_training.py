@@ -93,7 +93,7 @@ def test_sampler_is_a_pure_function_of_seed_epoch_and_step():
 
 
 def weights(path):
-    return torch.load(path, weights_only=False)["model"]
+    return torch.load(path, weights_only=True)["model"]
 
 
 def assert_same_weights(a, b):
@@ -124,7 +124,7 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(uninterrupted, tmp_path, 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
     assert main(TINY + ["--epochs", "2", "--output_dir", str(tmp_path)]) == 130
     monkeypatch.undo()
-    state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 5, 20)
     assert main(TINY + ["--epochs", "2", "--output_dir", str(tmp_path), "--resume",
                         str(tmp_path / "checkpoint-last.pth")]) == 0
@@ -147,7 +147,7 @@ def test_crash_resumes_from_the_periodic_mid_epoch_checkpoint(uninterrupted, tmp
     with pytest.raises(MemoryError):
         main(TINY + ["--epochs", "2", "--checkpoint_minutes", "1e-9", "--output_dir", str(tmp_path)])
     monkeypatch.undo()
-    state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"]) == (0, 7)
     assert main(TINY + ["--epochs", "2", "--output_dir", str(tmp_path), "--resume",
                         str(tmp_path / "checkpoint-last.pth")]) == 0
@@ -186,7 +186,7 @@ def test_non_finite_loss_stops_cleanly_with_the_last_checkpoint_intact(uninterru
     assert main(TINY + ["--epochs", "2", "--output_dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "non-finite loss" in err and "checkpoint-last.pth" in err, err
-    state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=False)
+    state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"]) == (0, STEPS_PER_EPOCH)
     assert_same_weights(weights(uninterrupted / "checkpoint-0001.pth"), state["model"])
     assert not (tmp_path / "summary.json").exists()
