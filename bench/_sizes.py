@@ -1,9 +1,9 @@
-"""Shared settings of the pytest-benchmark files (sizes from energyvit.bench.PRESETS)."""
+"""Shared settings of the pytest-benchmark files (sizes from energyvit.benchmark.PRESETS)."""
 import os
 
 import torch
 
-from energyvit.bench import PRESETS
+from energyvit.benchmark import PRESETS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 MODE = os.environ.get("ENERGYVIT_BENCH", "")

@@ -5,7 +5,7 @@ as pretrain_argv: vit_nano_patch4 on the 1-channel 16px digits, AdamW with the c
 is trained for a few epochs from the same seed in separate worker processes:
 
   eager          train_one_epoch as pretrain.run calls it
-  compiled_cold  with EnergyMethod.step_loss(step_fn=compiled_train_step(...)), empty Inductor cache (a first run)
+  compiled_cold  the energy method built with compiled=True (energyvit.compiled), empty Inductor cache (a first run)
   compiled_warm  the same, reusing the Inductor cache the cold run filled (a later run)
 
 Reported per worker: training steps per second over the epochs after the first (the first one
@@ -50,52 +50,41 @@ PRETRAIN_FLAGS = ("model", "seed", "batch_size", "warmup_epochs", "blr", "weight
 
 
 def pretrain_argv(epochs: int, threads: int) -> list[str]:
-    from energyvit.cli import build_parser
+    from energyvit.pretrain import PretrainOptions
 
-    args = build_parser().parse_args(["pretrain"])
+    defaults = PretrainOptions().flat()
     argv = ["pretrain", "--epochs", str(epochs), "--num_threads", str(threads)]
     for name in PRETRAIN_FLAGS:
-        argv += [f"--{name}", str(getattr(args, name))]
+        argv += [f"--{name}", str(defaults[name])]
     return argv
 
 
 def worker(mode: str, argv: list[str], out: str) -> None:
+    from dataclasses import replace
+
     import torch
     from torch.utils.data import DataLoader
 
     from energyvit.cli import build_parser
-    from energyvit.compiled import compiled_train_step
-    from energyvit.data import SplitDataset, channel_stats, load_digits
-    from energyvit.engine import EpochPlan, LossOptions, cosine_lr, train_one_epoch
-    from energyvit.methods import EnergyMethod
-    from energyvit.model import model_config
-    from energyvit.pretrain import build_model, param_groups
+    from energyvit.commands.pretrain import options_from
+    from energyvit.distributed import DistInfo
+    from energyvit.pretrain import setup
     from energyvit.sampling import EpochSampler
-    from energyvit.tasks import build_mixture
+    from energyvit.training import EpochPlan, cosine_lr, train_one_epoch
 
-    # Setup as pretrain.run does it, from the command's own defaults.
-    args = build_parser().parse_args(argv)
-    threads = args.num_threads
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(args.num_threads)
-    train, _ = load_digits(args.input_size or model_config(args.model).img_size)
-    mean, std = channel_stats(train.images)
-    mixture = build_mixture(args.tasks, patch_size=model_config(args.model).patch_size, in_chans=train.images.shape[1],
-                            mask_ratio=args.mask_ratio, mask_fill=args.mask_fill, sort_fraction=args.sort_fraction,
-                            sr_factor=args.sr_factor, noise_sigma=args.noise_sigma)
-    opts = LossOptions(region=args.loss_region, langevin_std=args.langevin_std,
-                       norm_pix_patch=model_config(args.model).patch_size if args.norm_pix_loss else None)
-    model = build_model(args, mean, std, train.images.shape[1])
-    method = EnergyMethod(model, mixture, opts)
-    lr = args.blr * args.batch_size / 256
-    optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.95))
-    dataset = SplitDataset(train, args.shift)
-    steps_per_epoch = EpochSampler(len(dataset), args.batch_size, args.seed, 0).steps
-    total, warmup = args.epochs * steps_per_epoch, args.warmup_epochs * steps_per_epoch
+    # Setup as pretrain.run does it, from the flags the parent resolved.
+    options = options_from(build_parser().parse_args(argv))
+    options = replace(options, run=replace(options.run, compile=mode != "eager"))
+    threads, train_opts = options.run.num_threads, options.train
+    torch.manual_seed(train_opts.seed)
+    torch.set_num_threads(threads)
+    t = setup(options, DistInfo(), torch.device("cpu"))
+    model, optimizer, steps_per_epoch, dataset = t.method.module, t.optimizer, t.steps_per_epoch, t.data.train
+    total, warmup = train_opts.epochs * steps_per_epoch, train_opts.warmup_epochs * steps_per_epoch
+    inner = t.method.step_fn  # the compiled step, or None
 
     losses: list[float] = []
     call_times: list[float] = []
-    inner = compiled_train_step(model, opts) if mode != "eager" else None
 
     def timed(step_loss):
         def call(images, seed):
@@ -106,17 +95,17 @@ def worker(mode: str, argv: list[str], out: str) -> None:
             return name, loss
         return call
 
-    step_loss = timed(method.step_loss(step_fn=inner))  # eager: what pretrain runs
+    step_loss = timed(t.step_loss)
 
     rss_before = rss_mib()
     epoch_s, step = [], 0
-    for epoch in range(args.epochs):
+    for epoch in range(train_opts.epochs):
         t0 = time.perf_counter()
-        loader = DataLoader(dataset, batch_size=args.batch_size, drop_last=True,
-                            sampler=EpochSampler(len(dataset), args.batch_size, args.seed, epoch))
-        plan = EpochPlan(epoch, steps_per_epoch, 0, step, clip_grad=args.clip_grad, seed=args.seed)
-        stats = train_one_epoch(model, step_loss, loader, optimizer, plan, lambda s: cosine_lr(lr, s, total, warmup),
-                                mixture.names)
+        loader = DataLoader(dataset, batch_size=train_opts.batch_size, drop_last=True,
+                            sampler=EpochSampler(len(dataset), train_opts.batch_size, train_opts.seed, epoch))
+        plan = EpochPlan(epoch, steps_per_epoch, 0, step, clip_grad=train_opts.clip_grad, seed=train_opts.seed)
+        stats = train_one_epoch(model, step_loss, loader, optimizer, plan,
+                                lambda s: cosine_lr(t.lr, s, total, warmup), t.method.task_names)
         step += stats["steps"]
         epoch_s.append(time.perf_counter() - t0)
     steady = epoch_s[1:]
@@ -143,7 +132,7 @@ def worker(mode: str, argv: list[str], out: str) -> None:
 def machine_info() -> dict:
     import torch
 
-    from energyvit.bench import cpu_model, git_commit
+    from energyvit.benchmark import cpu_model, git_commit
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "date": _dt.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),

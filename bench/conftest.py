@@ -1,6 +1,6 @@
 """pytest-benchmark microbenchmarks: `python -m pytest bench -q` (ENERGYVIT_BENCH=smoke: tiny sizes).
 
-Sizes come from energyvit.bench.PRESETS: `gpu` on CUDA, else `cpu`, or `smoke` when
+Sizes come from energyvit.benchmark.PRESETS: `gpu` on CUDA, else `cpu`, or `smoke` when
 ENERGYVIT_BENCH=smoke. On CPU the fused Triton kernels run through the interpreter, which must be
 switched on before triton is imported: hence here, at conftest import.
 """

@@ -25,7 +25,6 @@ import importlib.util
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,7 +71,8 @@ def _import_package():
 
 
 EK, EA = _import_package()
-from energyvit.kernels import triton_attention as KMOD
+from energyvit.benchmark import git_commit  # noqa: E402
+from energyvit.kernels import triton_attention as KMOD  # noqa: E402
 math_attention = EA.math_attention
 attn_fwd, attn_bwd, attn_bwdbwd = EK.attn_fwd, EK.attn_bwd, EK.attn_bwdbwd
 
@@ -99,6 +99,14 @@ else:
     TOL = {torch.float32: 1e-2, torch.float16: 1e-2, torch.bfloat16: 5e-2}  # fp32 dots are TF32
 if ARGS.ns:
     NS = [int(x) for x in ARGS.ns.split(",")]
+
+
+def lse_tol(dtype: torch.dtype) -> float:
+    """lse is accumulated in fp32 whatever the input dtype; its error follows the dot products:
+    exact products of half-precision inputs or IEEE fp32 give ~1e-7, fp32 inputs through TF32
+    dots (10-bit mantissas) ~1e-4 (measured 1.2e-4 on an H200)."""
+    tf32 = dtype == torch.float32 and DEVICE == "cuda" and KMOD.ALLOW_TF32
+    return 1e-3 if tf32 else 1e-5
 if ARGS.timing_dtypes:
     TIME_DTYPES = [DTYPES[x] for x in ARGS.timing_dtypes.split(",")]
 
@@ -172,7 +180,7 @@ def correctness(n, dtype):
     for i, name in enumerate(NAMES):
         for impl in ("fused", "eager-math"):
             e = (err2[impl][i] / ref2[i]) ** 0.5 if ref2[i] > 0 else err2[impl][i] ** 0.5
-            tol = (1e-5 if name == "lse" else TOL[dtype]) if impl == "fused" else ""
+            tol = (lse_tol(dtype) if name == "lse" else TOL[dtype]) if impl == "fused" else ""
             ok = (e < tol and finite[i]) if impl == "fused" else ""
             ok_all &= ok is not False
             row(kind="correctness", op=OPS[i], dtype=DNAME[dtype], batch=BATCH, heads=HEADS, n=n,
@@ -316,16 +324,6 @@ def timing(n, dtype):
 
 
 # ------------------------------------------------------------------------------------ main
-def git_commit():
-    try:
-        c = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        commit = c.stdout.strip() or "none (no commits)"
-        d = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        return commit + (" +uncommitted changes" if d.stdout.strip() else "")
-    except Exception as e:  # noqa: BLE001
-        return f"unknown ({type(e).__name__})"
-
-
 def main():
     out = Path(ARGS.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -335,7 +333,7 @@ def main():
         "triton": triton.__version__,
         "cuda": torch.version.cuda or "none",
         "python": platform.python_version(),
-        "git_commit": git_commit(),
+        "git_commit": git_commit(ROOT),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "interpreter": str(KMOD.INTERPRET),
         "fp32_dots": "TF32" if (KMOD.ALLOW_TF32 and DEVICE == "cuda") else "IEEE",

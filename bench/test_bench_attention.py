@@ -6,7 +6,7 @@ line of the error it raised; `energyvit bench` records the same as table rows.
 import pytest
 
 from _sizes import DEVICE, SIZES, synced
-from energyvit.bench import ATTN_OPS, DTYPES, Unavailable, attention_backends, attention_op, first_line
+from energyvit.benchmark import ATTN_OPS, DTYPES, Unavailable, attention_backends, attention_op, first_line
 
 
 @pytest.mark.parametrize("shape", SIZES["attn"], ids=lambda s: "B{}H{}N{}d{}".format(*s))

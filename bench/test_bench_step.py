@@ -5,7 +5,7 @@ Compiled modes run on CUDA, or on CPU with ENERGYVIT_BENCH=full (compiling takes
 import pytest
 
 from _sizes import COMPILE_STEPS, DEVICE, SIZES, synced
-from energyvit.bench import STEP_MODES, Unavailable, step_case
+from energyvit.benchmark import STEP_MODES, Unavailable, step_case
 
 CASES = [(name, img, batch) for name, img, batch in SIZES["steps"]]
 

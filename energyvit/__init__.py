@@ -19,7 +19,7 @@ from torch import Tensor
 from energyvit.losses import restoration_loss
 from energyvit.model import MODEL_ARCHS, EnergyViT, EnergyViTConfig, create_model, model_config
 from energyvit.restore import Restoration, restore
-from energyvit.tasks import TASK_NAMES, Corrupted, build_mixture, build_task
+from energyvit.tasks import TASK_NAMES, Corrupted, TaskOptions, build_mixture, build_task
 
 __version__ = "0.1.0"
 
@@ -28,12 +28,12 @@ def corrupt(images: Tensor, task: str, patch_size: int = 16, generator: torch.Ge
             **options) -> Corrupted:
     """Corrupt images (B, C, H, W) in [0, 1] with a named task (mim, sort, sr, denoise, colorize).
 
-    options: mask_ratio, mask_fill, sort_fraction, sr_factor, noise_sigma (see energyvit.tasks).
+    options: mask_ratio, mask_fill, sort_fraction, sr_factor, noise_sigma (energyvit.tasks.TaskOptions).
     """
-    return build_task(task, patch_size, **options)(images, generator)
+    return build_task(task, patch_size, TaskOptions(**options))(images, generator)
 
 
 __all__ = [
-    "MODEL_ARCHS", "TASK_NAMES", "Corrupted", "EnergyViT", "EnergyViTConfig", "Restoration", "build_mixture",
+    "MODEL_ARCHS", "TASK_NAMES", "Corrupted", "EnergyViT", "EnergyViTConfig", "Restoration", "TaskOptions", "build_mixture",
     "build_task", "corrupt", "create_model", "model_config", "restoration_loss", "restore",
 ]

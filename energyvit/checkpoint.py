@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
-from energyvit.model import EnergyViT, config_from_dict
+from energyvit.model import ENERGY_ONLY_KEYS, EnergyViT, config_from_dict
 
 
 def atomic_write(path: str | Path, write) -> None:
     """Call write(file_object) on a temporary file beside `path`, then rename it over `path`.
 
-    A crash mid-write leaves the previous file intact: rename is atomic on POSIX filesystems.
+    A crash mid-write leaves the previous file intact: rename is atomic on POSIX filesystems. The
+    file gets the permissions of any new file (0666 less the umask), not mkstemp's private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,10 +29,17 @@ def atomic_write(path: str | Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -66,7 +74,28 @@ def load_checkpoint(path: str | Path) -> dict:
     return state
 
 
-ENERGY_ONLY_KEYS = ("energy_head.", "restore_log_step")  # model tensors that timm's ViT has no place for
+PRETRAIN_KEYS = {"model": dict, "model_config": dict, "optimizer": dict, "epoch": int, "step_in_epoch": int,
+                 "steps_per_epoch": int, "global_step": int, "args": dict}
+
+
+def load_pretrain_checkpoint(path: str | Path) -> dict:
+    """A `pretrain` checkpoint to resume from: weights-only, with every entry resuming needs."""
+    state = load_checkpoint(path)
+    wrong = [f"'{k}' ({t.__name__})" for k, t in PRETRAIN_KEYS.items() if not isinstance(state.get(k), t)]
+    if not wrong and not isinstance(state["args"].get("model"), str):
+        wrong = ["the model name in 'args'"]
+    if wrong:
+        raise ValueError(f"checkpoint {path} lacks {', '.join(wrong)}: not a checkpoint of `energyvit pretrain`")
+    return state
+
+
+def load_weights(module: torch.nn.Module, state: dict, path: str | Path, strict: bool = True):
+    """module.load_state_dict(state), with a mismatch said in one line naming the file."""
+    try:
+        return module.load_state_dict(state, strict=strict)
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise ValueError(f"{path} does not match its model config: {first}") from None
 
 
 def load_model(path: str | Path, need_energy: bool = True, attn_backend: str = "math") -> tuple[EnergyViT, dict]:
@@ -87,15 +116,18 @@ def load_model(path: str | Path, need_energy: bool = True, attn_backend: str = "
         config = json.loads(meta["energyvit_model_config"])
     else:
         ckpt = load_checkpoint(path)
-        if not isinstance(ckpt, dict) or "model" not in ckpt or "model_config" not in ckpt:
-            raise ValueError(f"checkpoint {path} has no 'model' and 'model_config'; "
-                             "was it written by `energyvit pretrain`?")
+        if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("model_config"), dict):
+            raise ValueError(f"checkpoint {path} lacks 'model' or 'model_config': not a checkpoint of "
+                             "`energyvit pretrain`")
         state, config, meta = ckpt["model"], ckpt["model_config"], {"contents": "full"}
         if need_energy and ckpt.get("method", "energy") != "energy":
             raise ValueError(f"{path} was pretrained with --method {ckpt['method']}: its encoder has no trained "
                              "energy to restore with (probe, finetune and export take it)")
-    model = EnergyViT(replace(config_from_dict(config), attn_backend=attn_backend))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        model = EnergyViT(replace(config_from_dict(config), attn_backend=attn_backend))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} has an unusable model config: {e}") from None
+    missing, unexpected = load_weights(model, state, path, strict=False)
     if unexpected or any(not k.startswith(ENERGY_ONLY_KEYS) for k in missing):
         raise ValueError(f"{path} does not match its model config: {len(missing)} missing keys {missing[:3]}, "
                          f"{len(unexpected)} unexpected keys {unexpected[:3]}")

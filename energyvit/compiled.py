@@ -9,9 +9,9 @@ fails ("aot_autograd does not currently support double backward"). What works is
 already contains every first- and second-order term. See docs/compile.md.
 
 - ``compiled_train_step(model, opts, generator)`` returns ``step_fn(clean, corrupted, generator=None)
-  -> loss`` for ``methods.EnergyMethod.step_loss(step_fn=...)``. One compiled region (fullgraph=True: a graph break is
-  an error, never a silent split) runs the unrolled restoration, the loss and the parameter
-  gradients, and returns the detached loss and the gradients. The loss is then re-attached to
+  -> loss`` for the energy method's micro-batch loss. One compiled region (fullgraph=True: a graph
+  break is an error, never a silent split) runs the unrolled restoration (``restore.descend``, the
+  same loop as eager training), the loss and the parameter gradients, and returns the detached loss and the gradients. The loss is then re-attached to
   the parameters by a small autograd node whose backward hands out exactly those gradients
   (times the incoming gradient), so the caller's ``loss.backward()`` fills ``p.grad`` as the
   eager step does; clipping, accumulation and the optimizer are unchanged. (Returning a
@@ -23,8 +23,10 @@ already contains every first- and second-order term. See docs/compile.md.
 - A task without an update mask (None) gets an all-ones mask, and the loss region is always a
   tensor (all ones for ``region="all"``): ``delta * 1`` is exact, the masked mean equals the mean
   up to rounding, and every task of a mixture runs in the same graph.
-- ``compiled_restore(model)`` compiles inference restoration (first-order dE/dx only, each step
-  detached) and returns the same ``Restoration`` as ``restore.restore``.
+- ``compiled_restore(model)`` compiles inference restoration (``restore.descend`` with first-order
+  dE/dx only) and returns the same ``Restoration`` as ``restore.restore``.
+- The images enter the compiled region already requiring grad (made so outside it):
+  ``requires_grad_`` inside the region is refused by Dynamo on torch 2.11.
 
 Batch-size changes. Dynamo's dynamic shapes do not help here: on torch 2.13 the graph with the
 traced autograd.grad stayed specialized to its batch size even with ``dynamic=True`` (and with
@@ -56,10 +58,10 @@ import warnings
 import torch
 from torch import Tensor
 
-from energyvit.engine import LossOptions, task_loss
 from energyvit.losses import restoration_loss
 from energyvit.model import EnergyViT
-from energyvit.restore import Restoration, restore
+from energyvit.objective import EnergyOptions, task_loss
+from energyvit.restore import Restoration, check_restore_inputs, descend, draw_noise, restore
 from energyvit.tasks import Corrupted
 
 _WARNED: set[str] = set()
@@ -117,14 +119,6 @@ def _full_mask(x: Tensor, mask: Tensor | None) -> Tensor:
     return x.new_ones(x.shape[0], 1, *x.shape[2:]) if mask is None else mask
 
 
-def _draw_noise(x: Tensor, steps: int, noise_std: float, generator) -> Tensor | None:
-    """The K noise tensors restore() would draw (same generator order), stacked; None if no noise."""
-    if noise_std <= 0:
-        return None
-    return torch.stack([torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                        for _ in range(steps)])
-
-
 def _pad(t: Tensor | None, n: int, dim: int = 0, zeros: bool = False) -> Tensor | None:
     """`t` grown to n rows along `dim` with copies of its first row (or zeros)."""
     if t is None or t.shape[dim] == n:
@@ -146,23 +140,6 @@ def _plain(*tensors):
             seen.add(t.untyped_storage().data_ptr())
         out.append(t)
     return tuple(out)
-
-
-def unrolled_restoration(model: EnergyViT, x: Tensor, update_mask: Tensor, noise: Tensor | None,
-                         noise_std: float, steps: int) -> Tensor:
-    """x_K of training-mode restoration (every step kept in the graph), as restore.restore computes it,
-    with pre-drawn noise and no bookkeeping, so that Dynamo traces it into one graph."""
-    step_sizes = model.step_sizes
-    for k in range(steps):
-        xk = x if x.requires_grad else x.detach().requires_grad_(True)
-        energy = model(xk)
-        (grad,) = torch.autograd.grad(energy.sum(), xk, create_graph=True)
-        a = step_sizes[k]
-        delta = -a * grad
-        if noise is not None:
-            delta = delta + noise_std * (2 * a).sqrt() * noise[k]
-        x = x + delta * update_mask
-    return x
 
 
 def _trainable(model: EnergyViT) -> list[Tensor]:
@@ -210,7 +187,7 @@ class CompiledTrainStep:
     ``compiled_graphs()`` counts the graphs compiled so far.
     """
 
-    def __init__(self, model: EnergyViT, opts: LossOptions = LossOptions(), generator: torch.Generator | None = None,
+    def __init__(self, model: EnergyViT, opts: EnergyOptions = EnergyOptions(), generator: torch.Generator | None = None,
                  verify_first_step: bool = True, pad_batches: bool = True, max_graphs: int = 4,
                  **compile_kwargs) -> None:
         self.model, self.opts, self.generator = model, opts, generator
@@ -233,8 +210,10 @@ class CompiledTrainStep:
     def _loss_and_grads(self, clean: Tensor, image: Tensor, update_mask: Tensor, region: Tensor,
                         noise: Tensor | None):
         """The compiled function: unrolled restoration, loss and d loss / d params in one graph."""
-        restored = unrolled_restoration(self.model, image, update_mask, noise, self.opts.langevin_std, self.steps)
-        loss = restoration_loss(restored, clean, region, self.opts.norm_pix_patch)
+        restored, _, _ = descend(self.model, image, self.model.step_sizes[: self.steps], update_mask, noise,
+                                 self.opts.langevin_std, create_graph=True)
+        norm_pix_patch = self.model.cfg.patch_size if self.opts.norm_pix_loss else None
+        loss = restoration_loss(restored, clean, region, norm_pix_patch)
         grads = torch.autograd.grad(loss, _trainable(self.model), allow_unused=True)
         return loss.detach(), grads
 
@@ -242,9 +221,10 @@ class CompiledTrainStep:
         """Inputs of _loss_and_grads at batch size n (>= the real batch; padding rows weigh 0)."""
         image = corrupted.image
         update_mask = _full_mask(image, corrupted.update_mask)
-        region = corrupted.loss_mask if self.opts.region == "corrupted" else torch.ones_like(update_mask)
-        return _plain(_pad(clean, n), _pad(image, n), _pad(update_mask, n), _pad(region, n, zeros=True),
-                         _pad(noise, n, dim=1, zeros=True))
+        region = corrupted.loss_mask if self.opts.loss_region == "corrupted" else torch.ones_like(update_mask)
+        clean, image, update_mask, region, noise = _plain(_pad(clean, n), _pad(image, n), _pad(update_mask, n),
+                                                          _pad(region, n, zeros=True), _pad(noise, n, dim=1, zeros=True))
+        return clean, image.detach().requires_grad_(True), update_mask, region, noise
 
     def _attach(self, loss: Tensor, grads) -> Tensor:
         params = _trainable(self.model)
@@ -269,7 +249,7 @@ class CompiledTrainStep:
         if clean.shape != image.shape:
             raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(image.shape)} differ in shape")
         batch = image.shape[0]
-        noise = _draw_noise(image, self.steps, self.opts.langevin_std, generator)
+        noise = draw_noise(image, self.steps, self.opts.langevin_std, generator)
         n = self.sizes.target(batch)
         if n is None:
             _warn_once("sizes", f"energyvit compile: batch size {batch} is beyond the {self.sizes.max_graphs} "
@@ -305,7 +285,7 @@ class CompiledTrainStep:
         return ""
 
 
-def compiled_train_step(model: EnergyViT, opts: LossOptions = LossOptions(), generator: torch.Generator | None = None,
+def compiled_train_step(model: EnergyViT, opts: EnergyOptions = EnergyOptions(), generator: torch.Generator | None = None,
                         **kwargs) -> CompiledTrainStep:
     """A compiled ``step_fn(clean, corrupted, generator=None) -> loss`` for ``methods.EnergyMethod.step_loss``.
 
@@ -336,55 +316,36 @@ class CompiledRestore:
         return _count_graphs(self._traced)
 
     def _restore(self, x: Tensor, update_mask: Tensor, noise: Tensor | None, noise_std: float, steps: int):
-        model = self.model
-        step_sizes = model.step_sizes.detach()
-        trajectory, energies = [x], []
-        for k in range(steps):
-            xk = x.detach().requires_grad_(True)
-            energy = model(xk)
-            (grad,) = torch.autograd.grad(energy.sum(), xk)
-            energies.append(energy.detach())
-            a = step_sizes[k]
-            delta = -a * grad
-            if noise is not None:
-                delta = delta + noise_std * (2 * a).sqrt() * noise[k]
-            x = (x + delta * update_mask).detach()
-            trajectory.append(x)
-        with torch.no_grad():
-            energies.append(model(x))
+        """The compiled function: inference restoration; x requires grad (see the module docstring)."""
+        _, trajectory, energies = descend(self.model, x, self.model.step_sizes[:steps].detach(), update_mask, noise,
+                                          noise_std, create_graph=False)
         return torch.stack(trajectory), torch.stack(energies)
 
     def __call__(self, corrupted: Tensor, update_mask: Tensor | None = None, steps: int | None = None,
                  noise_std: float = 0.0, generator: torch.Generator | None = None) -> Restoration:
-        model = self.model
-        K = model.cfg.restore_steps if steps is None else steps
         if self.mode == "eager":
-            return restore(model, corrupted, update_mask, K, False, noise_std, generator)
-        if not 1 <= K <= model.restore_log_step.numel():
-            raise ValueError(f"steps must be in 1..{model.restore_log_step.numel()} (the model's restore_steps), got {K}")
-        model.check_input(corrupted)
-        if update_mask is not None and (update_mask.ndim != 4 or update_mask.shape[2:] != corrupted.shape[2:]):
-            raise ValueError(f"update_mask of shape {tuple(update_mask.shape)} does not match images {tuple(corrupted.shape)}")
+            return restore(self.model, corrupted, update_mask, steps, False, noise_std, generator)
+        K = check_restore_inputs(self.model, corrupted, update_mask, steps)
         batch = corrupted.shape[0]
-        noise = _draw_noise(corrupted, K, noise_std, generator)
+        noise = draw_noise(corrupted, K, noise_std, generator)
         mask = _full_mask(corrupted, update_mask)
         mask = mask.expand(batch, *mask.shape[1:])  # a mask may broadcast over the batch
         n = self.sizes.target(batch)
-        args = (corrupted.detach(), mask, noise, float(noise_std), K)
+        x, std = corrupted.detach(), float(noise_std)
         if n is None:
             _warn_once("sizes-restore", f"energyvit compiled restore: batch size {batch} is beyond the "
                        f"{self.sizes.max_graphs} compiled sizes; such batches restore eagerly")
-            trajectory, energies = self._restore(*args)
+            trajectory, energies = self._restore(x.requires_grad_(True), mask, noise, std, K)
         else:
-            padded = _plain(_pad(args[0], n), _pad(mask, n), _pad(noise, n, dim=1, zeros=True)) + args[3:]
+            xp, maskp, noisep = _plain(_pad(x, n), _pad(mask, n), _pad(noise, n, dim=1, zeros=True))
             try:
                 with _trace_autograd():
-                    trajectory, energies = self._compiled(*padded)
+                    trajectory, energies = self._compiled(xp.requires_grad_(True), maskp, noisep, std, K)
                 self.sizes.compiled.add(n)
             except _COMPILE_ERRORS as e:
                 _warn_once("fallback-restore", f"energyvit compiled restore failed ({type(e).__name__}); restoring eagerly")
                 self.mode = "eager"
-                trajectory, energies = self._restore(*args)
+                trajectory, energies = self._restore(x.requires_grad_(True), mask, noise, std, K)
             trajectory, energies = trajectory[:, :batch], energies[:, :batch]
         return Restoration(restored=trajectory[-1], steps=list(trajectory.unbind(0)), energies=energies)
 

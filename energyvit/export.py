@@ -1,4 +1,4 @@
-"""`energyvit export`: a pretrained energy ViT as a .safetensors file.
+"""A pretrained energy ViT as a .safetensors file (the `energyvit export` command).
 
 By default the file holds the encoder only, under timm's VisionTransformer key names, so that
 `timm.create_model("vit_base_patch16_224", num_classes=0, checkpoint_path=FILE)` loads it with
@@ -15,15 +15,13 @@ the values stored in the metadata (`pixel_mean`, `pixel_std`).
 """
 from __future__ import annotations
 
-import argparse
 import json
-from argparse import Namespace
 from pathlib import Path
 
 from torch import Tensor
 
-from energyvit.checkpoint import ENERGY_ONLY_KEYS, atomic_write, load_model
-from energyvit.model import EnergyViT, EnergyViTConfig, config_to_dict
+from energyvit.checkpoint import atomic_write, load_model
+from energyvit.model import ENERGY_ONLY_KEYS, EnergyViT, EnergyViTConfig, config_to_dict
 
 # (embed_dim, depth, num_heads) of the timm ViTs that share our named architectures
 TIMM_ARCHS = {(192, 12, 3): "vit_tiny", (384, 12, 6): "vit_small", (768, 12, 12): "vit_base",
@@ -76,25 +74,3 @@ def export(checkpoint: str | Path, output: str | Path, full: bool = False) -> di
     blob = save(export_tensors(model, full), metadata=metadata)
     atomic_write(output, lambda f: f.write(blob))
     return metadata
-
-
-def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint-last.pth of `energyvit pretrain` (or a --full export)")
-    p.add_argument("--output", "-o", required=True, help="FILE.safetensors to write")
-    p.add_argument("--full", action="store_true",
-                   help="keep the energy readout and step sizes too (for restore/probe/finetune), not timm-only")
-
-
-def run(args: Namespace) -> dict[str, str]:
-    meta = export(args.checkpoint, args.output, args.full)
-    kwargs = json.loads(meta["timm_kwargs"])
-    if args.full:
-        print(f"wrote {args.output}: the full energy model (encoder, energy readout, step sizes) and its config")
-    else:
-        name = meta["timm_model"]
-        how = (f"timm.create_model({name!r}, num_classes=0, in_chans={kwargs['in_chans']}, checkpoint_path=...)"
-               if name else f"timm.models.vision_transformer.VisionTransformer(**{kwargs}) + load_state_dict")
-        print(f"wrote {args.output}: encoder with timm VisionTransformer keys; load with {how}")
-        print(f"inputs for timm: (x - pixel_mean) / pixel_std with pixel_mean {meta['pixel_mean']}, "
-              f"pixel_std {meta['pixel_std']} (x in [0, 1])")
-    return meta

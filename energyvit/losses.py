@@ -1,5 +1,8 @@
-"""The restoration loss: mean squared error between restored and clean images over a region."""
+"""The restoration loss, mean squared error between restored and clean images over a region, and
+its peak signal-to-noise ratio."""
 from __future__ import annotations
+
+import math
 
 from torch import Tensor
 
@@ -34,3 +37,13 @@ def restoration_loss(
         return err.mean()
     region = region.expand_as(err)
     return (err * region).sum() / region.sum().clamp_min(1.0)
+
+
+def psnr(mse: float) -> float:
+    """Peak signal-to-noise ratio in dB of a mean squared error on [0, 1] pixels."""
+    return 10.0 * math.log10(1.0 / mse) if mse > 0 else math.inf
+
+
+def with_psnr(errors: dict[str, float]) -> dict[str, float]:
+    """mse_corrupted / mse_restored plus their PSNRs."""
+    return errors | {"psnr_corrupted": psnr(errors["mse_corrupted"]), "psnr_restored": psnr(errors["mse_restored"])}

@@ -11,15 +11,20 @@ mean/std of its config, so corruptions, noise levels and losses are all stated i
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from energyvit.attention import BACKENDS, attention
+from energyvit.options import OptionError, check_fields, in_range, non_negative, option, positive
 
 ENERGY_READOUTS = ("norm", "linear", "cls")
+# Parameter names timm's VisionTransformer has no place for: the `linear` readout, the energy
+# head's blocks and the step sizes.
+ENERGY_ONLY_KEYS = ("energy_head.", "energy_embed.", "energy_pos_embed", "energy_blocks.", "restore_log_step")
+HEAD_DIM = 32  # width of one attention head in the energy head's blocks (as MAE's decoder)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -33,7 +38,9 @@ class EnergyViTConfig:
     depth: int = 12
     num_heads: int = 12
     mlp_ratio: float = 4.0
-    energy: str = "norm"  # readout: see EnergyViT.energy_from_features
+    energy: str = "norm"  # readout: see EnergyViT.energy_from_tokens
+    energy_head_depth: int = 0  # transformer blocks between the encoder's features and the readout
+    energy_head_dim: int = 0  # their width; 0: the encoder's
     restore_steps: int = 2  # K, gradient steps of restoration (1..8)
     step_size_init: float = 1.0  # initial a_k for every step
     attn_backend: str = "math"
@@ -49,6 +56,11 @@ class EnergyViTConfig:
             raise ValueError(f"unknown energy readout {self.energy!r}; choose one of {', '.join(ENERGY_READOUTS)}")
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {self.attn_backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.energy_head_depth < 0 or self.energy_head_dim < 0 or self.energy_head_dim % 4:
+            raise ValueError(f"energy head depth and width must be >= 0, the width a multiple of 4, got "
+                             f"{self.energy_head_depth} and {self.energy_head_dim}")
+        if self.energy_head_depth and self.energy == "linear":
+            raise ValueError("the linear readout reads the encoder's final norm; with an energy head use norm or cls")
         if not 1 <= self.restore_steps <= 8:
             raise ValueError(f"restore_steps must be in 1..8, got {self.restore_steps}")
         if self.step_size_init <= 0:
@@ -62,6 +74,11 @@ class EnergyViTConfig:
     @property
     def num_patches(self) -> int:
         return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        """Width of the energy head's blocks."""
+        return self.energy_head_dim or self.embed_dim
 
 
 # Named architectures. The small ones are sized for CPU runs on the embedded digits.
@@ -85,6 +102,40 @@ def model_config(name: str, **overrides) -> EnergyViTConfig:
     if chans != 3 and "pixel_mean" not in args:  # ImageNet stats only fit RGB
         args["pixel_mean"], args["pixel_std"] = (0.5,) * chans, (0.5,) * chans
     return EnergyViTConfig(**args)
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """The architecture and energy of a new model (a resumed run takes its checkpoint's)."""
+
+    model: str = option("vit_nano_patch4", "architecture name", choices=tuple(MODEL_ARCHS))
+    input_size: int | None = option(None, "image size (default: the model's)", parse=int, rule=positive)
+    energy: str = option("norm", "energy readout: norm (half the squared norm of each patch token of the last "
+                         "block, over its width, summed), linear (a learned linear map of each normalized patch token, "
+                         "summed) or cls (the class token's half squared norm, times the number of patches)",
+                         choices=ENERGY_READOUTS)
+    energy_head_depth: int = option(0, "transformer blocks that only the energy reads, between the encoder's "
+                                    "normalized features and the readout (0: none; not exported)", rule=non_negative)
+    energy_head_dim: int = option(0, "width of the energy head's blocks (0: the encoder's)", rule=non_negative)
+    restore_steps: int = option(1, "K, gradient steps of restoration (1..8)", rule=in_range(1, 8), metavar="K")
+    step_size_init: float = option(1.0, "initial step size a_k (a_k = exp(learned log step))", rule=positive)
+    fused: bool = option(False, "fused Triton attention (needs triton and a CUDA GPU, or TRITON_INTERPRET=1 on CPU)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        patch = MODEL_ARCHS[self.model].get("patch_size", EnergyViTConfig.patch_size)
+        if self.input_size is not None and self.input_size % patch:
+            raise OptionError("input_size", self.input_size, f"a multiple of {self.model}'s patch size {patch}")
+        if self.energy_head_dim % 4:
+            raise OptionError("energy_head_dim", self.energy_head_dim, "a multiple of 4")
+        if self.energy == "linear" and self.energy_head_depth:
+            raise OptionError("energy", self.energy, "norm or cls with an energy head (--energy_head_depth)")
+
+    def config(self, in_chans: int, pixel_mean=None, pixel_std=None) -> EnergyViTConfig:
+        return model_config(self.model, img_size=self.input_size, in_chans=in_chans, energy=self.energy,
+                            energy_head_depth=self.energy_head_depth, energy_head_dim=self.energy_head_dim,
+                            restore_steps=self.restore_steps, step_size_init=self.step_size_init,
+                            attn_backend="fused" if self.fused else "math", pixel_mean=pixel_mean, pixel_std=pixel_std)
 
 
 class PatchEmbed(nn.Module):
@@ -176,6 +227,16 @@ class EnergyViT(nn.Module):
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         # No bias: a constant shift of the energy has no gradient, so it could never train.
         self.energy_head = nn.Linear(cfg.embed_dim, 1, bias=False) if cfg.energy == "linear" else None
+        self.energy_embed = self.energy_pos_embed = self.energy_blocks = None
+        if cfg.energy_head_depth:
+            # Blocks that only the energy reads, fed the encoder's normalized features (as MAE's
+            # decoder is): the readout's demands fall on them, not on the features themselves.
+            dh = cfg.head_dim
+            self.energy_embed = nn.Linear(cfg.embed_dim, dh)
+            head_pos = torch.cat([torch.zeros(1, dh), sincos_pos_embed(dh, grid)])
+            self.energy_pos_embed = nn.Parameter(head_pos.unsqueeze(0), requires_grad=False)
+            head_cfg = replace(cfg, embed_dim=dh, num_heads=max(1, dh // HEAD_DIM), energy_head_depth=0)
+            self.energy_blocks = nn.ModuleList(Block(head_cfg) for _ in range(cfg.energy_head_depth))
         # a_k = exp(restore_log_step[k]) keeps every step size positive.
         self.restore_log_step = nn.Parameter(torch.full((cfg.restore_steps,), math.log(cfg.step_size_init)))
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, -1, 1, 1), persistent=False)
@@ -187,6 +248,18 @@ class EnergyViT(nn.Module):
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         init_linear_and_norm(self.modules())
+
+    def energy_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the energy alone (readout head, step sizes), not of the encoder."""
+        return [p for n, p in self.named_parameters() if n.startswith(ENERGY_ONLY_KEYS)]
+
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Parameters the energy never reads: the final norm, except for the `linear` readout and an
+        energy head. The norm and cls readouts take the residual stream before it (after it every
+        token's norm is fixed), so it never gets a gradient; the encoder's features still end with
+        it (timm)."""
+        reads_norm = self.cfg.energy == "linear" or self.cfg.energy_head_depth > 0
+        return [] if reads_norm else list(self.norm.parameters())
 
     @property
     def step_sizes(self) -> Tensor:
@@ -236,7 +309,13 @@ class EnergyViT(nn.Module):
         one global token must then carry everything the energy knows about the image.
         Norms are taken before the final LayerNorm (after it every token's norm is fixed), and
         scale with the number of patches so dE/dx per pixel does not depend on image size.
+        With an energy head, its blocks first map the normalized features norm(z), and the readout
+        takes their residual stream instead.
         """
+        if self.energy_blocks is not None:
+            z = self.energy_embed(self.norm(z)) + self.energy_pos_embed
+            for block in self.energy_blocks:
+                z = block(z)
         D = z.shape[-1]
         if self.cfg.energy == "norm":
             return 0.5 * z[:, 1:].pow(2).sum(dim=(1, 2)) / D
@@ -259,7 +338,9 @@ def config_to_dict(cfg: EnergyViTConfig) -> dict:
 
 
 def config_from_dict(d: dict) -> EnergyViTConfig:
-    d = dict(d)
-    for key in ("pixel_mean", "pixel_std"):
-        d[key] = tuple(d[key])
+    """The config saved by config_to_dict; ValueError for entries EnergyViTConfig does not have."""
+    unknown = sorted(set(d) - {f.name for f in fields(EnergyViTConfig)})
+    if unknown:
+        raise ValueError(f"unknown model config entries: {', '.join(map(str, unknown))}")
+    d = {k: tuple(v) if k in ("pixel_mean", "pixel_std") else v for k, v in d.items()}
     return replace(EnergyViTConfig(), **d)

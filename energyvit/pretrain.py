@@ -1,50 +1,90 @@
 """The pretraining job: data, model, optimizer, epochs, checkpoints, logs, final evaluation.
 
 Runs as one process or under torchrun (one process per device, DistributedDataParallel). Only
-rank 0 writes files and prints.
+rank 0 writes files and prints. `run(PretrainOptions(...))` is the whole job; the `energyvit
+pretrain` command builds the options from its flags.
 """
 from __future__ import annotations
 
 import resource
 import signal
+import sys
 import time
-from argparse import Namespace
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from energyvit.checkpoint import load_checkpoint, save_checkpoint, save_json
+from energyvit.checkpoint import load_pretrain_checkpoint, load_weights, save_checkpoint, save_json
+from energyvit.data.splits import DataOptions, DataSplits, load_splits
 from energyvit.distributed import DistInfo, all_ranks_true, barrier, init_distributed, shutdown, wrap_ddp
-from energyvit.engine import EpochPlan, LossOptions, StepLoss, TrainingDiverged, cosine_lr, train_one_epoch
-from energyvit.methods import EnergyMethod, MAEMethod
-from energyvit.model import EnergyViT, config_from_dict, config_to_dict, model_config
-from energyvit.pretrain_data import PretrainData, load_pretrain_data, probe_accuracies
+from energyvit.evaluation.features import POOLINGS
+from energyvit.evaluation.probes import probe_accuracies
+from energyvit.metrics import MetricsLogger
+from energyvit.methods import METHODS
+from energyvit.methods.base import PretrainingMethod
+from energyvit.methods.energy import EnergyMethod
+from energyvit.methods.mae import MAEMethod, MAEOptions
+from energyvit.model import EnergyViT, EnergyViTConfig, ModelOptions, config_from_dict, config_to_dict, model_config
+from energyvit.objective import EnergyOptions
+from energyvit.options import OptionError, check_fields, device, non_negative, option, positive
+from energyvit.progress import Progress
 from energyvit.sampling import EpochSampler
-from energyvit.tasks import build_mixture
+from energyvit.tasks import TaskOptions, build_mixture
+from energyvit.training import EpochPlan, LossTrend, StepLoss, TrainingDiverged, TrainOptions, cosine_lr, \
+    param_groups, train_one_epoch
+from energyvit.visualize import save_restoration_grid
 
 CHECKPOINT_NAME = "checkpoint-last.pth"
 EPOCH_EVAL_IMAGES = 128  # held-out images behind each epoch's restoration metrics and pictures
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, tokens and step sizes (1-d parameters), as MAE."""
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 or p.shape[0] == 1 else decay).append(p)
-    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+@dataclass(frozen=True)
+class RunOptions:
+    """What a pretraining run is and where it writes."""
+
+    method: str = option("energy", "energy: this project's method; mae: the MAE baseline on the same encoder",
+                         choices=METHODS)
+    compile: bool = option(False, "torch.compile the whole training step (exact second-order gradients; eager "
+                           "fallback with a warning)")
+    device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available, else cpu)", parse=str,
+                                rule=device)
+    output_dir: str = option("./output_dir", "where checkpoints, logs, pictures and summary.json go", metavar="DIR")
+    resume: str = option("", "checkpoint to continue from", metavar="CHECKPOINT")
+    save_every: int = option(0, "also keep checkpoint-NNNN.pth every this many epochs (0: off)", rule=non_negative)
+    checkpoint_minutes: float = option(30.0, "mid-epoch checkpoint-last.pth at most this many minutes apart "
+                                       "(0: only at epoch ends)", rule=non_negative)
+    grid_rows: int = option(8, "images per PNG restoration grid each epoch (0: none)", rule=non_negative)
+    tensorboard: bool = option(True, "TensorBoard event files when tensorboard is installed")
+    probe_pool: str | None = option(None, "features of the final linear probe (default: tokens on the digits, mean "
+                                    "otherwise)", parse=str, choices=POOLINGS)
+    probe_images: int = option(10000, "training images the final probe fits on", rule=positive)
+    num_threads: int = option(0, "torch CPU threads (0: torch's default)", rule=non_negative)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
-def build_model(args: Namespace, pixel_mean, pixel_std, in_chans: int) -> EnergyViT:
-    cfg = model_config(
-        args.model, img_size=args.input_size, in_chans=in_chans, energy=args.energy,
-        restore_steps=args.restore_steps, step_size_init=args.step_size_init,
-        attn_backend="fused" if args.fused else "math", pixel_mean=pixel_mean, pixel_std=pixel_std,
-    )
-    return EnergyViT(cfg)
+@dataclass(frozen=True)
+class PretrainOptions:
+    """Every option of a pretraining run, one group per concern."""
+
+    data: DataOptions = field(default_factory=DataOptions)
+    model: ModelOptions = field(default_factory=ModelOptions)
+    tasks: TaskOptions = field(default_factory=TaskOptions)
+    energy: EnergyOptions = field(default_factory=EnergyOptions)
+    mae: MAEOptions = field(default_factory=MAEOptions)
+    train: TrainOptions = field(default_factory=TrainOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    def __post_init__(self) -> None:
+        if self.run.compile and self.run.method != "energy":
+            raise OptionError("compile", True, f"left off with --method {self.run.method} (it compiles the energy step)")
+
+    def flat(self) -> dict:
+        """Every option by its flag name, as checkpoints keep them ("args")."""
+        return {k: v for group in asdict(self).values() for k, v in group.items()}
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -85,10 +125,10 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
-def run(args: Namespace) -> dict | None:
-    dist_info, device = init_distributed(args.device)
+def run(options: PretrainOptions) -> dict | None:
+    dist_info, device = init_distributed(options.run.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        return _run(args, dist_info, device)
+        return _run(options, dist_info, device)
     finally:
         shutdown(dist_info)
 
@@ -96,8 +136,9 @@ def run(args: Namespace) -> dict | None:
 @dataclass
 class Training:
     """Everything the epoch loop needs, built by setup()."""
-    method: EnergyMethod | MAEMethod
-    data: PretrainData
+    options: PretrainOptions
+    method: PretrainingMethod
+    data: DataSplits
     optimizer: torch.optim.Optimizer
     lr: float
     steps_per_epoch: int
@@ -106,7 +147,6 @@ class Training:
     global_step: int  # and the optimizer steps done in all
     step_loss: StepLoss
     ddp: torch.nn.Module | None
-    restore_fn: Callable | None  # compiled inference restoration, or None for eager
     autocast_dtype: torch.dtype | None
     model_name: str
 
@@ -114,138 +154,157 @@ class Training:
     def encoder(self) -> EnergyViT:
         return self.method.encoder
 
-    def checkpoint(self, args: Namespace, epoch: int, step_in_epoch: int, global_step: int) -> dict:
+    def checkpoint(self, epoch: int, step_in_epoch: int, global_step: int) -> dict:
         """The checkpoint of the position (epoch, steps of it done, steps done in all)."""
         return {"model": self.encoder.state_dict(), "model_config": config_to_dict(self.encoder.cfg),
                 "optimizer": self.optimizer.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "steps_per_epoch": self.steps_per_epoch, "global_step": global_step, "args": vars(args),
+                "steps_per_epoch": self.steps_per_epoch, "global_step": global_step, "args": self.options.flat(),
                 "method": self.method.name, "data": self.data.description, **self.method.checkpoint_extra()}
 
 
-def setup(args: Namespace, dist_info: DistInfo, device: torch.device) -> Training:
+def warn_ignored_model_flags(model_opts: ModelOptions, name: str, arch: EnergyViTConfig, path: str) -> None:
+    """A resumed run takes its architecture from the checkpoint: say so for model flags that were
+    changed from their defaults to something else."""
+    saved = {"model": name, "input_size": arch.img_size, "energy": arch.energy, "restore_steps": arch.restore_steps,
+             "step_size_init": arch.step_size_init, "energy_head_depth": arch.energy_head_depth,
+             "energy_head_dim": arch.energy_head_dim}
+    defaults = ModelOptions()
+    ignored = [f"--{k} {getattr(model_opts, k)}" for k, v in saved.items()
+               if getattr(model_opts, k) != getattr(defaults, k) and getattr(model_opts, k) != v]
+    if ignored:
+        print(f"energyvit pretrain: warning: {', '.join(ignored)} ignored: a resumed run keeps the architecture of "
+              f"{path} ({name}, {arch.img_size}px, energy {arch.energy}, K={arch.restore_steps})", file=sys.stderr)
+
+
+def build_method(options: PretrainOptions, model: EnergyViT, data: DataSplits) -> PretrainingMethod:
+    if options.run.method == "energy":
+        mixture = build_mixture(options.tasks, model.cfg.patch_size, data.in_chans)
+        return EnergyMethod(model, mixture, options.energy, compiled=options.run.compile)
+    return MAEMethod(model, options.mae)
+
+
+def setup(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -> Training:
     """Data, method, optimizer and the position to start from (a resumed run: the checkpoint's,
-    with its architecture); DDP and compilation when asked."""
-    resume_state = load_checkpoint(args.resume) if args.resume else None
-    model_name = resume_state["args"]["model"] if resume_state is not None else args.model
-    arch = (config_from_dict(resume_state["model_config"]) if resume_state is not None
-            else model_config(args.model, img_size=args.input_size))
-    data = load_pretrain_data(args, arch.img_size, arch.in_chans if resume_state is not None else None)
-    mixture = build_mixture(
-        args.tasks, patch_size=arch.patch_size, in_chans=data.in_chans,
-        mask_ratio=args.mask_ratio, mask_fill=args.mask_fill, sort_fraction=args.sort_fraction,
-        sr_factor=args.sr_factor, noise_sigma=args.noise_sigma,
-    )
-    opts = LossOptions(region=args.loss_region, langevin_std=args.langevin_std,
-                       norm_pix_patch=arch.patch_size if args.norm_pix_loss else None)
-    model = EnergyViT(arch) if resume_state is not None else build_model(args, *data.pixel_stats(), data.in_chans)
-    method_name = resume_state.get("method", "energy") if resume_state is not None else args.method
-    if method_name != args.method:
-        raise ValueError(f"{args.resume} was pretrained with --method {method_name}, not {args.method}")
-    method = (EnergyMethod(model, mixture, opts) if args.method == "energy"
-              else MAEMethod(model, args.mae_mask_ratio, args.norm_pix_loss))
+    with its architecture); DDP when asked."""
+    run_opts, train_opts = options.run, options.train
+    resume_state = load_pretrain_checkpoint(run_opts.resume) if run_opts.resume else None
+    if resume_state is not None:
+        model_name = resume_state["args"]["model"]
+        try:  # the attention backend is how it runs, not what it is: --fused decides
+            arch = replace(config_from_dict(resume_state["model_config"]),
+                           attn_backend="fused" if options.model.fused else "math")
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{run_opts.resume} has an unusable model config: {e}") from None
+        warn_ignored_model_flags(options.model, model_name, arch, run_opts.resume)
+    else:
+        model_name, arch = options.model.model, model_config(options.model.model, img_size=options.model.input_size)
+    data = load_splits(options.data, arch.img_size, arch.in_chans if resume_state is not None else None)
+    model = EnergyViT(arch) if resume_state is not None else EnergyViT(options.model.config(data.in_chans,
+                                                                                           *data.pixel_stats()))
+    method_name = resume_state.get("method", "energy") if resume_state is not None else run_opts.method
+    if method_name != run_opts.method:
+        raise ValueError(f"{run_opts.resume} was pretrained with --method {method_name}, not {run_opts.method}")
+    method = build_method(options, model, data)
     method.module.to(device)
-    per_step = args.batch_size * args.accum_iter
-    lr = args.lr if args.lr is not None else args.blr * per_step * dist_info.world_size / 256
-    optimizer = torch.optim.AdamW(param_groups(method.module, args.weight_decay), lr=lr, betas=(0.9, 0.95))
-    steps_per_epoch = EpochSampler(data.num_train, per_step, args.seed, 0, 0, dist_info.world_size).steps
+    lr = train_opts.lr_for(dist_info.world_size)
+    optimizer = torch.optim.AdamW(param_groups(method.module, train_opts.weight_decay), lr=lr, betas=(0.9, 0.95))
+    per_step = train_opts.batch_size * train_opts.accum_iter
+    steps_per_epoch = EpochSampler(data.num_train, per_step, train_opts.seed, 0, 0, dist_info.world_size).steps
     epoch, step_in_epoch, global_step = 0, 0, 0
     if resume_state is not None:
-        method.encoder.load_state_dict(resume_state["model"])
+        load_weights(method.encoder, resume_state["model"], run_opts.resume)
         method.load_extra(resume_state)
-        optimizer.load_state_dict(resume_state["optimizer"])
+        try:
+            optimizer.load_state_dict(resume_state["optimizer"])
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"{run_opts.resume}: its optimizer state does not fit this run ({e})") from None
         epoch, step_in_epoch, global_step = (resume_state[k] for k in ("epoch", "step_in_epoch", "global_step"))
         if resume_state["steps_per_epoch"] != steps_per_epoch and step_in_epoch not in (0, resume_state["steps_per_epoch"]):
-            raise ValueError(f"{args.resume} stopped mid-epoch at {resume_state['steps_per_epoch']} steps per epoch; "
-                             f"this run has {steps_per_epoch} (change of data, batch size, accum_iter or processes)")
+            raise ValueError(f"{run_opts.resume} stopped mid-epoch at {resume_state['steps_per_epoch']} steps per "
+                             f"epoch; this run has {steps_per_epoch} (change of data, batch size, accum_iter or "
+                             "processes)")
         if step_in_epoch >= resume_state["steps_per_epoch"]:
             epoch, step_in_epoch = epoch + 1, 0
 
     ddp = None
     if dist_info.enabled:
-        if args.compile:
+        if run_opts.compile:
             raise ValueError("--compile runs in a single process for now; drop it under torchrun")
         ddp = wrap_ddp(method.module, device)
-    step_fn = restore_fn = None
-    if args.compile:
-        if args.method != "energy":
-            raise ValueError("--compile applies to the energy method only")
-        from energyvit.compiled import compiled_restore, compiled_train_step
-
-        step_fn, restore_fn = compiled_train_step(method.encoder, opts), compiled_restore(method.encoder)
-    return Training(method, data, optimizer, lr, steps_per_epoch, epoch, step_in_epoch, global_step,
-                    method.step_loss(ddp, step_fn), ddp, restore_fn, amp_dtype(args.precision, device), model_name)
+    return Training(options, method, data, optimizer, lr, steps_per_epoch, epoch, step_in_epoch, global_step,
+                    method.step_loss(ddp), ddp, amp_dtype(train_opts.precision, device), model_name)
 
 
-def _run(args: Namespace, dist_info: DistInfo, device: torch.device) -> dict | None:
-    torch.manual_seed(args.seed)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    out = Path(args.output_dir)
+def _run(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -> dict | None:
+    torch.manual_seed(options.train.seed)
+    if options.run.num_threads:
+        torch.set_num_threads(options.run.num_threads)
+    out = Path(options.run.output_dir)
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    t = setup(args, dist_info, device)
-    model = t.encoder
+    t = setup(options, dist_info, device)
+    model, train_opts = t.encoder, options.train
     n_params = sum(p.numel() for p in t.method.module.parameters())
-    what = (f"tasks {args.tasks}, K={model.cfg.restore_steps}" if args.method == "energy"
-            else f"MAE baseline, mask ratio {args.mae_mask_ratio}")
+    what = (f"tasks {options.tasks.tasks}, K={model.cfg.restore_steps}" if options.run.method == "energy"
+            else f"MAE baseline, mask ratio {options.mae.mae_mask_ratio}")
     if dist_info.is_main:
         print(f"energyvit pretrain: {t.model_name} ({n_params / 1e6:.2f}M params, attention {model.cfg.attn_backend}), "
-              f"{t.data.description} at {model.cfg.img_size}px, {what}, "
-              f"batch {args.batch_size} x {args.accum_iter} accum x {dist_info.world_size} processes, lr {t.lr:.2e}, "
-              f"{'bf16 autocast' if t.autocast_dtype else 'fp32'} on {device}{', compiled' if args.compile else ''}",
+              f"{t.data.description} at {model.cfg.img_size}px, {what}, batch {train_opts.batch_size} x "
+              f"{train_opts.accum_iter} accum x {dist_info.world_size} processes, lr {t.lr:.2e}, "
+              f"{'bf16 autocast' if t.autocast_dtype else 'fp32'} on {device}{', compiled' if options.run.compile else ''}",
               flush=True)
-    train(t, args, dist_info, device, out)
+    train(t, dist_info, device, out)
     summary = None
     if dist_info.is_main:
-        summary = final_evaluation(t.method, t.data, args, t.model_name, t.restore_fn)
+        summary = final_evaluation(t)
         save_json(out / "summary.json", summary)
         print_summary(summary)
     barrier(dist_info)
     return summary
 
 
-def train(t: Training, args: Namespace, dist_info: DistInfo, device: torch.device, out: Path) -> None:
-    """The epochs from t's position to args.epochs: checkpoints, logs and pictures on rank 0.
+def train(t: Training, dist_info: DistInfo, device: torch.device, out: Path) -> None:
+    """The epochs from t's position to the last: checkpoints, logs and pictures on rank 0.
 
     Raises KeyboardInterrupt after saving when stopped by a signal, and TrainingDiverged (naming
     the last good checkpoint) on a non-finite loss."""
-    from energyvit.metrics import MetricsLogger
-    from energyvit.progress import Progress
-
+    train_opts, run_opts = t.options.train, t.options.run
     main = dist_info.is_main
     say = print if main else (lambda *a, **k: None)
     ckpt_path = out / CHECKPOINT_NAME
-    total, warmup = args.epochs * t.steps_per_epoch, args.warmup_epochs * t.steps_per_epoch
-    logger = MetricsLogger(out, args.tensorboard, purge_step=t.global_step or None) if main else None
+    total, warmup = train_opts.epochs * t.steps_per_epoch, train_opts.warmup_epochs * t.steps_per_epoch
+    logger = MetricsLogger(out, run_opts.tensorboard, purge_step=t.global_step or None) if main else None
     if logger is not None and logger.tensorboard_note:
         say(f"energyvit pretrain: {logger.tensorboard_note}")
     progress = Progress(total, first_step=t.global_step, desc="pretrain") if main else None
     epoch = t.epoch
     last_save = time.monotonic()
+    health = LossTrend()
 
     def on_step(global_step: int, step_in_epoch: int, info: dict) -> None:
         nonlocal last_save
         if progress is not None:
             progress.update(global_step, info["images"], loss=info["loss"])
-        minutes = args.checkpoint_minutes
+        minutes = run_opts.checkpoint_minutes
         if main and minutes and time.monotonic() - last_save > 60 * minutes and step_in_epoch < t.steps_per_epoch:
-            save_checkpoint(ckpt_path, t.checkpoint(args, epoch, step_in_epoch, global_step))
+            save_checkpoint(ckpt_path, t.checkpoint(epoch, step_in_epoch, global_step))
             last_save = time.monotonic()
 
     try:
         with StopRequest() as stop:
             stop_everywhere = lambda: not all_ranks_true(not stop.requested, dist_info, device)  # noqa: E731
             step_in_epoch, global_step = t.step_in_epoch, t.global_step
-            while epoch < args.epochs:
+            per_step = train_opts.batch_size * train_opts.accum_iter
+            while epoch < train_opts.epochs:
                 t0 = time.perf_counter()
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                sampler = EpochSampler(t.data.num_train, args.batch_size * args.accum_iter, args.seed, epoch,
-                                       dist_info.rank, dist_info.world_size, start_step=step_in_epoch)
-                loader = DataLoader(t.data.train, batch_size=args.batch_size, sampler=sampler,
+                sampler = EpochSampler(t.data.num_train, per_step, train_opts.seed, epoch, dist_info.rank,
+                                       dist_info.world_size, start_step=step_in_epoch)
+                loader = DataLoader(t.data.train, batch_size=train_opts.batch_size, sampler=sampler,
                                     num_workers=t.data.num_workers, pin_memory=device.type == "cuda", drop_last=True)
-                plan = EpochPlan(epoch, t.steps_per_epoch, step_in_epoch, global_step, args.accum_iter,
-                                 args.clip_grad, t.autocast_dtype, args.seed)
+                plan = EpochPlan(epoch, t.steps_per_epoch, step_in_epoch, global_step, train_opts.accum_iter,
+                                 train_opts.clip_grad, t.autocast_dtype, train_opts.seed)
                 stats = train_one_epoch(t.method.module, t.step_loss, loader, t.optimizer, plan,
                                         lambda s: cosine_lr(t.lr, s, total, warmup), t.method.task_names, dist_info,
                                         t.ddp, should_stop=stop_everywhere, on_step=on_step)
@@ -253,21 +312,29 @@ def train(t: Training, args: Namespace, dist_info: DistInfo, device: torch.devic
                 step_in_epoch += stats["steps"]
                 if stats["stopped"] and step_in_epoch < t.steps_per_epoch:
                     if main:
-                        save_checkpoint(ckpt_path, t.checkpoint(args, epoch, step_in_epoch, global_step))
+                        save_checkpoint(ckpt_path, t.checkpoint(epoch, step_in_epoch, global_step))
                     say(f"energyvit pretrain: stopped at epoch {epoch} step {step_in_epoch}/{t.steps_per_epoch}; "
                         f"continue with --resume {ckpt_path}", flush=True)
                     raise KeyboardInterrupt
                 if main:
-                    record = epoch_record(t.method, t.data, stats, epoch, global_step, t.optimizer,
-                                          time.perf_counter() - t0, device, out, args.grid_rows, logger, t.restore_fn)
-                    step_sizes = f"  a_k {record['step_sizes']}" if "step_sizes" in record else ""
-                    say(f"epoch {epoch + 1}/{args.epochs}  loss {stats['loss']:.4f}  "
-                        f"{record['images_per_s']:.0f} img/s{step_sizes}", flush=True)
-                    state = t.checkpoint(args, epoch, t.steps_per_epoch, global_step)
+                    seconds = time.perf_counter() - t0
+                    state = t.checkpoint(epoch, t.steps_per_epoch, global_step)  # first: nothing below can lose it
                     save_checkpoint(ckpt_path, state)
-                    if args.save_every and (epoch + 1) % args.save_every == 0:
+                    if run_opts.save_every and (epoch + 1) % run_opts.save_every == 0:
                         save_checkpoint(out / f"checkpoint-{epoch + 1:04d}.pth", state)
                     last_save = time.monotonic()
+                    warnings = health.check(stats["loss"]) + t.method.warnings()
+                    for w in warnings:
+                        say(f"energyvit pretrain: warning: epoch {epoch + 1}: {w}", file=sys.stderr, flush=True)
+                    try:
+                        epoch_record(t, stats, epoch, global_step, seconds, device, out, logger, warnings)
+                    except Exception as e:  # noqa: BLE001  (the epoch is saved; its log or pictures are not)
+                        say(f"energyvit pretrain: warning: epoch {epoch + 1}'s log or pictures could not be written "
+                            f"({type(e).__name__}: {e}); its checkpoint was", file=sys.stderr, flush=True)
+                    step_sizes = t.method.record().get("step_sizes")
+                    say(f"epoch {epoch + 1}/{train_opts.epochs}  loss {stats['loss']:.4f}  "
+                        f"{stats['images'] / seconds:.0f} img/s{f'  a_k {step_sizes}' if step_sizes else ''}",
+                        flush=True)
                 barrier(dist_info)
                 epoch, step_in_epoch = epoch + 1, 0
                 if stop_everywhere():  # asked after the epoch's last step
@@ -284,23 +351,23 @@ def train(t: Training, args: Namespace, dist_info: DistInfo, device: torch.devic
             logger.close()
 
 
-def epoch_record(method, data: PretrainData, stats: dict, epoch: int, global_step: int, optimizer, seconds: float,
-                 device: torch.device, out: Path, grid_rows: int, logger, restore_fn) -> dict:
+def epoch_record(t: Training, stats: dict, epoch: int, global_step: int, seconds: float, device: torch.device,
+                 out: Path, logger: MetricsLogger, warnings: list[str]) -> dict:
     """One JSON-lines record of an epoch (and its PNG grids): training losses, held-out restoration
     PSNR (and energies) per task on a fixed subset, step sizes, gradient norm, lr, throughput, memory."""
-    from energyvit.visualize import save_restoration_grid
-
+    grid_rows = t.options.run.grid_rows
     t0 = time.perf_counter()
-    tasks, samples = method.evaluate(data.held_out.images[:EPOCH_EVAL_IMAGES], seed=1, keep_samples=grid_rows,
-                                     restore_fn=restore_fn)
+    tasks, samples = t.method.evaluate(t.data.held_out.images[:EPOCH_EVAL_IMAGES], seed=1, keep_samples=grid_rows)
     eval_seconds = time.perf_counter() - t0
     for name, r in tasks.items():
         if f"loss_{name}" in stats:
             r["train_loss"] = stats[f"loss_{name}"]
-    record = {"epoch": epoch, "step": global_step, "loss": stats["loss"], "tasks": tasks, **method.record(),
-              "grad_norm": stats["grad_norm"], "lr": optimizer.param_groups[0]["lr"],
+    record = {"epoch": epoch, "step": global_step, "loss": stats["loss"], "tasks": tasks, **t.method.record(),
+              "grad_norm": stats["grad_norm"], "lr": t.optimizer.param_groups[0]["lr"],
               "images_per_s": stats["images"] / seconds, "epoch_s": seconds, "eval_s": eval_seconds,
               "peak_memory_mib": peak_memory_mib(device), "skipped_files": stats["skipped_files"]}
+    if warnings:
+        record["warnings"] = warnings
     logger.log(record, step=global_step)
     for name, (corrupted, steps, clean) in samples.items():
         path = out / "pictures" / f"epoch{epoch + 1:04d}-{name}.png"
@@ -309,19 +376,21 @@ def epoch_record(method, data: PretrainData, stats: dict, epoch: int, global_ste
     return record
 
 
-def final_evaluation(method, data: PretrainData, args: Namespace, model_name: str, restore_fn) -> dict:
-    restoration, _ = method.evaluate(data.held_out.images, seed=args.seed + 1, restore_fn=restore_fn)
-    probes = probe_accuracies(method.encoder, data, args.probe_pool or data.default_probe_pool, seed=args.seed + 2,
-                              probe_images=args.probe_images)
-    return {**probes, "tasks": restoration, "model": model_name, "epochs": args.epochs, "seed": args.seed,
+def final_evaluation(t: Training) -> dict:
+    options, method, data = t.options, t.method, t.data
+    seed = options.train.seed
+    restoration, _ = method.evaluate(data.held_out.images, seed=seed + 1)
+    probes = probe_accuracies(method.encoder, data, options.run.probe_pool or data.default_probe_pool, seed=seed + 2,
+                              probe_images=options.run.probe_images)
+    return {**probes, "tasks": restoration, "model": t.model_name, "epochs": options.train.epochs, "seed": seed,
             "method": method.name, "data": data.description, "model_config": config_to_dict(method.encoder.cfg)}
 
 
 def print_summary(summary: dict) -> None:
     print("\nheld-out restoration (MSE over each task's region, pixel units):")
-    print(f"  {'task':<10}{'corrupted':>12}{'restored':>12}")
-    for name, r in summary["tasks"].items():
-        print(f"  {name:<10}{r['mse_corrupted']:>12.5f}{r['mse_restored']:>12.5f}")
+    print(f"  {'task':<10} {'corrupted':>11} {'restored':>11}")
+    for name, r in summary["tasks"].items():  # a space between columns however wide a number gets
+        print(f"  {name:<10} {r['mse_corrupted']:>11.5f} {r['mse_restored']:>11.5f}")
     if summary["probe_acc"] is None:
         print(f"linear probe: skipped ({summary['probe_note']})")
         return

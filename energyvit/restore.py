@@ -6,8 +6,12 @@ with the learnable step sizes a_k of the model. Pixels outside `update_mask` sta
 Two modes:
 - training (`create_graph=True`): every step stays in the autograd graph, so a loss on the
   restored image trains the network through the steps (second derivatives of E).
-- inference (`create_graph=False`): each step is detached; no parameter graph is kept, memory
-  is one forward graph at a time, and every intermediate image is returned.
+- inference (`create_graph=False`): no step keeps a parameter graph; memory is one forward graph
+  at a time, and every intermediate image is returned.
+
+`descend` is the one loop behind eager training, inference and the compiled step and restore of
+energyvit.compiled: Dynamo traces it into one graph, so it holds nothing Dynamo cannot trace (no
+generator draws, no requires_grad_ calls; torch 2.11 refuses the latter inside a compiled region).
 """
 from __future__ import annotations
 
@@ -28,14 +32,52 @@ class Restoration:
     energies: Tensor
 
 
-def energy_grad(energy_fn: Callable[[Tensor], Tensor], x: Tensor, create_graph: bool) -> tuple[Tensor, Tensor]:
-    """(E(x), dE/dx), with the graph kept for a further backward when create_graph is set."""
+def check_restore_inputs(model: EnergyViT, corrupted: Tensor, update_mask: Tensor | None, steps: int | None) -> int:
+    """The number of steps K (default: the model's), after checking the images, mask and K."""
+    K = model.cfg.restore_steps if steps is None else steps
+    if not 1 <= K <= model.restore_log_step.numel():
+        raise ValueError(f"steps must be in 1..{model.restore_log_step.numel()} (the model's restore_steps), got {K}")
+    model.check_input(corrupted)
+    if update_mask is not None and (update_mask.ndim != 4 or update_mask.shape[2:] != corrupted.shape[2:]):
+        raise ValueError(f"update_mask of shape {tuple(update_mask.shape)} does not match images {tuple(corrupted.shape)}")
+    return K
+
+
+def draw_noise(x: Tensor, steps: int, noise_std: float, generator: torch.Generator | None) -> Tensor | None:
+    """The Langevin noise of `steps` steps, (steps, *x.shape), drawn up front (Dynamo cannot trace a
+    generator); None without noise."""
+    if noise_std <= 0:
+        return None
+    return torch.stack([torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                        for _ in range(steps)])
+
+
+def descend(energy_fn: Callable[[Tensor], Tensor], x: Tensor, step_sizes: Tensor, update_mask: Tensor | None,
+            noise: Tensor | None, noise_std: float, create_graph: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """len(step_sizes) steps x <- x - a_k dE/dx (+ noise_std * sqrt(2 a_k) * noise[k]), inside
+    update_mask. x must require grad (a leaf the caller made so). Returns x_K, [x_0 .. x_K] detached
+    and the detached energies E(x_k), plus E(x_K) in inference mode.
+
+    Inference keeps x_k attached to x_0 through the additions only: the gradient is taken with
+    create_graph=False and a_k is detached, so no parameter graph survives a step."""
+    trajectory, energies = [x.detach()], []
     with torch.enable_grad():
-        if not x.requires_grad:
-            x = x.detach().requires_grad_(True)
-        energy = energy_fn(x)
-        (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
-    return energy, grad
+        for k in range(step_sizes.shape[0]):
+            energy = energy_fn(x)
+            (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
+            energies.append(energy.detach())
+            a = step_sizes[k]
+            delta = -a * grad
+            if noise is not None:
+                delta = delta + noise_std * (2 * a).sqrt() * noise[k]
+            if update_mask is not None:
+                delta = delta * update_mask
+            x = x + delta
+            trajectory.append(x.detach())
+    if not create_graph:
+        with torch.no_grad():
+            energies.append(energy_fn(x))
+    return x, trajectory, energies
 
 
 def restore(
@@ -55,28 +97,12 @@ def restore(
     energy_fn: computes E(x) in place of model(x), e.g. the model's DistributedDataParallel wrapper
     (whose forward makes the outer backward all-reduce the parameter gradients).
     """
-    K = model.cfg.restore_steps if steps is None else steps
-    if not 1 <= K <= model.restore_log_step.numel():
-        raise ValueError(f"steps must be in 1..{model.restore_log_step.numel()} (the model's restore_steps), got {K}")
-    model.check_input(corrupted)
-    if update_mask is not None and (update_mask.ndim != 4 or update_mask.shape[2:] != corrupted.shape[2:]):
-        raise ValueError(f"update_mask of shape {tuple(update_mask.shape)} does not match images {tuple(corrupted.shape)}")
-    step_sizes = model.step_sizes
-    x = corrupted
-    trajectory, energies = [x.detach()], []
-    for k in range(K):
-        energy, grad = energy_grad(energy_fn or model, x, create_graph)
-        energies.append(energy.detach())
-        a = step_sizes[k] if create_graph else step_sizes[k].detach()
-        delta = -a * grad
-        if noise_std > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            delta = delta + noise_std * (2 * a).sqrt() * noise
-        if update_mask is not None:
-            delta = delta * update_mask
-        x = x + delta if create_graph else (x + delta).detach()
-        trajectory.append(x.detach())
-    if not create_graph:
-        with torch.no_grad():
-            energies.append(model(x))
-    return Restoration(restored=x, steps=trajectory, energies=torch.stack(energies))
+    K = check_restore_inputs(model, corrupted, update_mask, steps)
+    step_sizes = model.step_sizes[:K]
+    noise = draw_noise(corrupted, K, noise_std, generator)
+    # training may differentiate through an input that already requires grad; otherwise x_0 is a new leaf
+    x0 = corrupted if create_graph and corrupted.requires_grad else corrupted.detach().requires_grad_(True)
+    restored, trajectory, energies = descend(energy_fn or model, x0, step_sizes if create_graph else step_sizes.detach(),
+                                             update_mask, noise, noise_std, create_graph)
+    return Restoration(restored=restored if create_graph else restored.detach(), steps=trajectory,
+                       energies=torch.stack(energies))

@@ -6,11 +6,15 @@ All randomness comes from the `generator` argument, so a seed reproduces a corru
 """
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from energyvit.options import OptionError, check_fields, half_open_unit, open_unit, option, positive
 
 # Rec. 601 luma weights, the usual RGB -> grayscale conversion.
 LUMA_RGB = (0.299, 0.587, 0.114)
@@ -156,32 +160,62 @@ class Colorize:
         return Corrupted(gray.contiguous(), _full_mask(x), None)
 
 
-TASK_NAMES = ("mim", "sort", "sr", "denoise", "colorize")
+def _mask_fill(text: str) -> str | float:
+    """--mask_fill: 'noise' or a number."""
+    if text == "noise":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"must be 'noise' or a number, got {text!r}") from None
+
+
+def _fill_rule(value) -> str | None:
+    return None if value == "noise" or (isinstance(value, (int, float)) and 0 <= value <= 1) else \
+        "'noise' or a pixel value in [0, 1]"
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """The pretext tasks of a run: which ones (a weighted mixture) and each task's option."""
+
+    tasks: str = option("mim", "task mixture name:weight,... from mim (alias inpaint), sort, sr, denoise, colorize; "
+                        "one task is sampled per batch by weight", metavar="SPEC")
+    mask_ratio: float = option(0.75, "mim: fraction of patches hidden", rule=open_unit)
+    mask_fill: str | float = option("noise", "mim: fill hidden patches with uniform noise ('noise') or a constant",
+                                    parse=_mask_fill, rule=_fill_rule)
+    sort_fraction: float = option(0.25, "sort: fraction of patches shuffled among themselves", rule=half_open_unit)
+    sr_factor: int = option(2, "sr: average-pool down by this factor, bilinear back up", choices=(2, 4))
+    noise_sigma: float = option(0.2, "denoise: Gaussian sigma in pixel units", rule=positive)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.weights()  # refuse a malformed mixture now, not at the first batch
+
+    def weights(self) -> dict[str, float]:
+        """'mim:0.5,denoise:0.25,sr' -> {'mim': 0.5, 'denoise': 0.25, 'sr': 1.0}."""
+        return parse_task_weights(self.tasks)
+
+
+# name -> the task built from the options and the patch size. A new task is a class above, its
+# option as a TaskOptions field and one entry here; the flags follow from TaskOptions.
+TASKS: dict[str, Callable[[TaskOptions, int], Callable]] = {
+    "mim": lambda o, patch: MaskedImageModeling(patch, o.mask_ratio, o.mask_fill),
+    "sort": lambda o, patch: PatchSort(patch, o.sort_fraction),
+    "sr": lambda o, patch: SuperResolution(o.sr_factor),
+    "denoise": lambda o, patch: Denoise(o.noise_sigma),
+    "colorize": lambda o, patch: Colorize(),
+}
+TASK_NAMES = tuple(TASKS)
 TASK_ALIASES = {"inpaint": "mim"}
 
 
-def build_task(
-    name: str,
-    patch_size: int,
-    mask_ratio: float = 0.75,
-    mask_fill: str | float = "noise",
-    sort_fraction: float = 0.25,
-    sr_factor: int = 2,
-    noise_sigma: float = 0.2,
-):
-    """A task by name (mim, sort, sr, denoise, colorize; `inpaint` is mim) with its options."""
+def build_task(name: str, patch_size: int, options: TaskOptions | None = None, **overrides):
+    """A task by name (`inpaint` is mim) with the given options, or TaskOptions(**overrides)."""
     key = TASK_ALIASES.get(name, name)
-    if key == "mim":
-        return MaskedImageModeling(patch_size, mask_ratio, mask_fill)
-    if key == "sort":
-        return PatchSort(patch_size, sort_fraction)
-    if key == "sr":
-        return SuperResolution(sr_factor)
-    if key == "denoise":
-        return Denoise(noise_sigma)
-    if key == "colorize":
-        return Colorize()
-    raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASK_NAMES)}")
+    if key not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASK_NAMES)}")
+    return TASKS[key](options if options is not None else TaskOptions(**overrides), patch_size)
 
 
 def parse_task_weights(spec: str) -> dict[str, float]:
@@ -191,16 +225,18 @@ def parse_task_weights(spec: str) -> dict[str, float]:
         name, _, w = item.partition(":")
         name = TASK_ALIASES.get(name.strip(), name.strip())
         if name not in TASK_NAMES:
-            raise ValueError(f"unknown task {name!r} in {spec!r}; choose from {', '.join(TASK_NAMES)}")
+            raise OptionError("tasks", spec, f"a mixture of {', '.join(TASK_NAMES)} (unknown task {name!r})")
+        if name in weights:
+            raise OptionError("tasks", spec, f"a mixture naming each task once ({name!r} appears twice)")
         try:
             weight = float(w) if w else 1.0
         except ValueError:
-            raise ValueError(f"task weight {w!r} for {name!r} is not a number") from None
-        if weight <= 0:
-            raise ValueError(f"task weight for {name!r} must be > 0, got {weight}")
-        weights[name] = weights.get(name, 0.0) + weight
+            raise OptionError("tasks", spec, f"a mixture with numeric weights ({w!r} for {name!r})") from None
+        if not (math.isfinite(weight) and weight > 0):
+            raise OptionError("tasks", spec, f"a mixture with finite weights > 0 ({w!r} for {name!r})")
+        weights[name] = weight
     if not weights:
-        raise ValueError(f"no task in {spec!r}; e.g. 'mim:0.5,denoise:0.25,sr:0.25'")
+        raise OptionError("tasks", spec, "a mixture such as 'mim:0.5,denoise:0.25,sr:0.25'")
     return weights
 
 
@@ -221,9 +257,12 @@ class TaskMixture:
         return name, self.tasks[name](x, generator)
 
 
-def build_mixture(spec: str, patch_size: int, in_chans: int, **options) -> TaskMixture:
-    """A task mixture from a spec like 'mim:0.5,denoise:0.25,sr:0.25'."""
-    weights = parse_task_weights(spec)
+def build_mixture(options: TaskOptions | str, patch_size: int, in_chans: int) -> TaskMixture:
+    """The task mixture of `options` (or of a spec like 'mim:0.5,denoise:0.25,sr:0.25' with
+    default task options) for images of `in_chans` channels."""
+    if isinstance(options, str):
+        options = TaskOptions(tasks=options)
+    weights = options.weights()
     if "colorize" in weights and in_chans != 3:
-        raise ValueError(f"task 'colorize' needs 3-channel RGB images, but the data has {in_chans} channel(s)")
-    return TaskMixture({n: build_task(n, patch_size, **options) for n in weights}, weights)
+        raise OptionError("tasks", options.tasks, f"without colorize for {in_chans}-channel data (it needs RGB)")
+    return TaskMixture({n: build_task(n, patch_size, options) for n in weights}, weights)

@@ -13,13 +13,13 @@ TINY = ["pretrain", "--model", "vit_pico_patch2", "--batch_size", "250", "--warm
 
 @pytest.mark.parametrize("argv,needle", [
     (["pretrain", "--bogus"], "unrecognized arguments: --bogus"),
-    (["pretrain", "--mask_ratio", "2"], "--mask_ratio/--mask-ratio: must be between 0 and 1, got 2"),
+    (["pretrain", "--mask_ratio", "2"], "--mask_ratio/--mask-ratio: must be in (0, 1), got 2.0"),
     (["pretrain", "--model", "vit_huge"], "invalid choice: 'vit_huge'"),
     (["pretrain", "--tasks", "mim,blur"], "unknown task 'blur'"),
-    (["pretrain", "--tasks", "colorize"], "needs 3-channel RGB images, but the data has 1 channel"),
+    (["pretrain", "--tasks", "colorize"], "without colorize for 1-channel data (it needs RGB)"),
     (["pretrain", "--resume", "/nonexistent/ckpt.pth"], "checkpoint /nonexistent/ckpt.pth does not exist"),
-    (["pretrain", "--batch_size", "0"], "must be a positive integer"),
-    (["pretrain", "--device", "gpu7"], "not a device: 'gpu7'"),
+    (["pretrain", "--batch_size", "0"], "--batch_size/--batch-size: must be > 0, got 0"),
+    (["pretrain", "--device", "gpu7"], "--device: must be cpu, cuda or cuda:N, got gpu7"),
 ])
 def test_bad_flags_and_values_give_one_clear_line(argv, needle, capsys, tmp_path):
     assert main(argv + ["--output_dir", str(tmp_path)]) == 2

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import energyvit.compiled as compiled
-from energyvit.engine import LossOptions, task_loss
 from energyvit.losses import restoration_loss
-from energyvit.restore import restore
+from energyvit.objective import EnergyOptions, task_loss
+from energyvit.restore import draw_noise, restore
 from energyvit.tasks import Denoise, MaskedImageModeling
 from helpers import images, tiny_model
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(not compiled.compile_support()[0], reason="this 
 
 # Every special path at once: loss over the whole image (a ones region in the compiled graph),
 # per-patch normalized targets and Langevin noise drawn from the caller's generator.
-OPTS = LossOptions(region="all", norm_pix_patch=2, langevin_std=0.05)
+OPTS = EnergyOptions(loss_region="all", norm_pix_loss=True, langevin_std=0.05)
 SEED = 7
 
 
@@ -69,7 +69,7 @@ def first_order_only_grads(model, clean, c, seed=SEED):
         (g,) = torch.autograd.grad(model(xk).sum(), xk)
         noise = torch.randn(x.shape, generator=gen, dtype=x.dtype)
         x = x + (-a[k] * g + OPTS.langevin_std * (2 * a[k]).sqrt() * noise) * mask
-    return param_grads(model, restoration_loss(x, clean, None, OPTS.norm_pix_patch))
+    return param_grads(model, restoration_loss(x, clean, None, 2))
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_compiled_gradients_match_eager_with_the_default_readout_and_one_step():
 def test_first_step_check_rejects_gradients_without_second_order_terms(model, step):
     """The safety net of the first compiled call: gradients missing the second-order terms fail it."""
     clean, c = corrupt(4)
-    args = step._args(clean, c, compiled._draw_noise(c.image, 2, OPTS.langevin_std, torch.Generator().manual_seed(SEED)), 4)
+    args = step._args(clean, c, draw_noise(c.image, 2, OPTS.langevin_std, torch.Generator().manual_seed(SEED)), 4)
     loss = task_loss(model, clean, c, OPTS, torch.Generator().manual_seed(SEED)).detach()
     ref = eager_grads(model, clean, c)
     assert step._check_against_eager(args, loss, ref) == ""
@@ -151,7 +151,7 @@ def test_first_step_check_rejects_gradients_without_second_order_terms(model, st
 def test_no_graph_break_in_the_training_step(model, step):
     """One graph, no break (the fixture also compiles with fullgraph=True, where a break raises)."""
     clean, c = corrupt(4)
-    noise = compiled._draw_noise(c.image, 2, OPTS.langevin_std, torch.Generator().manual_seed(SEED))
+    noise = draw_noise(c.image, 2, OPTS.langevin_std, torch.Generator().manual_seed(SEED))
     with compiled._trace_autograd():
         explanation = torch._dynamo.explain(step._traced)(*step._args(clean, c, noise, 4))
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
@@ -246,7 +246,7 @@ def test_compiled_step_with_fused_attention_matches_eager_fused():
     model = tiny_model(dtype=torch.float32, attn_backend="fused")
     clean, c = corrupt(2)
     clean, c = clean.float(), type(c)(c.image.float(), c.loss_mask.float(), c.update_mask.float())
-    opts = LossOptions()
+    opts = EnergyOptions()
     expected = param_grads(model, task_loss(model, clean, c, opts))
     step = compiled.compiled_train_step(model, opts)
     got = param_grads(model, step(clean, c))

@@ -13,7 +13,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from energyvit.distributed import DistInfo, ddp_energy_fn, wrap_ddp
-from energyvit.engine import EpochPlan, LossOptions, task_loss, train_one_epoch
+from energyvit.objective import EnergyOptions, task_loss
+from energyvit.training import EpochPlan, train_one_epoch
 from energyvit.tasks import Corrupted
 from helpers import THREE_TASKS_K2, images, tiny_model
 
@@ -38,7 +39,7 @@ def model_and_ddp(distributed: bool):
 def step_loss_for(model, ddp=None):
     def step_loss(clean, seed):
         energy_fn = ddp_energy_fn(ddp, model) if ddp is not None else None
-        return "mim", task_loss(model, clean, fixed_corruption(clean), LossOptions(), energy_fn=energy_fn)
+        return "mim", task_loss(model, clean, fixed_corruption(clean), EnergyOptions(), energy_fn=energy_fn)
     return step_loss
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from energyvit.cli import main
-from energyvit.evaluate import knn_scores, topk_accuracy
+from energyvit.evaluation.probes import knn_scores, topk_accuracy
 from helpers import tiny_checkpoint
 
 
@@ -58,7 +58,7 @@ def test_probe_errors_are_one_line(tmp_path, capsys):
     tiny_checkpoint(tmp_path / "ckpt.pth")
     assert main(["probe", str(tmp_path / "ckpt.pth"), "--knn_t", "0"]) == 2
     err = capsys.readouterr().err.strip()
-    assert "knn_t must be > 0" in err and len(err.splitlines()) == 1, err
+    assert "--knn_t/--knn-t: must be a finite number > 0, got 0" in err and len(err.splitlines()) == 1, err
 
 
 def test_probe_defaults_to_k200_and_scores_random_init(tmp_path, capsys):

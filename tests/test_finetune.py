@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from energyvit.cli import main
-from energyvit.finetune import Classifier, add_drop_path, param_groups
+from energyvit.evaluation.finetuning import Classifier, add_drop_path, layer_id
+from energyvit.training import param_groups
 from helpers import tiny_checkpoint, tiny_model
 
 
@@ -15,7 +16,7 @@ def test_layerwise_lr_decay_groups():
     encoder = tiny_model(dtype=torch.float32)  # 2 blocks
     encoder.restore_log_step.requires_grad_(False)
     model = Classifier(encoder, 10)
-    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5)
+    groups = param_groups(model, weight_decay=0.05, layer_decay=0.5, layer_of=lambda name: layer_id(name, 2))
     scale_of = {id(p): (g["lr_scale"], g["weight_decay"]) for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
     assert scale_of[id(named["encoder.patch_embed.proj.weight"])] == (0.125, 0.05)  # 0.5 ** (2 + 1)
@@ -65,8 +66,8 @@ def test_finetune_command_trains_and_writes_summary(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flag,value,needle", [
-    ("--layer_decay", "0", "--layer_decay must be in (0, 1], got 0.0"),
-    ("--drop_path", "1", "--drop_path must be in [0, 1), got 1.0"),
+    ("--layer_decay", "0", "--layer_decay/--layer-decay: must be in (0, 1], got 0.0"),
+    ("--drop_path", "1", "--drop_path/--drop-path: must be in [0, 1), got 1.0"),
     ("--pool", "tokens", "invalid choice: 'tokens'"),
 ])
 def test_finetune_errors_are_one_line(flag, value, needle, tmp_path, capsys):

@@ -7,8 +7,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from energyvit.data import load_digits
-from energyvit.engine import LossOptions, task_loss
+from energyvit.data.digits import load_digits
+from energyvit.objective import EnergyOptions, task_loss
 from energyvit.model import EnergyViT, model_config
 from energyvit.tasks import build_mixture
 
@@ -26,7 +26,7 @@ def train_losses(backend: str) -> list[float]:
     losses = []
     for clean in images.split(BATCH):
         _, corrupted = mixture(clean, gen)
-        loss = task_loss(model, clean, corrupted, LossOptions())
+        loss = task_loss(model, clean, corrupted, EnergyOptions())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from energyvit.mae import MAEBaseline, MAEDecoderConfig, default_decoder, masked_patch_loss, patchify, unpatchify
+from energyvit.methods.mae import MAEBaseline, MAEDecoderConfig, default_decoder, masked_patch_loss, patchify, unpatchify
 from energyvit.model import MODEL_ARCHS, EnergyViT, model_config
 from helpers import images
 
@@ -27,8 +27,8 @@ def test_loss_is_a_finite_scalar(one_thread, norm_pix_loss):
 def test_encoder_state_dict_loads_as_an_energy_vit(one_thread):
     model = tiny_mae()
     fresh = EnergyViT(model.encoder.cfg)
-    assert set(model.encoder_state_dict()) == set(fresh.state_dict())
-    fresh.load_state_dict(model.encoder_state_dict())  # strict: what probe/finetune/export do
+    assert set(model.encoder.state_dict()) == set(fresh.state_dict())
+    fresh.load_state_dict(model.encoder.state_dict())  # strict: what probe/finetune/export do
     decoder_keys = {k for k in model.state_dict() if not k.startswith("encoder.")}
     assert {"mask_token", "decoder_embed.weight", "decoder_pos_embed", "decoder_blocks.0.attn.qkv.weight",
             "decoder_norm.weight", "decoder_pred.weight", "decoder_pred.bias"} <= decoder_keys

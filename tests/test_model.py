@@ -30,6 +30,27 @@ def test_timm_key_names():
     assert norms and all(m.eps == 1e-6 for m in norms)
 
 
+def test_an_energy_head_stays_out_of_the_encoder_features_and_export():
+    """Blocks only the energy reads: the features (what probe, finetune and export take) are the
+    encoder's alone, and the energy does change with the head's weights."""
+    from energyvit.export import export_tensors
+
+    model = tiny_model(energy_head_depth=2, energy_head_dim=16)
+    plain = tiny_model()
+    assert set(export_tensors(model)) == set(export_tensors(plain))  # timm keys only
+    head = {k for k in model.state_dict() if k not in plain.state_dict()}
+    assert head and all(k.startswith(("energy_embed.", "energy_pos_embed", "energy_blocks.")) for k in head)
+    assert {id(p) for p in model.energy_parameters()} >= {id(p) for n, p in model.named_parameters() if n in head}
+    assert model.unused_parameters() == []  # the head reads the final norm
+    x = images(batch=3)
+    features, energy = model.forward_features(x), model(x)
+    with torch.no_grad():
+        model.energy_blocks[0].mlp.fc2.weight.add_(0.5)
+    assert torch.equal(model.forward_features(x), features) and not torch.allclose(model(x), energy)
+    with pytest.raises(ValueError, match="with an energy head use norm or cls"):
+        tiny_model(energy="linear", energy_head_depth=1)
+
+
 @pytest.mark.parametrize("energy", ["norm", "linear", "cls"])
 def test_energy_gradcheck_and_gradgradcheck(energy):
     model = tiny_model(energy=energy)

@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from energyvit.checkpoint import load_checkpoint, save_checkpoint
-from energyvit.probe import extract_features, linear_probe
+from energyvit.data.in_memory import ImageSplit, SplitDataset
+from energyvit.evaluation.features import features, pool_tokens
+from energyvit.evaluation.probes import linear_probe
 from helpers import tiny_model
 
 
@@ -17,13 +19,16 @@ def test_linear_probe_separates_separable_classes_and_not_noise():
 
 
 def test_feature_poolings_have_their_shapes():
-    model = tiny_model(dtype=torch.float32)
+    model = tiny_model(dtype=torch.float32).eval()
     x = torch.rand(5, 1, 8, 8)
-    assert extract_features(model, x, "tokens").shape == (5, 16 * 32)
-    assert extract_features(model, x, "mean").shape == (5, 32)
-    assert extract_features(model, x, "cls").shape == (5, 32)
+    split = SplitDataset(ImageSplit(x, torch.arange(5)))
+    feats, pixels, labels = features([model], split, 4, ("tokens", "mean", "cls"), num_workers=0)
+    assert feats[(0, "tokens")].shape == (4, 16 * 32)
+    assert feats[(0, "mean")].shape == (4, 32)
+    assert feats[(0, "cls")].shape == (4, 32)
+    assert pixels.shape == (4, 64) and labels.tolist() == [0, 1, 2, 3]
     with pytest.raises(ValueError, match="unknown pooling 'max'"):
-        extract_features(model, x, "max")
+        pool_tokens(model.forward_features(x), "max")
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -46,7 +51,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_random_shift_translates_each_image_within_bounds():
-    from energyvit.data import random_shift
+    from energyvit.data.in_memory import random_shift
 
     x = torch.zeros(64, 1, 16, 16)
     x[:, :, 6:10, 6:10] = 1.0  # a square away from the border

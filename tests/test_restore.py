@@ -12,16 +12,16 @@ def unrolled_loss(model, clean, corrupted, mask):
     return restoration_loss(result.restored, clean, mask)
 
 
-@pytest.mark.parametrize("steps,energy", [(2, "norm"), (3, "linear")])
-def test_parameter_gradients_through_unrolled_restoration_match_finite_differences(steps, energy):
+@pytest.mark.parametrize("steps,energy,head", [(2, "norm", 0), (3, "linear", 0), (2, "norm", 1)])
+def test_parameter_gradients_through_unrolled_restoration_match_finite_differences(steps, energy, head):
     """d loss / d theta through K gradient steps (second derivatives of E) vs central differences
-    of the loss along a random direction in parameter space, in float64."""
-    model = tiny_model(energy=energy, restore_steps=steps)
+    of the loss along a random direction in parameter space, in float64 (with an energy head too)."""
+    model = tiny_model(energy=energy, restore_steps=steps, energy_head_depth=head, energy_head_dim=16 if head else 0)
     clean = images(batch=2)
     c = MaskedImageModeling(patch_size=2, mask_ratio=0.5)(clean, torch.Generator().manual_seed(0))
     # dE/dx cannot depend on the final LayerNorm's shift (a constant in E under the `linear` readout)
     # nor on the final LayerNorm at all under `norm`, which reads the residual stream before it.
-    unused = {"norm": ("norm.weight", "norm.bias"), "linear": ("norm.bias",)}[energy]
+    unused = {"norm": ("norm.weight", "norm.bias"), "linear": ("norm.bias",)}[energy] if not head else ()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and n not in unused]
     names, params = [n for n, _ in named], [p for _, p in named]
     loss = unrolled_loss(model, clean, c.image, c.update_mask)

@@ -6,7 +6,7 @@ from PIL import Image
 
 from energyvit.cli import main
 from energyvit.export import export
-from energyvit.restore_image import load_image, psnr
+from energyvit.commands.restore import image_psnr as psnr, load_image
 from helpers import tiny_checkpoint
 
 
@@ -98,7 +98,7 @@ def test_psnr():
     (["{tmp}/missing.pth", "{tmp}/photo.png", "--task", "sr"], "checkpoint {tmp}/missing.pth does not exist"),
     (["{tmp}/encoder.safetensors", "{tmp}/photo.png", "--task", "sr"], "is an encoder-only export"),
     (["{tmp}/gray.pth", "{tmp}/photo.png", "--task", "sr", "--steps", "3"], "steps must be in 1..2"),
-    (["{tmp}/gray.pth", "{tmp}/photo.png", "--task", "sort"], "invalid choice: 'sort'"),
+    (["{tmp}/gray.pth", "{tmp}/photo.png", "--task", "blur"], "invalid choice: 'blur'"),
 ])
 def test_restore_errors_are_one_line(args, needle, files, capsys):
     assert run_restore(files, *args, "--output", "{tmp}/x.png") == 2

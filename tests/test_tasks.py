@@ -1,8 +1,11 @@
+import re
+
 import pytest
 import torch
 
-from energyvit.tasks import (Colorize, Denoise, MaskedImageModeling, PatchSort, SuperResolution, build_mixture,
-                             build_task, parse_task_weights)
+from energyvit.options import OptionError
+from energyvit.tasks import (Colorize, Denoise, MaskedImageModeling, PatchSort, SuperResolution, TaskOptions,
+                             build_mixture, build_task, parse_task_weights)
 
 
 def batch(chans=3, size=16, seed=0):
@@ -80,11 +83,16 @@ def test_clear_errors():
         parse_task_weights("mim:0.5,blur:0.5")
     with pytest.raises(ValueError, match="unknown task 'blur'"):
         build_task("blur", 4)
-    with pytest.raises(ValueError, match="task weight 'x' for 'mim' is not a number"):
-        parse_task_weights("mim:x")
+    for spec, why in [("mim:x", "numeric weights ('x' for 'mim')"), ("mim:nan", "finite weights > 0 ('nan' for 'mim')"),
+                      ("mim:inf", "finite weights > 0 ('inf'"), ("mim:0", "finite weights > 0"),
+                      ("mim,mim", "each task once ('mim' appears twice)"), ("mim,inpaint", "'mim' appears twice"),
+                      (" , ", "a mixture such as")]:
+        with pytest.raises(OptionError, match=re.escape(why)) as e:
+            TaskOptions(tasks=spec)
+        assert e.value.name == "tasks"
     with pytest.raises(ValueError, match="needs 3-channel RGB images, got 1 channel"):
         Colorize()(batch(chans=1))
-    with pytest.raises(ValueError, match="colorize' needs 3-channel"):
+    with pytest.raises(ValueError, match="without colorize for 1-channel data"):
         build_mixture("colorize", patch_size=4, in_chans=1)
     with pytest.raises(ValueError, match="not a multiple of patch_size 4"):
         MaskedImageModeling(4)(torch.rand(1, 3, 10, 10))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from energyvit.cli import main
-from energyvit.engine import EpochPlan, TrainingDiverged, train_one_epoch
+from energyvit.training import EpochPlan, TrainingDiverged, train_one_epoch
 from energyvit.sampling import EpochSampler, derive_seed
 from helpers import THREE_TASKS_K2, images, tiny_model
 
@@ -69,13 +69,13 @@ def test_non_finite_loss_raises_before_the_step():
 def test_bf16_autocast_loss_close_to_fp32():
     model = tiny_model(dtype=torch.float32)
     x = images(8, dtype=torch.float32)
-    from energyvit.engine import LossOptions, task_loss
+    from energyvit.objective import EnergyOptions, task_loss
     from energyvit.tasks import build_task
 
     corrupted = build_task("mim", 2, mask_ratio=0.5)(x, torch.Generator().manual_seed(0))
-    ref = task_loss(model, x, corrupted, LossOptions())
+    ref = task_loss(model, x, corrupted, EnergyOptions())
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        low = task_loss(model, x, corrupted, LossOptions())
+        low = task_loss(model, x, corrupted, EnergyOptions())
     assert torch.isfinite(low) and low.item() == pytest.approx(ref.item(), rel=5e-2)
 
 
@@ -168,7 +168,7 @@ def test_periodic_checkpoints_and_epoch_records(uninterrupted):
 
 
 def test_non_finite_loss_stops_cleanly_with_the_last_checkpoint_intact(uninterrupted, tmp_path, monkeypatch, capsys):
-    from energyvit.methods import EnergyMethod
+    from energyvit.methods.energy import EnergyMethod
 
     real = EnergyMethod.step_loss
 

@@ -1,4 +1,4 @@
-"""`energyvit bench`: attention and training-step benchmarks with device telemetry.
+"""Attention and training-step benchmarks with device telemetry (the `energyvit bench` command).
 
 Rows (one per measurement; every row carries versions, git commit and device fields):
 
@@ -27,7 +27,6 @@ the total-energy counter over a separate timed loop, divided by the images proce
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import datetime as _dt
@@ -45,7 +44,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+import energyvit
+from energyvit.attention import math_attention
+from energyvit.compiled import compiled_train_step
+from energyvit.model import model_config
+from energyvit.objective import EnergyOptions, task_loss
+
+SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout, when the package runs from one
 ATTN_OPS = ("fwd", "bwd", "bwdbwd")
 ATTN_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "bwdbwd": 6.0}
 STEP_MODES = ("eager", "compiled", "fused", "fused+compiled")
@@ -82,11 +87,13 @@ def first_line(e: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------ environment
-def git_commit() -> str:
+def git_commit(root: Path = SOURCE_ROOT) -> str:
+    """The commit of the checkout at `root` (+ a mark for uncommitted changes); an installed copy
+    outside a checkout has none, and says so."""
     try:
-        c = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        commit = c.stdout.strip() or "none (no commits)"
-        d = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        c = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        commit = c.stdout.strip() or "none (not a git checkout)"
+        d = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
         return commit + (" +uncommitted changes" if d.stdout.strip() else "")
     except Exception as e:  # noqa: BLE001  (no git, not a checkout)
         return f"unknown ({type(e).__name__})"
@@ -240,8 +247,6 @@ _COMPILED_MATH = None
 
 def attention_fn(backend: str, device: torch.device, scale: float):
     """att(q, k, v) for a backend name; raises Unavailable when it cannot run here."""
-    from energyvit.attention import math_attention
-
     if backend == "math-eager":
         return lambda q, k, v: math_attention(q, k, v, scale)
     if backend == "math-compiled":
@@ -358,18 +363,10 @@ class StepCase:
 def step_case(mode: str, model_name: str, img_size, restore_steps: int, batch: int, device: torch.device,
               amp: str | None) -> StepCase:
     """The pretraining step of `mode` on random images (seeded; mim corruption), called once."""
-    import energyvit
-    from energyvit.engine import LossOptions, task_loss
-
     backend = "fused" if mode.startswith("fused") else "math"
     if backend == "fused":
         attention_fn("fused", device, 1.0)  # raises Unavailable with the reason
     stepper = None
-    if mode.endswith("compiled"):
-        try:
-            from energyvit.compiled import compiled_train_step
-        except Exception as e:  # noqa: BLE001  (module absent or unfinished)
-            raise Unavailable(f"energyvit.compiled not importable: {first_line(e)}") from e
     torch.manual_seed(0)
     model = energyvit.create_model(model_name, img_size=img_size, restore_steps=restore_steps,
                                    attn_backend=backend).to(device)
@@ -379,7 +376,7 @@ def step_case(mode: str, model_name: str, img_size, restore_steps: int, batch: i
     clean = torch.rand(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g)
     corrupted = energyvit.corrupt(clean, "mim", patch_size=cfg.patch_size, generator=g, mask_ratio=0.5)
     clean, corrupted = clean.to(device), corrupted.to(device)
-    opts = LossOptions()
+    opts = EnergyOptions()
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = (lambda: torch.autocast(device.type, dtype=DTYPES[amp])) if amp else contextlib.nullcontext
     if mode.endswith("compiled"):
@@ -419,7 +416,7 @@ def flat_grads(model) -> torch.Tensor:
 class BenchConfig:
     preset: str = "cpu"
     device: str = "cpu"
-    out: str = str(ROOT / "bench" / "results")
+    out: str = "bench-results"
     suites: tuple = ("matmul", "attention", "step")
     compile: bool = True  # compiled rows (CPU compilation of a step takes minutes)
     budget_s: float = 0.0  # 0: no limit; else rows starting later are recorded as skipped
@@ -540,8 +537,6 @@ class Runner:
                         torch.cuda.empty_cache()
 
     def run_steps(self) -> None:
-        from energyvit.model import model_config
-
         amp = self.p["amp"]
         dt = amp or "fp32"
         # eager and fused rows first (fast), compiled ones after, largest model first
@@ -657,46 +652,3 @@ def collect(cfg: BenchConfig) -> tuple[list[dict], dict, tuple[Path, Path]]:
     runner = Runner(cfg)
     rows = runner.run()
     return rows, runner.meta, runner.paths
-
-
-# ------------------------------------------------------------------------------------ CLI
-def add_args(p: argparse.ArgumentParser) -> None:
-    from energyvit.cli import add
-
-    add(p, "--quick", action="store_true", help="CPU smoke run at tiny sizes (a minute or two)")
-    add(p, "--preset", choices=list(PRESETS), default=None,
-        help="sizes: smoke, cpu or gpu (default: gpu on CUDA, cpu otherwise; --quick: smoke)")
-    add(p, "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    add(p, "--out", default=str(ROOT / "bench" / "results"), help="folder for the CSV and JSON results")
-    add(p, "--suites", default="matmul,attention,step", help="comma list of matmul, attention, step")
-    add(p, "--no_compile", action="store_true", help="skip the torch.compile rows (recorded as skipped)")
-    add(p, "--budget_s", type=float, default=0.0, help="stop starting rows after this many seconds (0: no limit)")
-    add(p, "--threads", type=int, default=1, help="torch CPU threads (default 1: shared cores)")
-    add(p, "--tag", default="", help="extra tag in the result file names")
-
-
-def run(args) -> None:
-    dev = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.quick:
-        dev = args.device or "cpu"
-    if torch.device(dev).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {dev}: CUDA is not available on this machine")
-    if torch.device(dev).type == "cpu":
-        if "triton" not in sys.modules:
-            os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused rows run through the interpreter
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
-    preset = args.preset or ("smoke" if args.quick else ("gpu" if torch.device(dev).type == "cuda" else "cpu"))
-    suites = tuple(s.strip() for s in args.suites.split(",") if s.strip())
-    bad = [s for s in suites if s not in ("matmul", "attention", "step")]
-    if bad:
-        raise ValueError(f"--suites: unknown suite(s) {', '.join(bad)}")
-    cfg = BenchConfig(preset=preset, device=dev, out=args.out, suites=suites, compile=not args.no_compile,
-                      budget_s=args.budget_s, tag=args.tag or ("quick" if args.quick else ""))
-    rows, meta, paths = collect(cfg)
-    print()
-    print(format_table(rows))
-    print(f"\n# {meta['device_name']}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
-          f"commit {meta['git_commit']}, {meta['date_utc']}")
-    print(f"# telemetry: {meta['telemetry']}; MFU reference: {meta['mfu_reference'] or 'n/a'}")
-    print(f"# x eager = eager ms / row ms; wall {meta['wall_s']} s; wrote {paths[0]} and {paths[1]}")

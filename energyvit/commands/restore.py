@@ -13,8 +13,8 @@ input is then the clean image); a `--corrupted` input without `--clean` has no r
 from __future__ import annotations
 
 import argparse
-import math
-from argparse import Namespace
+import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,20 +22,38 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from energyvit.checkpoint import load_model
-from energyvit.model import EnergyViT
+from energyvit.commands.args import add, add_options, build_options, positive_int
+from energyvit.losses import psnr
 from energyvit.restore import restore
-from energyvit.tasks import Corrupted, build_task
+from energyvit.tasks import TASK_ALIASES, TASK_NAMES, Corrupted, TaskOptions, build_task
 
-TASKS = ("inpaint", "denoise", "sr", "colorize")
+HELP = "corrupt an image file and restore it with a pretrained model"
+PROG = "energyvit restore"
+# every pretext task; masked image modeling is called inpaint here
+TASKS = tuple({v: k for k, v in TASK_ALIASES.items()}.get(name, name) for name in TASK_NAMES)
+
+
+MAX_FRAME_SIDE = 2048  # --zoom: each frame of the strip at most this many pixels on a side
 
 
 def _open(path: str | Path, what: str) -> Image.Image:
+    """The decoded image; Pillow's size guard (Image.MAX_IMAGE_PIXELS) refuses larger ones."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a folder, not an image file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
-        image = Image.open(path)
-        image.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # anything above the limit is refused
+            image = Image.open(path)
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        pixels = re.search(r"\((\d+) pixels\)", str(e))
+        size = f" ({int(pixels.group(1)) / 1e6:.0f} megapixels)" if pixels else ""
+        raise ValueError(f"{what} {path} is larger{size} than the {Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels "
+                         f"allowed (a guard against decompression bombs); pass --max_image_pixels "
+                         f"{pixels.group(1) if pixels else 'N'} to allow it") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ValueError(f"{what} {path} could not be read as an image: {e}") from None
     return image
@@ -86,24 +104,21 @@ def load_mask(path: str | Path, size: int, image_size: tuple[int, int]) -> Tenso
     return m
 
 
-def corrupt_image(x: Tensor, task: str, model: EnergyViT, args: Namespace, mask: Tensor | None) -> Corrupted:
-    """The synthetic corruption of the clean image x, or x itself when `args.corrupted`."""
-    cfg = model.cfg
-    if args.corrupted:
-        return Corrupted(x, torch.ones_like(x[:, :1]), mask)
-    generator = torch.Generator().manual_seed(args.seed)
+def corrupt_image(x: Tensor, task: str, patch_size: int, options: TaskOptions, seed: int,
+                  mask: Tensor | None) -> Corrupted:
+    """The synthetic corruption of the clean image x by `task`; inpainting with a given mask fills
+    that mask instead of random patches."""
+    generator = torch.Generator().manual_seed(seed)
     if task == "inpaint" and mask is not None:
-        noise = args.mask_fill == "noise"
-        fill = torch.rand(x.shape, generator=generator) if noise else torch.full_like(x, args.mask_fill)
+        fill = torch.rand(x.shape, generator=generator) if options.mask_fill == "noise" else \
+            torch.full_like(x, options.mask_fill)
         return Corrupted(x * (1 - mask) + fill * mask, mask, mask)
-    return build_task(task, cfg.patch_size, mask_ratio=args.mask_ratio, mask_fill=args.mask_fill,
-                      sr_factor=args.sr_factor, noise_sigma=args.noise_sigma)(x, generator)
+    return build_task(task, patch_size, options)(x, generator)
 
 
-def psnr(a: Tensor, b: Tensor) -> float:
+def image_psnr(a: Tensor, b: Tensor) -> float:
     """Peak signal-to-noise ratio in dB of two images in [0, 1]."""
-    mse = (a - b).pow(2).mean().item()
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+    return psnr((a - b).pow(2).mean().item())
 
 
 def make_strip(frames: list[Tensor], zoom: int) -> Image.Image:
@@ -119,10 +134,18 @@ def make_strip(frames: list[Tensor], zoom: int) -> Image.Image:
     return strip
 
 
-def restore_file(args: Namespace) -> dict:
+def restore_file(args: argparse.Namespace, task_options: TaskOptions) -> dict:
     """Run the whole command; returns the numbers it prints (psnr is None without a reference)."""
+    for flag, name in (("--output", args.output), ("--strip", args.strip)):
+        if name is not None and Path(name).suffix.lower() not in Image.registered_extensions():
+            raise ValueError(f"{flag} {name}: needs an image file extension such as .png (the format follows it)")
+    Image.MAX_IMAGE_PIXELS = args.max_image_pixels
     model, _ = load_model(args.checkpoint, need_energy=True)
     cfg = model.cfg
+    zoom = args.zoom or max(1, 128 // cfg.img_size)
+    if cfg.img_size * zoom > MAX_FRAME_SIDE:
+        raise ValueError(f"--zoom {zoom} makes {cfg.img_size * zoom}-pixel frames; at most {MAX_FRAME_SIDE} "
+                         f"(--zoom {max(1, MAX_FRAME_SIDE // cfg.img_size)} for this {cfg.img_size}-pixel model)")
     if args.task == "colorize" and cfg.in_chans != 3:
         raise ValueError(f"colorize needs a 3-channel (RGB) model; {args.checkpoint} has {cfg.in_chans} channel(s)")
     if args.mask and args.task != "inpaint":
@@ -134,7 +157,8 @@ def restore_file(args: Namespace) -> dict:
     clean = load_image(args.clean, cfg.img_size, cfg.in_chans, "clean reference")[0] if args.clean else None
     reference = clean if clean is not None else (None if args.corrupted else x)
 
-    c = corrupt_image(x, args.task, model, args, mask)
+    c = (Corrupted(x, torch.ones_like(x[:, :1]), mask) if args.corrupted
+         else corrupt_image(x, args.task, cfg.patch_size, task_options, args.seed, mask))
     r = restore(model, c.image, c.update_mask, steps=args.steps)
     restored = r.restored.clamp(0, 1)
 
@@ -143,12 +167,12 @@ def restore_file(args: Namespace) -> dict:
     _to_image(restored[0]).save(output)
     strip_path = Path(args.strip) if args.strip else output.with_name(f"{output.stem}-strip.png")
     frames = [s[0] for s in r.steps] + ([reference[0]] if reference is not None else [])
-    make_strip(frames, args.zoom or max(1, 128 // cfg.img_size)).save(strip_path)
+    make_strip(frames, zoom).save(strip_path)
 
     result = {
         "task": args.task, "steps": len(r.steps) - 1, "energies": r.energies[:, 0].tolist(),
-        "psnr_corrupted": None if reference is None else psnr(c.image.clamp(0, 1), reference),
-        "psnr_restored": None if reference is None else psnr(restored, reference),
+        "psnr_corrupted": None if reference is None else image_psnr(c.image.clamp(0, 1), reference),
+        "psnr_restored": None if reference is None else image_psnr(restored, reference),
         "reference": "clean" if clean is not None else (None if reference is None else "input"),
         "output": str(output), "strip": str(strip_path),
     }
@@ -163,8 +187,6 @@ def restore_file(args: Namespace) -> dict:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from energyvit.cli import add, fraction, mask_fill, positive_int  # here: cli imports this module
-
     p.add_argument("checkpoint", help="checkpoint-last.pth of `energyvit pretrain` or an `export --full` file")
     p.add_argument("image", help="image file (any Pillow format); center-cropped, resized to the model's size")
     p.add_argument("--task", choices=TASKS, required=True)
@@ -175,13 +197,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add(p, "--corrupted", action="store_true",
         help="the image is already corrupted: restore it as it is (inpaint then needs --mask)")
     add(p, "--steps", type=positive_int, default=None, help="gradient steps (default: the model's K)")
-    add(p, "--mask_ratio", type=fraction, default=0.5, help="inpaint without --mask: fraction of patches hidden")
-    add(p, "--mask_fill", type=mask_fill, default="noise", help="inpaint: fill 'noise' (uniform) or a constant")
-    add(p, "--noise_sigma", type=float, default=0.2, help="denoise: Gaussian sigma in pixel units")
-    add(p, "--sr_factor", type=int, choices=(2, 4), default=2, help="sr: downsampling factor")
-    add(p, "--zoom", type=positive_int, default=None, help="strip enlargement (default: about 128 px per frame)")
+    add_options(p, TaskOptions, only=("mask_ratio", "mask_fill", "sort_fraction", "sr_factor", "noise_sigma"),
+                defaults={"mask_ratio": 0.5})
+    add(p, "--zoom", type=positive_int, default=None,
+        help=f"strip enlargement (default: about 128 px per frame; frames of at most {MAX_FRAME_SIDE} px)")
+    add(p, "--max_image_pixels", type=positive_int, default=Image.MAX_IMAGE_PIXELS,
+        help="larger input images are refused (Pillow's guard against decompression bombs)")
     add(p, "--seed", type=int, default=0, help="seed of the synthetic corruption")
 
 
-def run(args: Namespace) -> dict:
-    return restore_file(args)
+def run(args: argparse.Namespace) -> dict:
+    return restore_file(args, build_options(TaskOptions, args, PROG))

@@ -6,7 +6,7 @@ explicit `torch.Generator`, never from global state, so a sample's augmentation 
 the seed it is given, not on which DataLoader worker runs it (exact resume relies on this).
 
 Outputs are float32 (C, H, W) pixels in [0, 1]: the model normalizes internally with the
-per-channel mean/std of its config (IMAGENET_MEAN/STD, or `estimate_channel_stats`).
+per-channel mean/std of its config (ImageNet's, or `estimate_channel_stats`).
 """
 from __future__ import annotations
 
@@ -17,10 +17,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from energyvit.model import IMAGENET_MEAN, IMAGENET_STD
-
 __all__ = [
-    "IMAGENET_MEAN", "IMAGENET_STD", "EVAL_CROP_FRACTION", "convert_mode", "random_resized_crop_params",
+    "EVAL_CROP_FRACTION", "convert_mode", "random_resized_crop_params",
     "random_resized_crop", "resize_center_crop", "to_tensor", "random_hflip", "TrainTransform", "EvalTransform",
     "estimate_channel_stats",
 ]

@@ -32,11 +32,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from energyvit.transforms import EvalTransform, TrainTransform, convert_mode, estimate_channel_stats
+from energyvit.data.transforms import EvalTransform, TrainTransform, convert_mode
 
 __all__ = [
     "IMAGE_EXTENSIONS", "FORMATS", "MAX_DECODE_TRIES", "ImageFileDataset", "ArrayDataset", "detect_format",
-    "open_dataset", "estimate_channel_stats",  # the last re-exported from energyvit.transforms
+    "open_dataset",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,10 @@ _IDX_SPLITS = {"train": ("train",), "val": ("t10k", "test")}
 Transform = Callable[[Image.Image | np.ndarray, torch.Generator], Tensor]
 SampleKey = int | tuple[int, int]
 Sample = tuple[Tensor, int, int]
+
+
+class UnreadableImages(ValueError):
+    """Too many image files in a row could not be decoded: the data, not the program, is at fault."""
 
 
 class _KeyedDataset(Dataset):
@@ -101,7 +105,7 @@ class ImageFileDataset(_KeyedDataset):
 
     An unreadable file is logged (once per path and process) and replaced by the next readable
     one, index (i + 1) % n, (i + 2) % n, ...; after MAX_DECODE_TRIES failures in a row the
-    sample raises RuntimeError naming the files."""
+    sample raises UnreadableImages naming the files."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Transform, channels: int,
                  classes: list[str] | None = None, source: str = ""):
@@ -147,7 +151,7 @@ class ImageFileDataset(_KeyedDataset):
             return self.transform(img, torch.Generator().manual_seed(seed)), self.label(i), len(failed)
         names = [self.path(i) for i in failed]
         listed = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
-        raise RuntimeError(f"{len(names)} image files in a row could not be decoded, from index {index} of "
+        raise UnreadableImages(f"{len(names)} image files in a row could not be decoded, from index {index} of "
                            f"{self.source or 'the dataset'} (corrupt or not images): {listed}")
 
 

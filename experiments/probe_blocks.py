@@ -1,7 +1,7 @@
 """Linear probe of every block's patch tokens of finished digits runs, next to the same block of
 the architecture at random init: which depth holds the best frozen features.
 
-    python bench/probe_blocks.py RUN_DIR [RUN_DIR ...] --out bench/results/probe_blocks.json
+    python experiments/probe_blocks.py RUN_DIR [RUN_DIR ...] --out experiments/results/probe_blocks.json
 
 Each RUN_DIR is an `energyvit pretrain` output directory on the embedded digits (its
 summary.json gives the seed, checkpoint-last.pth the weights). Features of block l: the
@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from energyvit.bench import cpu_model, git_commit, mean_std
+from energyvit.benchmark import cpu_model, git_commit, mean_std
 from energyvit.checkpoint import load_model
-from energyvit.data import load_digits
+from energyvit.data.digits import load_digits
 from energyvit.model import EnergyViT
-from energyvit.probe import linear_probe
+from energyvit.evaluation.probes import linear_probe
 
 
 @torch.no_grad()

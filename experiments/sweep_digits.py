@@ -2,7 +2,7 @@
 configurations and seeds, then report held-out linear-probe accuracy (pretrained vs random init
 vs raw pixels, every pooling) and restoration errors as mean and spread over seeds.
 
-    python bench/sweep_digits.py --seeds 0 1 2 --config base="" --config linear="--energy linear"
+    python experiments/sweep_digits.py --seeds 0 1 2 --config base="" --config linear="--energy linear"
 
 Each run is a separate `energyvit pretrain` process; results go to a JSON file with the
 machine, torch version, date and git commit. `--from_runs NAME=DIR,DIR,...` aggregates runs that
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from energyvit.bench import cpu_model, git_commit, mean_std
+from energyvit.benchmark import cpu_model, git_commit, mean_std
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def main() -> None:
     p.add_argument("--from_runs", action="append", default=[], help="NAME=DIR,DIR,...: aggregate finished runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--work_dir", default="/tmp/energyvit_sweep")
-    p.add_argument("--out", default=str(ROOT / "bench/results/digits_sweep.json"), help="results JSON")
+    p.add_argument("--out", default=str(ROOT / "experiments/results/digits_sweep.json"), help="results JSON")
     args = p.parse_args()
     configs = dict(c.split("=", 1) for c in args.config)
     finished = {name: dirs.split(",") for name, dirs in (c.split("=", 1) for c in args.from_runs)}

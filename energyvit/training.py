@@ -1,4 +1,5 @@
-"""One training step, one training epoch and the restoration evaluation."""
+"""The generic pretraining loop: optimizer parameter groups, the lr schedule, and one epoch of
+optimizer steps over a method's micro-batch loss (any method of energyvit.methods)."""
 from __future__ import annotations
 
 import math
@@ -10,39 +11,59 @@ import torch
 from torch import Tensor
 
 from energyvit.distributed import DistInfo, all_ranks_true, all_reduce_sum
-from energyvit.losses import restoration_loss
-from energyvit.model import EnergyViT
-from energyvit.restore import restore
+from energyvit.options import check_fields, non_negative, option, positive
 from energyvit.sampling import derive_seed
-from energyvit.tasks import Corrupted, TaskMixture
 
-LOSS_REGIONS = ("corrupted", "all")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+# A method's micro-batch loss: (clean images on the training device, seed of this micro-batch)
+# -> (name of what was trained, e.g. the task, loss)
+StepLoss = Callable[[Tensor, int], tuple[str, Tensor]]
 
 
 @dataclass(frozen=True)
-class LossOptions:
-    region: str = "corrupted"  # the task's region, or the whole image
-    norm_pix_patch: int | None = None  # patch size for per-patch normalized targets; None: off
-    langevin_std: float = 0.0  # noise added in each restoration step while training
+class TrainOptions:
+    """Optimization of a pretraining run."""
+
+    batch_size: int = option(64, "images per process per micro-batch", rule=positive)
+    accum_iter: int = option(1, "micro-batches per optimizer step (effective batch = batch_size x accum_iter x "
+                             "processes)", rule=positive)
+    epochs: int = option(200, "training epochs", rule=positive)
+    warmup_epochs: int = option(2, "epochs of linear lr warmup", rule=non_negative)
+    blr: float = option(4e-3, "base lr: lr = blr * effective batch / 256", rule=positive)
+    lr: float | None = option(None, "absolute lr (overrides --blr)", parse=float, rule=positive)
+    weight_decay: float = option(0.05, "AdamW weight decay", rule=non_negative)
+    clip_grad: float | None = option(None, "clip the global gradient norm to this (default: off)", parse=float,
+                                     rule=positive)
+    precision: str = option("auto", "auto: bf16 autocast on CUDA, fp32 on the CPU", choices=PRECISIONS)
+    seed: int = option(0, "seed of the weights, data order, augmentation and corruptions")
 
     def __post_init__(self) -> None:
-        if self.region not in LOSS_REGIONS:
-            raise ValueError(f"unknown loss region {self.region!r}; choose one of {', '.join(LOSS_REGIONS)}")
+        check_fields(self)
+
+    def lr_for(self, processes: int) -> float:
+        return self.lr if self.lr is not None else self.blr * self.batch_size * self.accum_iter * processes / 256
 
 
-def task_loss(model: EnergyViT, clean: Tensor, corrupted: Corrupted, opts: LossOptions, generator=None,
-              energy_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """Restore in training mode (create_graph) and score against the clean batch.
-
-    energy_fn: what computes E(x) if not the model itself (the DDP wrapper, which syncs gradients)."""
-    result = restore(model, corrupted.image, corrupted.update_mask, create_graph=True,
-                     noise_std=opts.langevin_std, generator=generator, energy_fn=energy_fn)
-    region = corrupted.loss_mask if opts.region == "corrupted" else None
-    return restoration_loss(result.restored, clean, region, opts.norm_pix_patch)
-
-
-# (clean images on the training device, seed of this micro-batch) -> (task name, loss)
-StepLoss = Callable[[Tensor, int], tuple[str, Tensor]]
+def param_groups(model: torch.nn.Module, weight_decay: float, layer_decay: float | None = None,
+                 layer_of: Callable[[str], int] | None = None) -> list[dict]:
+    """AdamW parameter groups. No weight decay on biases, norms, tokens and step sizes (1-d, or a
+    leading dimension of 1), as MAE. With layer_decay, layer_of(name) gives each parameter's depth
+    (0 = embeddings .. L = the last layer) and its group an `lr_scale` of layer_decay ** (L - depth),
+    for the caller to apply (fine-tuning's layer-wise lr decay). Groups in order of (depth, decay)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    layer = {n: layer_of(n) if layer_of is not None else 0 for n, _ in named}
+    top = max(layer.values(), default=0)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in named:
+        decay = not (p.ndim <= 1 or p.shape[0] == 1)
+        key = (layer[name], decay)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": weight_decay if decay else 0.0}
+            if layer_decay is not None:
+                groups[key]["lr_scale"] = layer_decay ** (top - layer[name])
+        groups[key]["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
 
 
 def cosine_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int, min_lr: float = 0.0) -> float:
@@ -51,6 +72,23 @@ def cosine_lr(base_lr: float, step: int, total_steps: int, warmup_steps: int, mi
         return base_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class LossTrend:
+    """Training that goes wrong with finite numbers: the epoch loss rising `epochs` times in a row
+    to well above the best epoch so far (a diverging lr, say) gives a warning."""
+
+    def __init__(self, epochs: int = 3, factor: float = 1.2) -> None:
+        self.epochs, self.factor, self.losses = epochs, factor, []
+
+    def check(self, loss: float) -> list[str]:
+        self.losses.append(loss)
+        recent = self.losses[-self.epochs - 1:]
+        rising = len(recent) == self.epochs + 1 and all(b > a for a, b in zip(recent, recent[1:]))
+        if rising and loss > self.factor * min(self.losses):
+            return [f"the training loss rose for {self.epochs} epochs in a row, to {loss:.4g} (best {min(self.losses):.4g});"
+                    " the lr may be too high (--blr)"]
+        return []
 
 
 class TrainingDiverged(RuntimeError):
@@ -145,54 +183,3 @@ def train_one_epoch(
     stats["grad_norm"] = grad_norm_sum / max(1, done)
     stats.update(steps=done, images=images_seen, skipped_files=int(sums[2 * n]), stopped=stopped)
     return stats
-
-
-def psnr(mse: float) -> float:
-    """Peak signal-to-noise ratio in dB of a mean squared error on [0, 1] pixels."""
-    return 10.0 * math.log10(1.0 / mse) if mse > 0 else math.inf
-
-
-def with_psnr(errors: dict[str, float]) -> dict[str, float]:
-    """mse_corrupted / mse_restored plus their PSNRs."""
-    return errors | {"psnr_corrupted": psnr(errors["mse_corrupted"]), "psnr_restored": psnr(errors["mse_restored"])}
-
-
-def evaluate_restoration(
-    model: EnergyViT, images: Tensor, mixture: TaskMixture, seed: int, batch_size: int = 256, restore_fn=None,
-    keep_samples: int = 0,
-) -> tuple[dict[str, dict[str, float]], dict[str, tuple[Tensor, list[Tensor], Tensor]]]:
-    """Per task, the MSE (and PSNR) of the corrupted input and of the restored output on held-out
-    `images`, over each task's loss region, with corruptions drawn from a fixed seed; also mean
-    energies of clean, corrupted and restored images.
-
-    restore_fn(image, update_mask) -> Restoration replaces eager inference restoration.
-    keep_samples: also return, per task, (corrupted, every restoration step, clean) of the first
-    keep_samples images (on the CPU), for pictures."""
-    restore_fn = restore_fn or (lambda image, mask: restore(model, image, mask))
-    was_training = model.training
-    model.eval()
-    device = model.pixel_mean.device
-    chunks = images.split(batch_size)
-    with torch.no_grad():  # the clean images are the same for every task: score them once
-        energy_clean = sum(model(x.to(device)).sum().item() for x in chunks)
-    results, samples = {}, {}
-    for name, task in mixture.tasks.items():
-        gen = torch.Generator().manual_seed(seed)
-        totals = {"mse_corrupted": 0.0, "mse_restored": 0.0, "energy_corrupted": 0.0, "energy_restored": 0.0}
-        for i, clean in enumerate(chunks):
-            corrupted = task(clean, gen).to(device)
-            clean = clean.to(device)
-            result = restore_fn(corrupted.image, corrupted.update_mask)
-            with torch.no_grad():
-                w = len(clean)
-                totals["mse_corrupted"] += w * restoration_loss(corrupted.image, clean, corrupted.loss_mask).item()
-                totals["mse_restored"] += w * restoration_loss(result.restored, clean, corrupted.loss_mask).item()
-                totals["energy_corrupted"] += result.energies[0].sum().item()
-                totals["energy_restored"] += result.energies[-1].sum().item()
-            if i == 0 and keep_samples:
-                samples[name] = (corrupted.image[:keep_samples].cpu(), [s[:keep_samples].cpu() for s in result.steps],
-                                 clean[:keep_samples].cpu())
-        results[name] = with_psnr({k: v / len(images) for k, v in totals.items()}
-                                  | {"energy_clean": energy_clean / len(images)})
-    model.train(was_training)
-    return results, samples

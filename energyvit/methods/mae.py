@@ -1,4 +1,5 @@
-"""MAE baseline (He et al. 2021, "Masked Autoencoders Are Scalable Vision Learners").
+"""MAE baseline (He et al. 2021, "Masked Autoencoders Are Scalable Vision Learners"): the model,
+and the method behind the training loop's PretrainingMethod interface.
 
 The encoder is the project's `EnergyViT`, so after pretraining `model.encoder.state_dict()` has
 the same timm key names as an energy-pretrained model and loads in the probe, finetune and
@@ -21,7 +22,12 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from energyvit.losses import restoration_loss, with_psnr
+from energyvit.methods.base import Samples
 from energyvit.model import Block, EnergyViT, EnergyViTConfig, init_linear_and_norm, sincos_pos_embed
+from energyvit.options import check_fields, open_unit, option
+from energyvit.sampling import seeded_generator
+from energyvit.training import StepLoss
 
 # MAE's decoder for ViT-B/L/H: 512 wide, 8 blocks, 16 heads of width 32.
 MAE_DECODER_WIDTH = 512
@@ -141,10 +147,6 @@ class MAEBaseline(nn.Module):
         """Patches the encoder sees per image: num_patches - round(mask_ratio * num_patches)."""
         return self.encoder.cfg.num_patches - self.num_masked
 
-    def encoder_state_dict(self) -> dict[str, Tensor]:
-        """The encoder's weights under timm/EnergyViT key names, for the probe/finetune/export tools."""
-        return self.encoder.state_dict()
-
     def random_masking(self, batch: int, device: torch.device, generator: torch.Generator | None = None
                        ) -> tuple[Tensor, Tensor]:
         """Per-image random masking as MAE: sort uniform noise, keep the `num_visible` lowest.
@@ -230,3 +232,68 @@ class MAEBaseline(nn.Module):
         pred = unpatchify(pred, cfg.patch_size, cfg.in_chans) * self.encoder.pixel_std + self.encoder.pixel_mean
         pixel_mask = unpatchify(mask[..., None].expand(-1, -1, cfg.patch_size**2), cfg.patch_size, 1)
         return pred, pixel_mask
+
+
+@dataclass(frozen=True)
+class MAEOptions:
+    mae_mask_ratio: float = option(0.75, "mae: fraction of patches hidden from the encoder", rule=open_unit)
+    norm_pix_loss: bool = option(False, "per-patch normalized targets (as MAE)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+class MAEMethod:
+    name = "mae"
+
+    def __init__(self, encoder: EnergyViT, opts: MAEOptions) -> None:
+        self.module = MAEBaseline(encoder.cfg, mask_ratio=opts.mae_mask_ratio, norm_pix_loss=opts.norm_pix_loss)
+        self.module.encoder.load_state_dict(encoder.state_dict())  # the same initial encoder as the energy method
+        self.encoder = self.module.encoder
+        self.task_names = ["mae"]
+        for p in self.encoder.energy_parameters():
+            p.requires_grad_(False)  # MAE never uses the energy parameters
+
+    def step_loss(self, ddp: nn.Module | None = None) -> StepLoss:
+        forward = ddp if ddp is not None else self.module
+
+        def step_loss(images: Tensor, seed: int) -> tuple[str, Tensor]:
+            return "mae", forward(images, seeded_generator(seed, images.device))
+
+        return step_loss
+
+    @torch.no_grad()
+    def evaluate(self, images: Tensor, seed: int, keep_samples: int = 0) -> tuple[dict, Samples]:
+        """Held-out MSE over the hidden patches (pixel units) of MAE's prediction, next to filling
+        them with the per-channel mean pixel; grid samples show input with hidden patches at the
+        mean | prediction pasted in | clean."""
+        was_training = self.module.training
+        self.module.eval()
+        device = self.encoder.pixel_mean.device
+        gen = torch.Generator(device=device).manual_seed(seed)
+        totals = {"mse_corrupted": 0.0, "mse_restored": 0.0}
+        samples: Samples = {}
+        for i, clean in enumerate(images.split(256)):
+            clean = clean.to(device)
+            pred, mask = self.module.reconstruct(clean, gen)
+            masked = clean * (1 - mask) + self.encoder.pixel_mean * mask
+            pasted = clean * (1 - mask) + pred.clamp(0, 1) * mask
+            totals["mse_corrupted"] += len(clean) * restoration_loss(masked, clean, mask).item()
+            totals["mse_restored"] += len(clean) * restoration_loss(pasted, clean, mask).item()
+            if i == 0 and keep_samples:
+                samples["mae"] = (masked[:keep_samples].cpu(), [masked[:keep_samples].cpu(), pasted[:keep_samples].cpu()],
+                                  clean[:keep_samples].cpu())
+        self.module.train(was_training)
+        return {"mae": with_psnr({k: v / len(images) for k, v in totals.items()})}, samples
+
+    def record(self) -> dict:
+        return {}
+
+    def warnings(self) -> list[str]:
+        return []
+
+    def checkpoint_extra(self) -> dict:
+        return {"mae": self.module.state_dict()}
+
+    def load_extra(self, state: dict) -> None:
+        self.module.load_state_dict(state["mae"])

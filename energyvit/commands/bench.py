@@ -1,0 +1,51 @@
+"""`energyvit bench`: attention backends and the training step, timed per mode, with device
+telemetry (the benchmarks themselves are in energyvit.benchmark)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+from energyvit.benchmark import PRESETS, BenchConfig, collect, format_table
+from energyvit.commands.args import add, device_flag, non_negative_float, non_negative_int
+
+HELP = "benchmark attention backends and the training step"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    add(p, "--quick", action="store_true", help="CPU smoke run at tiny sizes (a minute or two)")
+    add(p, "--preset", choices=list(PRESETS), default=None,
+        help="sizes: smoke, cpu or gpu (default: gpu on CUDA, cpu otherwise; --quick: smoke)")
+    add(p, "--device", type=device_flag, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
+    add(p, "--out", default="bench-results", help="folder for the CSV and JSON results (bench/results in a checkout "
+        "keeps them with the project's)")
+    add(p, "--suites", default="matmul,attention,step", help="comma list of matmul, attention, step")
+    add(p, "--no_compile", action="store_true", help="skip the torch.compile rows (recorded as skipped)")
+    add(p, "--budget_s", type=non_negative_float, default=0.0, help="stop starting rows after this many seconds (0: no limit)")
+    add(p, "--threads", type=non_negative_int, default=1, help="torch CPU threads (default 1: shared cores)")
+    add(p, "--tag", default="", help="extra tag in the result file names")
+
+
+def run(args: argparse.Namespace) -> None:
+    dev = args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    if torch.device(dev).type == "cpu":
+        if "triton" not in sys.modules:
+            os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused rows run through the interpreter
+        if args.threads > 0:
+            torch.set_num_threads(args.threads)
+    preset = args.preset or ("smoke" if args.quick else ("gpu" if torch.device(dev).type == "cuda" else "cpu"))
+    suites = tuple(s.strip() for s in args.suites.split(",") if s.strip())
+    bad = [s for s in suites if s not in ("matmul", "attention", "step")]
+    if bad:
+        raise ValueError(f"--suites: unknown suite(s) {', '.join(bad)}")
+    cfg = BenchConfig(preset=preset, device=dev, out=args.out, suites=suites, compile=not args.no_compile,
+                      budget_s=args.budget_s, tag=args.tag or ("quick" if args.quick else ""))
+    rows, meta, paths = collect(cfg)
+    print()
+    print(format_table(rows))
+    print(f"\n# {meta['device_name']}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
+          f"commit {meta['git_commit']}, {meta['date_utc']}")
+    print(f"# telemetry: {meta['telemetry']}; MFU reference: {meta['mfu_reference'] or 'n/a'}")
+    print(f"# x eager = eager ms / row ms; wall {meta['wall_s']} s; wrote {paths[0]} and {paths[1]}")

@@ -1,0 +1,129 @@
+"""A dataset opened for a run: the training set (augmented, keyed for exact resume), the same
+images unaugmented (for probe features), and a held-out set in memory.
+
+Without a data path it is the embedded digits (1500 train / 297 held out). With one, any format
+of energyvit.data.files; the held-out images are the dataset's validation split when it has one,
+otherwise a fixed part of the training images, removed from training. Pretraining, the probe and
+fine-tuning all open their data here, so they see the same split.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from energyvit.data.digits import load_digits_as
+from energyvit.data.files import open_dataset
+from energyvit.data.in_memory import ImageSplit, SplitDataset, channel_stats
+from energyvit.data.transforms import estimate_channel_stats
+from energyvit.options import check_fields, non_negative, option, positive
+
+HOLD_OUT_SEED = 0  # the held-out part never changes with --seed, so runs compare on the same images
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Which images a run reads and how many it holds out."""
+
+    data_path: str | None = option(None, "image data: ImageFolder tree (with train/ and val/, or class folders), flat "
+                                   "folder, CIFAR-10/100 python batches or MNIST-style idx files (default: the "
+                                   "embedded digits)", parse=str, metavar="DIR")
+    shift: int = option(0, "digits augmentation: random translation by up to this many pixels", rule=non_negative)
+    num_workers: int | None = option(None, "DataLoader worker processes (default: 0 for the embedded digits, else "
+                                     "min(8, CPUs))", parse=int, rule=non_negative)
+    eval_images: int = option(512, "held-out images (at most)", rule=positive)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+class KeyedSubset(Dataset):
+    """A subset whose keys may be (index, seed) pairs, as the training sampler yields them."""
+
+    def __init__(self, dataset: Dataset, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            return self.dataset[(self.indices[key[0]], key[1])]
+        return self.dataset[self.indices[key]]
+
+
+@dataclass
+class DataSplits:
+    train: Dataset  # augmented; keys (index, seed); items (image, label, skipped files)
+    train_plain: Dataset  # the same images without augmentation, for probe features
+    held_out: ImageSplit  # in memory; labels are -1 when the data has none
+    in_chans: int
+    labeled: bool
+    num_classes: int  # 0 when unlabeled
+    description: str
+    num_workers: int
+    default_probe_pool: str  # all patch tokens for the small digits, their mean for real images
+
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+    def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel mean and std for a new model's input normalization: over all training digits,
+        or over up to 1000 unaugmented training images (decoded here, so only when needed)."""
+        if isinstance(self.train_plain, SplitDataset):
+            return channel_stats(self.train_plain.split.images)
+        return estimate_channel_stats(self.train_plain)
+
+
+def load_splits(options: DataOptions, img_size: int, channels: int | None, gray_to_rgb: bool = False) -> DataSplits:
+    """The data of `options` at img_size; channels None takes the data's own (1 for the digits and
+    idx files, 3 otherwise). gray_to_rgb: a 3-channel model may read the gray digits (repeated to
+    RGB), as the evaluation tools allow; pretraining refuses that mismatch."""
+    if not options.data_path:
+        if channels not in (None, 1) and not gray_to_rgb:
+            raise ValueError(f"the embedded digits are grayscale; a {channels}-channel model cannot take them")
+        train, held_out = load_digits_as(img_size, channels or 1)
+        return DataSplits(SplitDataset(train, options.shift), SplitDataset(train), held_out, train.images.shape[1],
+                          True, int(train.labels.max()) + 1, f"embedded digits: {len(train.labels)} train / {len(held_out.labels)} held-out images",
+                          options.num_workers or 0, "tokens")
+
+    train = open_dataset(options.data_path, "train", img_size, channels, augment=True)
+    plain = train.unaugmented()
+    num_classes = train.num_classes
+    val = open_dataset(options.data_path, "val", img_size, channels, augment=False)
+    n = len(train)
+    if val is None:  # hold out a fixed part of the training images
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(HOLD_OUT_SEED)).tolist()
+        n_hold = min(options.eval_images, max(1, n // 10))
+        if n - n_hold < 1:
+            raise ValueError(f"{options.data_path} has {n} image(s): too few to hold any out for evaluation")
+        val, rest = KeyedSubset(plain, order[:n_hold]), sorted(order[n_hold:])
+        train, plain = KeyedSubset(train, rest), KeyedSubset(plain, rest)
+        held_note = f"{n_hold} held out of the training images"
+    else:
+        held_note = f"{min(len(val), options.eval_images)} of {len(val)} validation images held out"
+    held_out = load_images(val, options.eval_images)
+    in_chans = held_out.images.shape[1]
+    labeled = bool((held_out.labels >= 0).all())
+    num_workers = options.num_workers if options.num_workers is not None else min(8, os.cpu_count() or 1)
+    return DataSplits(train, plain, held_out, in_chans, labeled, num_classes if labeled else 0,
+                      f"{open_dataset_source(options.data_path, train)}: {len(train)} train images, {held_note}",
+                      num_workers, "mean")
+
+
+def open_dataset_source(path: str, dataset: Dataset) -> str:
+    base = dataset.dataset if isinstance(dataset, KeyedSubset) else dataset
+    return getattr(base, "source", path)
+
+
+def load_images(dataset: Dataset, limit: int, batch_size: int = 256) -> ImageSplit:
+    """Up to `limit` images of `dataset` in memory: a fixed random subset (HOLD_OUT_SEED), so a
+    class-sorted folder still gives every class."""
+    n = len(dataset)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(HOLD_OUT_SEED))[: min(n, limit)].tolist()
+    loader = DataLoader(KeyedSubset(dataset, order), batch_size=batch_size)
+    images, labels = zip(*((x, y) for x, y, _ in loader))
+    return ImageSplit(torch.cat(images), torch.cat(labels).long())
