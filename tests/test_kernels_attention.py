@@ -16,16 +16,23 @@ differences in fp32 with eps=1e-2 carry ~1e-4 truncation and ~1e-5 rounding erro
 
 Every test runs with POISON_OUTPUTS=True: launchers allocate outputs (and the internal
 row-statistics buffers) filled with NaN, and every compared tensor must come out finite.
+
+Two entry points share the kernels: attention(q, k, v) on (B, H, N, d) tensors, and
+attention_packed(qkv) on the (B, N, 3, H, d) output of a qkv projection, with o in (B, N, H, d)
+and one packed gradient for qkv. The packed tests compare with the math path on permuted views
+of the same qkv in float64.
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
 import torch
 
 from energyvit.attention import math_attention
-from energyvit.kernels import attention, attn_bwd, attn_bwdbwd, attn_fwd
+from energyvit.kernels import (attention, attention_packed, attn_bwd, attn_bwdbwd, attn_fwd, attn_packed_bwd,
+                               attn_packed_bwdbwd, attn_packed_fwd)
 
 from energyvit.kernels import triton_attention as K
 
@@ -224,7 +231,7 @@ def test_double_backward_launches_only_bwdbwd(monkeypatch):
     calls = []
     for name in ("attn_fwd", "attn_bwd", "attn_bwdbwd"):
         fn = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _f=fn, _n=name: calls.append(_n) or _f(*a))
+        monkeypatch.setattr(K, name, lambda *a, _f=fn, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
     q, k, v, do = (rand((1, 2, 20, 16), torch.float32, i).requires_grad_() for i in range(4))
     o = attention(q, k, v)
     g = torch.autograd.grad(o, (q, k, v), do, create_graph=True)
@@ -341,3 +348,199 @@ def test_error_bad_scale_and_bwd_inputs():
         K.attn_bwd(q, k, v, o, lse, o[:, :1], 0.5)
     with pytest.raises(ValueError, match="gdv shape"):
         K.attn_bwdbwd(q, k, v, o, lse, o, o, o, o[..., :8], 0.5)
+
+
+# -------------------------------------------------------------------------------- packed qkv (B, N, 3, H, d)
+def math_packed(qkv, scale=None):
+    """Reference: the math path on permuted views of qkv, o back in (B, N, H, d)."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return math_attention(q, k, v, scale).transpose(1, 2)
+
+
+def packed_qkv(b, n, h, d, dtype, seed=0):
+    return rand((b, n, 3, h, d), dtype, seed)
+
+
+PACKED_CASES = [  # (batch, N, heads, head_dim, dtype): awkward N (197, 50, 1), head dims 32, 40, 64, 80
+    (1, 197, 3, 40, torch.float32),
+    (2, 50, 2, 64, torch.float32),
+    (3, 1, 2, 32, torch.float32),
+    (1, 33, 2, 80, torch.float32),
+    (1, 50, 2, 64, torch.float16),
+    (2, 100, 2, 64, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("b,n,h,d,dtype", PACKED_CASES)
+def test_packed_forward_and_lse(b, n, h, d, dtype):
+    if dtype not in DTYPES:
+        pytest.skip("bfloat16 only on CUDA")
+    qkv = packed_qkv(b, n, h, d, dtype)
+    scale = 0.7 * d ** -0.5
+    o, lse = attn_packed_fwd(qkv, scale)
+    assert o.shape == (b, n, h, d) and o.is_contiguous()
+    qd = qkv.double()
+    check([o], [math_packed(qd, scale)], dtype, "o")
+    q, k, _ = qd.permute(2, 0, 3, 1, 4).unbind(0)
+    assert lse.shape == (b, h, n) and rel_err(lse, torch.logsumexp(q @ k.transpose(-2, -1) * scale, -1)) < 1e-5
+    check([attention_packed(qkv)], [math_packed(qd)], dtype, "attention_packed(default scale)")
+
+
+def _restoration_like_packed(att, qkv, w, r):
+    """E = <w, att(qkv)>; g = dE/dqkv with create_graph; L = <r, g> + <w, att>^2 / 2; returns
+    g and dL/d(qkv, w). The second term also runs bwd in the outer backward, as a training step does."""
+    o = att(qkv)
+    e = (o * w).sum()
+    (g,) = torch.autograd.grad(e, qkv, create_graph=True)
+    loss = (g * r).sum() + 0.5 * e ** 2
+    return (g, *torch.autograd.grad(loss, (qkv, w)))
+
+
+@pytest.mark.parametrize("b,n,h,d,dtype", PACKED_CASES)
+def test_packed_first_and_second_derivatives(b, n, h, d, dtype):
+    """dqkv (one packed tensor) and the double backward w.r.t. qkv and w vs float64 math."""
+    if dtype not in DTYPES:
+        pytest.skip("bfloat16 only on CUDA")
+    qkv = packed_qkv(b, n, h, d, dtype).requires_grad_()
+    w = rand((b, n, h, d), dtype, 20).requires_grad_()
+    r = rand((b, n, 3, h, d), dtype, 30)
+    got = _restoration_like_packed(attention_packed, qkv, w, r)
+    assert got[0].shape == qkv.shape and got[1].shape == qkv.shape
+    ins_d = [t.detach().double().requires_grad_() for t in (qkv, w)]
+    ref = _restoration_like_packed(math_packed, *ins_d, r.double())
+    check(got, ref, dtype, "dqkv, d2 wrt qkv, w")
+
+
+def test_packed_matches_bhnd_bitwise():
+    """Same kernels, only the addressing differs: packed and (B, H, N, d) results are identical."""
+    qkv = packed_qkv(2, 50, 3, 40, torch.float32, seed=4).requires_grad_()
+    do = rand((2, 50, 3, 40), torch.float32, 5)
+    o_p = attention_packed(qkv)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    o_b = attention(q, k, v).transpose(1, 2)
+    assert torch.equal(o_p, o_b)
+    (g_p,) = torch.autograd.grad(o_p, qkv, do, create_graph=True)
+    (g_b,) = torch.autograd.grad(o_b, qkv, do, create_graph=True)
+    assert torch.equal(g_p, g_b)
+    r = rand(qkv.shape, torch.float32, 6)
+    assert torch.equal(torch.autograd.grad(g_p, qkv, r)[0], torch.autograd.grad(g_b, qkv, r)[0])
+
+
+def test_packed_bwdbwd_op_against_autograd_of_math():
+    """attn_packed_bwdbwd directly: total derivatives w.r.t. qkv and do, as one gqkv and gdo."""
+    shape, scale = (1, 70, 3, 3, 40), 0.3
+    qkv, gdqkv = rand(shape, torch.float32, 40), rand(shape, torch.float32, 41)
+    do = rand((1, 70, 3, 40), torch.float32, 42)
+    o, lse = attn_packed_fwd(qkv, scale)
+    got = attn_packed_bwdbwd(qkv, o, lse, do, gdqkv, scale)
+    assert got[0].shape == shape and got[0].is_contiguous() and got[1].shape == do.shape
+    xd = [t.double().requires_grad_() for t in (qkv, do)]
+    (dqkv,) = torch.autograd.grad(math_packed(xd[0], scale), xd[0], xd[1], create_graph=True)
+    check([attn_packed_bwd(qkv, o, lse, do, scale)], [dqkv], torch.float32, "dqkv")
+    check(got, torch.autograd.grad((dqkv * gdqkv.double()).sum(), xd), torch.float32, "gqkv,gdo")
+
+
+def test_packed_gradcheck_and_gradgradcheck_fp32():
+    qkv = packed_qkv(1, 7, 2, 8, torch.float32, seed=5).requires_grad_()
+    fn = lambda x: attention_packed(x, scale=0.6)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.autograd.gradcheck(fn, (qkv,), eps=1e-2, atol=1e-3, rtol=1e-2, fast_mode=True)
+        assert torch.autograd.gradgradcheck(fn, (qkv,), eps=1e-2, atol=1e-3, rtol=1e-2, fast_mode=True)
+
+
+def test_packed_odd_layouts():
+    """A qkv view with gaps between rows (read in place), one with a non-unit head-dim stride
+    (copied once), an expanded (stride-0) output cotangent and a non-contiguous gdqkv."""
+    b, n, h, d = 2, 37, 2, 32
+    big = rand((b, n, 3, h, d + 8), torch.float32, 8)
+    views = [big[..., :d], rand((b, n, 3, d, h), torch.float32, 9).transpose(-1, -2)]
+    for qkv in views:
+        qkv = qkv.requires_grad_()
+        qd = qkv.detach().double().requires_grad_()
+        o, ref = attention_packed(qkv), math_packed(qd)
+        check([o], [ref], torch.float32, "o")
+        (g,) = torch.autograd.grad(o.sum(), qkv, create_graph=True)  # expanded cotangent
+        (gd,) = torch.autograd.grad(ref.sum(), qd, create_graph=True)
+        check([g], [gd], torch.float32, "dqkv")
+        r = rand((b, n, 3, d, h), torch.float32, 10).transpose(-1, -2)  # non-contiguous gdqkv
+        check(torch.autograd.grad((g * r).sum(), qkv), torch.autograd.grad((gd * r.double()).sum(), qd),
+              torch.float32, "d2")
+
+
+def test_packed_double_backward_launches(monkeypatch):
+    calls = []
+    for name in ("attn_packed_fwd", "attn_packed_bwd", "attn_packed_bwdbwd", "attn_fwd", "attn_bwd", "attn_bwdbwd"):
+        fn = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _f=fn, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    qkv = rand((1, 20, 3, 2, 16), torch.float32, 1).requires_grad_()
+    do = rand((1, 20, 2, 16), torch.float32, 2).requires_grad_()
+    (g,) = torch.autograd.grad(attention_packed(qkv), qkv, do, create_graph=True)
+    assert calls == ["attn_packed_fwd", "attn_packed_bwd"]
+    torch.autograd.grad(g, (qkv, do), rand(qkv.shape, torch.float32, 3))
+    assert calls == ["attn_packed_fwd", "attn_packed_bwd", "attn_packed_bwdbwd"]
+
+
+def test_packed_chain_copies_nothing(monkeypatch):
+    """Fused path as the model calls it: no aten copy and no permute in a whole training-step
+    chain (fwd, grad with create_graph, backward). Launches are stubbed: the interpreter's own
+    data movement is not the launchers'."""
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: None
+
+    for name in ("_fwd", "_bwd_dq", "_bwd_dkdv", "_bwdbwd_q", "_bwdbwd_kv"):
+        monkeypatch.setattr(K, name, NoLaunch())
+    b, n, h, d = 2, 10, 3, 16
+    qkv = rand((b, n, 3, h, d), torch.float32, 0).requires_grad_()
+    w = rand((b, n, h * d), torch.float32, 1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = attention_packed(qkv).reshape(b, n, h * d)
+        (g,) = torch.autograd.grad((out * w).sum(), qkv, create_graph=True)
+        ((g * g).sum() + (out * out).sum()).backward()
+    names = [e.name for e in prof.events()]
+    assert sum(n.startswith("energyvit::attn_packed") for n in names) == 4  # fwd, bwd x2, bwdbwd
+    assert not [n for n in names if n in ("aten::copy_", "aten::clone", "aten::permute", "aten::contiguous")]
+
+
+def test_packed_opcheck():
+    shape, scale = (1, 20, 3, 2, 16), 0.25
+    qkv, gdqkv = rand(shape, torch.float32, 70), rand(shape, torch.float32, 71)
+    do = rand((1, 20, 2, 16), torch.float32, 72)
+    o, lse = attn_packed_fwd(qkv, scale)
+    ops = torch.ops.energyvit
+    for op, args in [
+        (ops.attn_packed_fwd.default, (qkv.clone().requires_grad_(), scale)),
+        (ops.attn_packed_bwd.default, (qkv.clone().requires_grad_(), o, lse, do.clone().requires_grad_(), scale)),
+        (ops.attn_packed_bwdbwd.default, (qkv, o, lse, do, gdqkv, scale)),
+    ]:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda: rand((2, 8, 3, 16), torch.float32, 0), ValueError, "5-D"),
+        (lambda: rand((1, 8, 2, 2, 16), torch.float32, 0), ValueError, "5-D"),
+        (lambda: rand((1, 8, 3, 2, 16), torch.float32, 0).double(), TypeError, "unsupported dtype"),
+        (lambda: rand((1, 8, 3, 2, 129), torch.float32, 0), ValueError, "head_dim"),
+        (lambda: rand((1, 0, 3, 2, 16), torch.float32, 0), ValueError, "empty"),
+        (lambda: rand((1, 8, 3, 2, 16), torch.float32, 0).cpu().numpy(), TypeError, "torch.Tensor"),
+    ],
+)
+def test_packed_clear_errors(make, exc, match):
+    with pytest.raises(exc, match=match):
+        attention_packed(make())
+    with pytest.raises(exc, match=match):
+        K.attn_packed_fwd(make(), 0.5)
+
+
+def test_packed_error_bad_bwd_inputs():
+    qkv = rand((1, 8, 3, 2, 16), torch.float32, 0)
+    o, lse = attn_packed_fwd(qkv, 0.5)
+    with pytest.raises(ValueError, match="do shape"):
+        attn_packed_bwd(qkv, o, lse, o[:, :4], 0.5)
+    with pytest.raises(TypeError, match="lse must be float32"):
+        attn_packed_bwd(qkv, o, lse.half(), o, 0.5)
+    with pytest.raises(ValueError, match="gdqkv shape"):
+        attn_packed_bwdbwd(qkv, o, lse, o, qkv[:, :4], 0.5)
