@@ -544,3 +544,56 @@ def test_packed_error_bad_bwd_inputs():
         attn_packed_bwd(qkv, o, lse.half(), o, 0.5)
     with pytest.raises(ValueError, match="gdqkv shape"):
         attn_packed_bwdbwd(qkv, o, lse, o, qkv[:, :4], 0.5)
+
+
+def test_model_attention_uses_packed_path(monkeypatch):
+    """The model's Attention with the fused backend goes through attn_packed_* (and not the
+    (B, H, N, d) ops); two unrolled restoration steps give the float64 math path's parameter grads."""
+    from energyvit.model import Attention
+
+    calls = []
+    for name in ("attn_packed_fwd", "attn_packed_bwd", "attn_packed_bwdbwd", "attn_fwd", "attn_bwd", "attn_bwdbwd"):
+        fn = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _f=fn, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+
+    def param_grads(backend, dtype):
+        torch.manual_seed(3)
+        attn = Attention(24, 2, backend).to(DEVICE, dtype)
+        x = torch.randn(2, 30, 24, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype).requires_grad_()
+        for _ in range(2):
+            (gx,) = torch.autograd.grad(0.5 * (attn(x) ** 2).sum(), x, create_graph=True)
+            x = x - 0.1 * gx
+        (x ** 2).sum().backward()
+        return [p.grad for p in attn.parameters()]
+
+    got = param_grads("fused", torch.float32)
+    assert set(calls) == {"attn_packed_fwd", "attn_packed_bwd", "attn_packed_bwdbwd"}
+    check(got, param_grads("math", torch.float64), torch.float32, "d loss / d attention params")
+
+
+# -------------------------------------------------------------------------------- import failures
+@pytest.mark.parametrize("packed", [False, True])
+def test_source_tree_without_kernels_says_install(monkeypatch, packed):
+    """As when `python -m energyvit ...` runs from the repository root with a non-editable install:
+    the source folder energyvit/ (which has no kernels/) shadows the installed package."""
+    from energyvit.attention import attention as backend_attention
+    from energyvit.attention import packed_attention
+
+    for name in [m for m in sys.modules if m.startswith("energyvit.kernels")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "energyvit.kernels", None)  # `import energyvit.kernels` fails
+    q = torch.rand(1, 4, 3, 1, 8)
+    with pytest.raises(ImportError, match=r"energyvit.kernels is not importable: .*pip install -e \.") as e:
+        packed_attention(q, backend="fused") if packed else backend_attention(q[:, :, 0], q[:, :, 1], q[:, :, 2],
+                                                                               backend="fused")
+    assert "\n" not in str(e.value)
+
+
+def test_missing_triton_says_install_triton_packed(monkeypatch):
+    from energyvit.attention import packed_attention
+
+    for name in [m for m in sys.modules if m.startswith("energyvit.kernels")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "triton", None)
+    with pytest.raises(ImportError, match=r"needs triton: pip install 'energyvit\[triton\]'"):
+        packed_attention(torch.rand(1, 4, 3, 1, 8), backend="fused")
