@@ -70,6 +70,9 @@ MAX_GRID_YZ: int = 65535
 #: Block sizes used under the interpreter (one program at a time; small keeps tests fast and
 #: still exercises multi-block loops and masking at N = 50 or 197).
 INTERPRET_BLOCKS: dict = {"BLOCK_M": 32, "BLOCK_N": 32}
+#: Variant constexprs and their defaults: an autotune config may override them; the interpreter
+#: runs the defaults (the tests flip them to cover every variant).
+VARIANT_DEFAULTS: dict = {"bwdbwd_q": {"TWO_SWEEP": False}}
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -220,13 +223,36 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
+def _bwdbwd_q_tile(q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, mask_n, offs_d, mask_d, s_qn, s_gn,
+                   lse2, mask_m, qk_scale, scale, PREC: tl.constexpr):
+    """One key tile seen from a query block: k, gdk, v, gdv and P, dP, G, H (fp32 tiles)."""
+    k = _load_rows(K + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
+    v = _load_rows(V + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
+    gdk = _load_rows(GDK + g_off, offs_n, mask_n, offs_d, mask_d, s_gn)
+    gdv = _load_rows(GDV + g_off, offs_n, mask_n, offs_d, mask_d, s_gn)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    g = tl.dot(q, tl.trans(gdk), tl.dot(gdq, tl.trans(k), input_precision=PREC), input_precision=PREC) * scale
+    h = tl.dot(do, tl.trans(gdv), input_precision=PREC)
+    return k, v, gdk, gdv, p, dp, g, h
+
+
+@triton.jit
 def _attn_bwdbwd_q_kernel(
     Q, K, V, O, LSE, DO, GDQ, GDK, GDV, GQ, GDO, STATS,
     N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO_SWEEP: tl.constexpr,
 ):
-    """Query side of bwd-of-bwd: gQ, gdO and the row statistics D, C, E (one sweep)."""
+    """Query side of bwd-of-bwd: gQ, gdO and the row statistics D, C, E.
+
+    TWO_SWEEP=False: one sweep over the keys with four [BLOCK_M, d] fp32 accumulators (gQ by the
+    linear split). TWO_SWEEP=True: sweep 1 accumulates gdO and the row statistics, sweep 2 forms
+    dS2 with the finished statistics and accumulates gQ: 14 instead of 11 tile matmuls per key
+    tile, but one live accumulator instead of four, which is what lets BLOCK_M = 64/128 tiles
+    (Hopper wgmma) fit in registers. The autotuner picks between them on the GPU.
+    """
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -247,39 +273,55 @@ def _attn_bwdbwd_q_kernel(
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     lse2 = tl.load(LSE + row0 + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
 
-    acc_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # dS gdK + (P*W0) K
-    acc_dsk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # dS K
-    acc_pk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # P K
     acc_do = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # P gdV + (P*G) V
     c_i = tl.zeros([BLOCK_M], tl.float32)                # rowsum(P*G)
     e0_i = tl.zeros([BLOCK_M], tl.float32)               # rowsum(P*W0)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + offs_n0
-        mask_n = offs_n < N
-        k = _load_rows(K + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
-        v = _load_rows(V + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
-        gdk = _load_rows(GDK + g_off, offs_n, mask_n, offs_d, mask_d, s_gn)
-        gdv = _load_rows(GDV + g_off, offs_n, mask_n, offs_d, mask_d, s_gn)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        valid = mask_m[:, None] & mask_n[None, :]
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        g = tl.dot(q, tl.trans(gdk), tl.dot(gdq, tl.trans(k), input_precision=PREC),
-                   input_precision=PREC) * scale
-        h_ = tl.dot(do, tl.trans(gdv), input_precision=PREC)
-        dpd = dp - delta[:, None]
-        ds = p * dpd
-        pg = p * g
-        pw0 = p * (g * dpd + h_)
-        c_i += tl.sum(pg, 1)
-        e0_i += tl.sum(pw0, 1)
-        acc_q = tl.dot(ds.to(k.dtype), gdk, acc_q, input_precision=PREC)
-        acc_q = tl.dot(pw0.to(k.dtype), k, acc_q, input_precision=PREC)
-        acc_dsk = tl.dot(ds.to(k.dtype), k, acc_dsk, input_precision=PREC)
-        acc_pk = tl.dot(p.to(k.dtype), k, acc_pk, input_precision=PREC)
-        acc_do = tl.dot(p.to(v.dtype), gdv, acc_do, input_precision=PREC)
-        acc_do = tl.dot(pg.to(v.dtype), v, acc_do, input_precision=PREC)
-    gq = (acc_q - c_i[:, None] * acc_dsk - e0_i[:, None] * acc_pk) * scale
+    if TWO_SWEEP:
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + offs_n0
+            k, v, gdk, gdv, p, dp, g, h_ = _bwdbwd_q_tile(
+                q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, offs_n < N, offs_d, mask_d, s_qn, s_gn,
+                lse2, mask_m, qk_scale, scale, PREC)
+            pg = p * g
+            c_i += tl.sum(pg, 1)
+            e0_i += tl.sum(p * (g * (dp - delta[:, None]) + h_), 1)
+            acc_do = tl.dot(p.to(v.dtype), gdv, acc_do, input_precision=PREC)
+            acc_do = tl.dot(pg.to(v.dtype), v, acc_do, input_precision=PREC)
+        e_i = e0_i - c_i * delta
+        acc_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # dS gdK + dS2 K
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + offs_n0
+            k, v, gdk, gdv, p, dp, g, h_ = _bwdbwd_q_tile(
+                q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, offs_n < N, offs_d, mask_d, s_qn, s_gn,
+                lse2, mask_m, qk_scale, scale, PREC)
+            dpd = dp - delta[:, None]
+            ds = p * dpd
+            ds2 = p * (g * dpd + h_ - c_i[:, None] * dp - e_i[:, None])
+            acc_q = tl.dot(ds.to(k.dtype), gdk, acc_q, input_precision=PREC)
+            acc_q = tl.dot(ds2.to(k.dtype), k, acc_q, input_precision=PREC)
+        gq = acc_q * scale
+    else:
+        acc_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)    # dS gdK + (P*W0) K
+        acc_dsk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # dS K
+        acc_pk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # P K
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + offs_n0
+            k, v, gdk, gdv, p, dp, g, h_ = _bwdbwd_q_tile(
+                q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, offs_n < N, offs_d, mask_d, s_qn, s_gn,
+                lse2, mask_m, qk_scale, scale, PREC)
+            dpd = dp - delta[:, None]
+            ds = p * dpd
+            pg = p * g
+            pw0 = p * (g * dpd + h_)
+            c_i += tl.sum(pg, 1)
+            e0_i += tl.sum(pw0, 1)
+            acc_q = tl.dot(ds.to(k.dtype), gdk, acc_q, input_precision=PREC)
+            acc_q = tl.dot(pw0.to(k.dtype), k, acc_q, input_precision=PREC)
+            acc_dsk = tl.dot(ds.to(k.dtype), k, acc_dsk, input_precision=PREC)
+            acc_pk = tl.dot(p.to(k.dtype), k, acc_pk, input_precision=PREC)
+            acc_do = tl.dot(p.to(v.dtype), gdv, acc_do, input_precision=PREC)
+            acc_do = tl.dot(pg.to(v.dtype), v, acc_do, input_precision=PREC)
+        gq = (acc_q - c_i[:, None] * acc_dsk - e0_i[:, None] * acc_pk) * scale
     _store_rows(GQ + g_off, offs_m, mask_m, offs_d, mask_d, s_gn, gq)
     # o is loaded again rather than kept live across the sweep (a [BLOCK_M, d] tile of registers)
     o = _load_rows(O + o_off, offs_m, mask_m, offs_d, mask_d, s_on).to(tl.float32)
@@ -368,7 +410,8 @@ AUTOTUNE_CONFIGS = {
     "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 2)],
     "bwd_dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
     "bwd_dkdv": [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
-    "bwdbwd_q": [(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 8, 1), (64, 32, 8, 2)],
+    "bwdbwd_q": [(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 8, 1), (64, 32, 8, 2)]
+    + [(m, n, w, s, {"TWO_SWEEP": True}) for m, n, w, s in ((64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2))],
     "bwdbwd_kv": [(32, 32, 4, 2), (32, 64, 4, 1), (32, 128, 8, 1)],
 }
 #: Autotune key: sequence length, head dim and the row stride of q (the layout: packed qkv rows
@@ -376,9 +419,14 @@ AUTOTUNE_CONFIGS = {
 AUTOTUNE_KEY = ["N", "HEAD_D", "s_qn"]
 
 
+def config_meta(name: str, cfg: tuple) -> dict:
+    """The constexprs one autotune config sets (block sizes, and the variant where a kernel has one)."""
+    extra = cfg[4] if len(cfg) > 4 else {}
+    return {"BLOCK_M": cfg[0], "BLOCK_N": cfg[1], **VARIANT_DEFAULTS.get(name, {}), **extra}
+
+
 def _cfgs(name):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-            for m, n, w, s in AUTOTUNE_CONFIGS[name]]
+    return [triton.Config(config_meta(name, c), num_warps=c[2], num_stages=c[3]) for c in AUTOTUNE_CONFIGS[name]]
 
 
 def _tuned(name):
@@ -391,7 +439,14 @@ _bwd_dq = _tuned("bwd_dq")
 _bwd_dkdv = _tuned("bwd_dkdv")
 _bwdbwd_q = _tuned("bwdbwd_q")
 _bwdbwd_kv = _tuned("bwdbwd_kv")
-_META = dict(INTERPRET_BLOCKS) if INTERPRET else {}
+_NO_META: dict = {}
+
+
+def _meta(name: str) -> dict:
+    """Constexprs passed at launch: none on GPU (the autotuner sets them), fixed ones in the interpreter."""
+    if not INTERPRET:
+        return _NO_META
+    return {**INTERPRET_BLOCKS, **VARIANT_DEFAULTS.get(name, {})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -562,7 +617,7 @@ def _launch_fwd(q, k, v, o, lse, b, h, n, d, sq, so, scale):
     block_d, prec, qk_scale = _launch_consts(q.dtype, d, scale)
     grid = lambda meta: (-(-n // meta["BLOCK_M"]), h, b)  # noqa: E731
     _fwd[grid](q, k, v, o, lse, n, h, *sq, *so, qk_scale,
-               HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_META)
+               HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta("fwd"))
 
 
 def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, b, h, n, d, sq, sg, so, scale):
@@ -571,9 +626,9 @@ def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, b, h, n, d, sq, sg, so, scale):
     grid_m = lambda meta: (-(-n // meta["BLOCK_M"]), h, b)  # noqa: E731
     grid_n = lambda meta: (-(-n // meta["BLOCK_N"]), h, b)  # noqa: E731
     _bwd_dq[grid_m](q, k, v, o, lse, do, dq, delta, n, h, *sq, *sg, *so, qk_scale, scale,
-                    HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_META)
+                    HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta("bwd_dq"))
     _bwd_dkdv[grid_n](q, k, v, lse, do, delta, dk, dv, n, h, *sq, *sg, *so, qk_scale, scale,
-                      HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_META)
+                      HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta("bwd_dkdv"))
 
 
 def _launch_bwdbwd(q, k, v, o, lse, do, gdq, gdk, gdv, gq, gk, gv, gdo, b, h, n, d, sq, sg, so, scale):
@@ -582,9 +637,9 @@ def _launch_bwdbwd(q, k, v, o, lse, do, gdq, gdk, gdv, gq, gk, gv, gdo, b, h, n,
     grid_m = lambda meta: (-(-n // meta["BLOCK_M"]), h, b)  # noqa: E731
     grid_n = lambda meta: (-(-n // meta["BLOCK_N"]), h, b)  # noqa: E731
     _bwdbwd_q[grid_m](q, k, v, o, lse, do, gdq, gdk, gdv, gq, gdo, stats, n, h, *sq, *sg, *so, qk_scale, scale,
-                      HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_META)
+                      HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta("bwdbwd_q"))
     _bwdbwd_kv[grid_n](q, k, v, lse, do, gdq, gdk, gdv, stats, gk, gv, n, h, *sq, *sg, *so, qk_scale, scale,
-                       HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_META)
+                       HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta("bwdbwd_kv"))
 
 
 def _bhn(t: torch.Tensor):

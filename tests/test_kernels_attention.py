@@ -20,7 +20,9 @@ row-statistics buffers) filled with NaN, and every compared tensor must come out
 Two entry points share the kernels: attention(q, k, v) on (B, H, N, d) tensors, and
 attention_packed(qkv) on the (B, N, 3, H, d) output of a qkv projection, with o in (B, N, H, d)
 and one packed gradient for qkv. The packed tests compare with the math path on permuted views
-of the same qkv in float64.
+of the same qkv in float64. Tests of the backward-of-backward run with both variants of the
+query-side kernel (one sweep with four accumulators, or two sweeps with one; fixture
+bwdbwd_variant).
 """
 from __future__ import annotations
 
@@ -53,6 +55,18 @@ def _poison(monkeypatch):
     monkeypatch.setattr(K, "POISON_OUTPUTS", True)
     if not ON_GPU:
         assert K.INTERPRET, "tests on CPU need TRITON_INTERPRET=1 before triton is imported"
+
+
+@pytest.fixture(params=[False, True], ids=["one_sweep", "two_sweep"])
+def bwdbwd_variant(request, monkeypatch):
+    """Run a test with each variant of the query-side bwd-of-bwd kernel (TWO_SWEEP constexpr):
+    in the interpreter through the variant default, on GPU by restricting the autotune set."""
+    monkeypatch.setitem(K.VARIANT_DEFAULTS, "bwdbwd_q", {"TWO_SWEEP": request.param})
+    if ON_GPU:
+        tuner = K._bwdbwd_q
+        monkeypatch.setattr(tuner, "configs", [c for c in tuner.configs if c.kwargs["TWO_SWEEP"] == request.param])
+        monkeypatch.setattr(tuner, "cache", {})
+    return request.param
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -153,7 +167,7 @@ BWDBWD_CASES = [
 
 
 @pytest.mark.parametrize("b,h,n,d,dtype", BWDBWD_CASES)
-def test_second_derivatives(b, h, n, d, dtype):
+def test_second_derivatives(b, h, n, d, dtype, bwdbwd_variant):
     """Double backward vs float64 math; w requires grad, so the gdo output is checked too."""
     if dtype not in DTYPES:
         pytest.skip("bfloat16 only on CUDA")
@@ -192,7 +206,7 @@ def test_unrolled_restoration_parameter_grads():
     check([got], [ref], torch.float32, "dloss/dW_qkv")
 
 
-def test_second_derivatives_partial_cotangents():
+def test_second_derivatives_partial_cotangents(bwdbwd_variant):
     """Only dq feeds the outer loss: the None cotangents of dk, dv must be handled as zeros."""
     shape = (1, 2, 45, 32)
     q, k, v = (t.requires_grad_() for t in qkv(shape, torch.float32, seed=3))
@@ -204,7 +218,7 @@ def test_second_derivatives_partial_cotangents():
     check(out[0], out[1], torch.float32, "d2 (dq only)")
 
 
-def test_bwdbwd_op_against_autograd_of_math():
+def test_bwdbwd_op_against_autograd_of_math(bwdbwd_variant):
     """attn_bwdbwd directly: total derivatives of <gdq,dq>+<gdk,dk>+<gdv,dv> w.r.t. q, k, v, do."""
     shape, scale = (1, 3, 70, 40), 0.3
     q, k, v, do, gdq, gdk, gdv = (rand(shape, torch.float32, 40 + i) for i in range(7))
@@ -216,7 +230,7 @@ def test_bwdbwd_op_against_autograd_of_math():
     check(got, torch.autograd.grad(loss, xd), torch.float32, "gq,gk,gv,gdo")
 
 
-def test_gradcheck_and_gradgradcheck_fp32():
+def test_gradcheck_and_gradgradcheck_fp32(bwdbwd_variant):
     """Finite-difference checks of the fused path itself (fp32, fast mode; see module doc)."""
     ins = [t.requires_grad_() for t in qkv((1, 2, 7, 8), torch.float32, seed=5)]
     fn = lambda a, b, c: attention(a, b, c, scale=0.6)  # noqa: E731
@@ -265,7 +279,7 @@ def test_non_contiguous_inputs_and_expanded_grad():
           torch.autograd.grad(math_attention(qd, kd, vd).sum(), (qd, kd, vd)), torch.float32, "grads")
 
 
-def test_poison_is_active_and_overwritten():
+def test_poison_is_active_and_overwritten(bwdbwd_variant):
     assert K._alloc((2, 3), torch.float32, DEVICE).isnan().all()
     shape, scale = (1, 3, 197, 40), 0.2
     q, k, v, do, gdq, gdk, gdv = (rand(shape, torch.float32, 50 + i) for i in range(7))
@@ -276,7 +290,7 @@ def test_poison_is_active_and_overwritten():
         assert torch.isfinite(t).all(), f"output {i} has unwritten (NaN) entries"
 
 
-def test_deterministic():
+def test_deterministic(bwdbwd_variant):
     shape, scale = (1, 2, 70, 32), 0.25
     q, k, v, do, gdq, gdk, gdv = (rand(shape, torch.float32, 60 + i) for i in range(7))
     o, lse = attn_fwd(q, k, v, scale)
@@ -397,7 +411,7 @@ def _restoration_like_packed(att, qkv, w, r):
 
 
 @pytest.mark.parametrize("b,n,h,d,dtype", PACKED_CASES)
-def test_packed_first_and_second_derivatives(b, n, h, d, dtype):
+def test_packed_first_and_second_derivatives(b, n, h, d, dtype, bwdbwd_variant):
     """dqkv (one packed tensor) and the double backward w.r.t. qkv and w vs float64 math."""
     if dtype not in DTYPES:
         pytest.skip("bfloat16 only on CUDA")
@@ -426,7 +440,7 @@ def test_packed_matches_bhnd_bitwise():
     assert torch.equal(torch.autograd.grad(g_p, qkv, r)[0], torch.autograd.grad(g_b, qkv, r)[0])
 
 
-def test_packed_bwdbwd_op_against_autograd_of_math():
+def test_packed_bwdbwd_op_against_autograd_of_math(bwdbwd_variant):
     """attn_packed_bwdbwd directly: total derivatives w.r.t. qkv and do, as one gqkv and gdo."""
     shape, scale = (1, 70, 3, 3, 40), 0.3
     qkv, gdqkv = rand(shape, torch.float32, 40), rand(shape, torch.float32, 41)
@@ -440,7 +454,25 @@ def test_packed_bwdbwd_op_against_autograd_of_math():
     check(got, torch.autograd.grad((dqkv * gdqkv.double()).sum(), xd), torch.float32, "gqkv,gdo")
 
 
-def test_packed_gradcheck_and_gradgradcheck_fp32():
+def test_bwdbwd_variants_differ_in_rounding_only(monkeypatch):
+    """The TWO_SWEEP flag really selects other code (not bitwise equal) that computes the same
+    gq, gdo (to fp32 rounding); the key side is shared, so gk, gv are identical."""
+    if ON_GPU:
+        pytest.skip("variant selection through VARIANT_DEFAULTS is the interpreter's")
+    shape, scale = (1, 70, 3, 2, 40), 0.3
+    qkv, gdqkv = rand(shape, torch.float32, 80), rand(shape, torch.float32, 81)
+    do = rand((1, 70, 2, 40), torch.float32, 82)
+    o, lse = attn_packed_fwd(qkv, scale)
+    out = {}
+    for two in (False, True):
+        monkeypatch.setitem(K.VARIANT_DEFAULTS, "bwdbwd_q", {"TWO_SWEEP": two})
+        out[two] = attn_packed_bwdbwd(qkv, o, lse, do, gdqkv, scale)
+    assert not torch.equal(out[False][0], out[True][0])
+    check(out[True], out[False], torch.float32, "two-sweep vs one-sweep")
+    assert torch.equal(out[False][0][:, :, 1:], out[True][0][:, :, 1:])  # gk, gv from the same kv kernel
+
+
+def test_packed_gradcheck_and_gradgradcheck_fp32(bwdbwd_variant):
     qkv = packed_qkv(1, 7, 2, 8, torch.float32, seed=5).requires_grad_()
     fn = lambda x: attention_packed(x, scale=0.6)  # noqa: E731
     with warnings.catch_warnings():
@@ -449,7 +481,7 @@ def test_packed_gradcheck_and_gradgradcheck_fp32():
         assert torch.autograd.gradgradcheck(fn, (qkv,), eps=1e-2, atol=1e-3, rtol=1e-2, fast_mode=True)
 
 
-def test_packed_odd_layouts():
+def test_packed_odd_layouts(bwdbwd_variant):
     """A qkv view with gaps between rows (read in place), one with a non-unit head-dim stride
     (copied once), an expanded (stride-0) output cotangent and a non-contiguous gdqkv."""
     b, n, h, d = 2, 37, 2, 32
