@@ -402,17 +402,22 @@ KERNEL_FUNCTIONS = {
     "bwdbwd_q": "_attn_bwdbwd_q_kernel",
     "bwdbwd_kv": "_attn_bwdbwd_kv_kernel",
 }
-#: GPU autotune sets, (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_M counts queries and
-#: BLOCK_N keys; the resident block of a program (BLOCK_M on the query side, BLOCK_N on the key
-#: side) is the M dimension of its matmuls, and Hopper's warpgroup MMA (wgmma) needs it >= 64.
-#: docs/kernels.md has the ptxas table these were picked from (bench/ptxas_report.py).
+#: GPU autotune sets, (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant constexprs]). BLOCK_M
+#: counts queries and BLOCK_N keys; the resident block of a program (BLOCK_M on the query side,
+#: BLOCK_N on the key side) is the M dimension of its matmuls, and Hopper's warpgroup MMA (wgmma)
+#: needs it >= 64. Picked from ahead-of-time sm_90a builds (bench/ptxas_report.py, table in
+#: docs/kernels.md): at bf16, head_dim 64 each kernel has configs with a resident block >= 64 on
+#: wgmma without spills, and keeps the configs the H200 chose before (32-row blocks on mma.sync).
+#: At N = 197 (ViT-B/16) blocks of 64/128 pad to 256 rows (23% padding), 32 to 224 (12%): larger
+#: blocks waste more there, but only they get wgmma and fewer K/V re-reads, so the sets mix a
+#: resident 64/128 with a swept 32 (padding 224) and the GPU's autotuner decides.
 AUTOTUNE_CONFIGS = {
-    "fwd": [(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 2)],
-    "bwd_dq": [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
-    "bwd_dkdv": [(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2)],
-    "bwdbwd_q": [(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 8, 1), (64, 32, 8, 2)]
-    + [(m, n, w, s, {"TWO_SWEEP": True}) for m, n, w, s in ((64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2))],
-    "bwdbwd_kv": [(32, 32, 4, 2), (32, 64, 4, 1), (32, 128, 8, 1)],
+    "fwd": [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 2)],
+    "bwd_dq": [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
+    "bwd_dkdv": [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)],
+    "bwdbwd_q": [(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2)]
+    + [(m, n, w, s, {"TWO_SWEEP": True}) for m, n, w, s in ((64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2))],
+    "bwdbwd_kv": [(32, 32, 4, 2), (32, 64, 4, 1), (32, 64, 4, 2), (32, 128, 8, 1)],
 }
 #: Autotune key: sequence length, head dim and the row stride of q (the layout: packed qkv rows
 #: are 3*H*d apart, (B, H, N, d) rows d); triton adds the tensor dtypes.
