@@ -14,6 +14,8 @@ CPU-flash kernels have no second derivative.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
@@ -28,16 +30,42 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) 
     return torch.matmul(attn.softmax(dim=-1), v)
 
 
+def _fused():
+    """energyvit.kernels, or one line that says what to do when it cannot be imported."""
+    try:  # imported here: only the fused backend needs triton
+        import energyvit.kernels as kernels
+    except ModuleNotFoundError as e:
+        if e.name == "triton":
+            raise ImportError("the fused attention backend needs triton: pip install 'energyvit[triton]'") from None
+        if e.name == "energyvit.kernels":  # a source tree on sys.path: kernels/ installs as energyvit.kernels
+            src = Path(__file__).parent
+            raise ImportError(
+                f"energyvit.kernels is not importable: energyvit was imported from the source folder {src}, which "
+                "has no kernels/ inside (kernels/ installs as energyvit.kernels); install the package with "
+                f"`pip install -e .` or start Python outside {src.parent}"
+            ) from None
+        raise
+    return kernels
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "math", scale: float | None = None) -> Tensor:
     """Softmax attention with the named backend."""
     if backend == "math":
         return math_attention(q, k, v, scale)
     if backend == "fused":
-        try:  # imported here: only the fused backend needs triton
-            from energyvit.kernels import attention as fused_attention
-        except ModuleNotFoundError as e:
-            if e.name != "triton":
-                raise
-            raise ImportError("the fused attention backend needs triton: pip install 'energyvit[triton]'") from None
-        return fused_attention(q, k, v, scale=scale)
+        return _fused().attention(q, k, v, scale=scale)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def packed_attention(qkv: Tensor, backend: str = "math", scale: float | None = None) -> Tensor:
+    """Attention on the packed output of a qkv projection: qkv (B, N, 3, H, d) -> (B, N, H, d).
+
+    The fused backend reads q, k, v in place and writes its output so that reshaping it to
+    (B, N, H * d) is a view; its gradient w.r.t. qkv is one packed tensor (no permute copies).
+    """
+    if backend == "fused":
+        return _fused().attention_packed(qkv, scale=scale)
+    if backend == "math":
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        return math_attention(q, k, v, scale).transpose(1, 2)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -157,7 +157,14 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        if self.backend == "fused":
+            # the kernels read q, k, v in place and write (B, N, H, d): no permute copies, and the
+            # reshape below is a view
+            from energyvit.attention import packed_attention
+
+            return self.proj(packed_attention(qkv, backend="fused").reshape(B, N, D))
+        qkv = qkv.permute(2, 0, 3, 1, 4)
         out = attention(qkv[0], qkv[1], qkv[2], backend=self.backend)
         return self.proj(out.transpose(1, 2).reshape(B, N, D))
 

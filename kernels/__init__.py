@@ -1,24 +1,70 @@
 """Fused Triton softmax attention, differentiable to second order.
 
-Public API: ``attention(q, k, v, scale=None) -> o`` on (batch, heads, N, head_dim) tensors.
-The ops ``torch.ops.energyvit.attn_fwd / attn_bwd / attn_bwdbwd`` are registered on import.
-On CPU the kernels run only under the Triton interpreter (TRITON_INTERPRET=1 set before
-triton is imported).
+Public API:
+
+- ``attention(q, k, v, scale=None) -> o`` on (batch, heads, N, head_dim) tensors;
+- ``attention_packed(qkv, scale=None) -> o`` on the packed output of a qkv projection,
+  qkv (batch, N, 3, heads, head_dim) -> o (batch, N, heads, head_dim): the kernels read q, k, v
+  in place and write o so that ``o.reshape(batch, N, heads * head_dim)`` is a view; the gradient
+  w.r.t. qkv is one (batch, N, 3, heads, head_dim) tensor;
+- ``attn_fwd / attn_bwd / attn_bwdbwd`` and ``attn_packed_fwd / attn_packed_bwd /
+  attn_packed_bwdbwd``: the custom ops behind them, called with input checks.
+
+Inputs are validated once per call of these functions; the ops in ``torch.ops.energyvit`` do not
+check their inputs (inside an autograd chain they only see tensors the chain itself made).
+On CPU the kernels run only under the Triton interpreter (TRITON_INTERPRET=1 set before triton is
+imported).
 """
 from __future__ import annotations
 
 from torch import Tensor
 
-from . import triton_attention
-from .ops import attn_bwd, attn_bwdbwd, attn_fwd
+from . import ops, triton_attention
+from .triton_attention import validate_bwd, validate_packed, validate_packed_bwd, validate_qkv
 
-__all__ = ["attention", "attn_fwd", "attn_bwd", "attn_bwdbwd", "triton_attention"]
+__all__ = ["attention", "attention_packed", "attn_fwd", "attn_bwd", "attn_bwdbwd", "attn_packed_fwd",
+           "attn_packed_bwd", "attn_packed_bwdbwd", "ops", "triton_attention"]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
     """softmax(scale * q k^T) v with fused Triton kernels; first and second derivatives fused too."""
-    triton_attention.validate_qkv(q, k, v, scale)
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    o, _ = attn_fwd(q, k, v, float(scale))
+    validate_qkv(q, k, v, scale)
+    o, _ = ops.attn_fwd(q, k, v, q.shape[-1] ** -0.5 if scale is None else float(scale))
     return o
+
+
+def attention_packed(qkv: Tensor, scale: float | None = None) -> Tensor:
+    """Attention on a packed qkv (B, N, 3, H, d) -> o (B, N, H, d); scale defaults to d ** -0.5."""
+    validate_packed(qkv, scale)
+    o, _ = ops.attn_packed_fwd(qkv, qkv.shape[-1] ** -0.5 if scale is None else float(scale))
+    return o
+
+
+def attn_fwd(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    validate_qkv(q, k, v, scale)
+    return ops.attn_fwd(q, k, v, float(scale))
+
+
+def attn_bwd(q, k, v, o, lse, do, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    validate_bwd(q, k, v, o, lse, do, scale)
+    return ops.attn_bwd(q, k, v, o, lse, do, float(scale))
+
+
+def attn_bwdbwd(q, k, v, o, lse, do, gdq, gdk, gdv, scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    validate_bwd(q, k, v, o, lse, do, scale, (gdq, gdk, gdv))
+    return ops.attn_bwdbwd(q, k, v, o, lse, do, gdq, gdk, gdv, float(scale))
+
+
+def attn_packed_fwd(qkv: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    validate_packed(qkv, scale)
+    return ops.attn_packed_fwd(qkv, float(scale))
+
+
+def attn_packed_bwd(qkv, o, lse, do, scale: float) -> Tensor:
+    validate_packed_bwd(qkv, o, lse, do, scale)
+    return ops.attn_packed_bwd(qkv, o, lse, do, float(scale))
+
+
+def attn_packed_bwdbwd(qkv, o, lse, do, gdqkv, scale: float) -> tuple[Tensor, Tensor]:
+    validate_packed_bwd(qkv, o, lse, do, scale, gdqkv)
+    return ops.attn_packed_bwdbwd(qkv, o, lse, do, gdqkv, float(scale))

@@ -1,7 +1,7 @@
 """Fused softmax attention in Triton: forward, backward and backward-of-backward kernels.
 
-All kernels work on (batch * heads, N, head_dim) contiguous tensors and never write an N x N
-tensor to global memory. Notation (one head; docs/kernels.md has the derivation):
+The kernels never write an N x N tensor to global memory. Notation (one head; docs/kernels.md
+has the derivation):
 
     S = scale * Q K^T,  P = softmax(S) (row-wise),  O = P V,  lse = logsumexp(S) (row-wise)
     dP = dO V^T,  D = rowsum(dO * O),  dS = P * (dP - D)
@@ -25,11 +25,21 @@ Kernels (one launcher each, below):
                            (gQ uses the linear split above, so no second sweep is needed)
     _attn_bwdbwd_kv_kernel key blocks, sweep over queries: gK, gV (reads D, C, E)
 
+Layouts. Every (N, head_dim) matrix of one (batch b, head h) is addressed with three strides
+(b, h, row); the head-dim stride must be 1. Three stride families per kernel:
+    q family  (s_q*): the inputs q, k, v (k and v share q's strides)
+    g family  (s_g*): dq, dk, dv / gq, gk, gv outputs and the gdq, gdk, gdv cotangents
+    o family  (s_o*): o, do, gdo
+So the same kernels serve (batch, heads, N, head_dim) tensors and the packed layout of a qkv
+projection, qkv (B, N, 3, H, d) with o in (B, N, H, d), without copies. Row statistics (lse, D,
+C, E) are fp32, (B, H, N) contiguous. Grid: (cdiv(N, BLOCK), H, B).
+
 No atomics: every output tile is written by exactly one program (deterministic).
 
 Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) a single fixed block config is
-used; on GPU a small autotune set. fp32 inputs use TF32 tensor-core dots on GPU unless
-``ALLOW_TF32`` is set to False (then IEEE fp32 dots). In the interpreter fp32 dots are IEEE.
+used; on GPU an autotune set keyed on (N, head_dim, row stride of q, dtypes). fp32 inputs use
+TF32 tensor-core dots on GPU unless ``ALLOW_TF32`` is set to False (then IEEE fp32 dots). In the
+interpreter fp32 dots are IEEE.
 """
 from __future__ import annotations
 
@@ -55,9 +65,14 @@ POISON_OUTPUTS: bool = False
 ALLOW_TF32: bool = True
 #: Largest supported head dim (BLOCK_D = next power of two >= max(head_dim, 16)).
 MAX_HEAD_DIM: int = 128
+#: Grid dimensions 1 and 2 (heads, batch) are limited to 65535 programs.
+MAX_GRID_YZ: int = 65535
 #: Block sizes used under the interpreter (one program at a time; small keeps tests fast and
 #: still exercises multi-block loops and masking at N = 50 or 197).
 INTERPRET_BLOCKS: dict = {"BLOCK_M": 32, "BLOCK_N": 32}
+#: Variant constexprs and their defaults: an autotune config may override them; the interpreter
+#: runs the defaults (the tests flip them to cover every variant).
+VARIANT_DEFAULTS: dict = {"bwdbwd_q": {"TWO_SWEEP": False}}
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -69,233 +84,290 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _load_rows(base, rows, mask_r, offs_d, mask_d, stride_n):
-    """Load a (len(rows), BLOCK_D) tile of a row-major (N, head_dim) matrix, zero-padded."""
-    ptrs = base + rows[:, None] * stride_n + offs_d[None, :]
+def _load_rows(base, rows, mask_r, offs_d, mask_d, s_n):
+    """Load a (len(rows), BLOCK_D) tile of an (N, head_dim) matrix with row stride s_n, zero-padded."""
+    ptrs = base + rows[:, None] * s_n + offs_d[None, :]
     return tl.load(ptrs, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
 
 
 @triton.jit
-def _store_rows(base, rows, mask_r, offs_d, mask_d, stride_n, val):
-    ptrs = base + rows[:, None] * stride_n + offs_d[None, :]
+def _store_rows(base, rows, mask_r, offs_d, mask_d, s_n, val):
+    ptrs = base + rows[:, None] * s_n + offs_d[None, :]
     tl.store(ptrs, val.to(base.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
 
 
 @triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE,
-    N, stride_z, stride_n, qk_scale,
+    N, H, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    z = tl.program_id(1).to(tl.int64)
-    off = z * stride_z
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    q_off = b * s_qb + h * s_qh
+    o_off = b * s_ob + h * s_oh
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     mask_d = offs_d < HEAD_D
 
-    q = _load_rows(Q + off, offs_m, mask_m, offs_d, mask_d, stride_n)
+    q = _load_rows(Q + q_off, offs_m, mask_m, offs_d, mask_d, s_qn)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + offs_n0
         mask_n = offs_n < N
-        k = _load_rows(K + off, offs_n, mask_n, offs_d, mask_d, stride_n)
-        v = _load_rows(V + off, offs_n, mask_n, offs_d, mask_d, stride_n)
+        k = _load_rows(K + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
+        v = _load_rows(V + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 units
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: block 0 always has a valid key
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
     acc = acc / l_i[:, None]
-    _store_rows(O + off, offs_m, mask_m, offs_d, mask_d, stride_n, acc)
+    _store_rows(O + o_off, offs_m, mask_m, offs_d, mask_d, s_on, acc)
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural-log logsumexp of S
-    tl.store(LSE + z * N + offs_m, lse, mask=mask_m)
+    tl.store(LSE + (b * H + h) * N + offs_m, lse, mask=mask_m)
 
 
 @triton.jit
 def _attn_bwd_dq_kernel(
     Q, K, V, O, LSE, DO, DQ, DELTA,
-    N, stride_z, stride_n, qk_scale, scale,
+    N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    z = tl.program_id(1).to(tl.int64)
-    off = z * stride_z
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    q_off = b * s_qb + h * s_qh
+    g_off = b * s_gb + h * s_gh
+    o_off = b * s_ob + h * s_oh
+    row0 = (b * H + h) * N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     mask_d = offs_d < HEAD_D
 
-    q = _load_rows(Q + off, offs_m, mask_m, offs_d, mask_d, stride_n)
-    do = _load_rows(DO + off, offs_m, mask_m, offs_d, mask_d, stride_n)
-    o = _load_rows(O + off, offs_m, mask_m, offs_d, mask_d, stride_n)
+    q = _load_rows(Q + q_off, offs_m, mask_m, offs_d, mask_d, s_qn)
+    do = _load_rows(DO + o_off, offs_m, mask_m, offs_d, mask_d, s_on)
+    o = _load_rows(O + o_off, offs_m, mask_m, offs_d, mask_d, s_on)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
-    tl.store(DELTA + z * N + offs_m, delta, mask=mask_m)
-    lse2 = tl.load(LSE + z * N + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    tl.store(DELTA + row0 + offs_m, delta, mask=mask_m)
+    lse2 = tl.load(LSE + row0 + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + offs_n0
         mask_n = offs_n < N
-        k = _load_rows(K + off, offs_n, mask_n, offs_d, mask_d, stride_n)
-        v = _load_rows(V + off, offs_n, mask_n, offs_d, mask_d, stride_n)
+        k = _load_rows(K + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
+        v = _load_rows(V + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
         s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
         valid = mask_m[:, None] & mask_n[None, :]
         p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-    _store_rows(DQ + off, offs_m, mask_m, offs_d, mask_d, stride_n, dq * scale)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+    _store_rows(DQ + g_off, offs_m, mask_m, offs_d, mask_d, s_gn, dq * scale)
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
     Q, K, V, LSE, DO, DELTA, DK, DV,
-    N, stride_z, stride_n, qk_scale, scale,
+    N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    z = tl.program_id(1).to(tl.int64)
-    off = z * stride_z
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    q_off = b * s_qb + h * s_qh
+    g_off = b * s_gb + h * s_gh
+    o_off = b * s_ob + h * s_oh
+    row0 = (b * H + h) * N
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_d = offs_d < HEAD_D
 
-    k = _load_rows(K + off, offs_n, mask_n, offs_d, mask_d, stride_n)
-    v = _load_rows(V + off, offs_n, mask_n, offs_d, mask_d, stride_n)
+    k = _load_rows(K + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
+    v = _load_rows(V + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + offs_m0
         mask_m = offs_m < N
-        q = _load_rows(Q + off, offs_m, mask_m, offs_d, mask_d, stride_n)
-        do = _load_rows(DO + off, offs_m, mask_m, offs_d, mask_d, stride_n)
-        lse2 = tl.load(LSE + z * N + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + z * N + offs_m, mask=mask_m, other=0.0)
+        q = _load_rows(Q + q_off, offs_m, mask_m, offs_d, mask_d, s_qn)
+        do = _load_rows(DO + o_off, offs_m, mask_m, offs_d, mask_d, s_on)
+        lse2 = tl.load(LSE + row0 + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + row0 + offs_m, mask=mask_m, other=0.0)
         # transposed tiles: rows are keys (this program's block), columns are queries
         st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
         valid = mask_n[:, None] & mask_m[None, :]
         pt = tl.where(valid, tl.exp2(st - lse2[None, :]), 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
-    _store_rows(DK + off, offs_n, mask_n, offs_d, mask_d, stride_n, dk * scale)
-    _store_rows(DV + off, offs_n, mask_n, offs_d, mask_d, stride_n, dv)
+        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PREC)
+    _store_rows(DK + g_off, offs_n, mask_n, offs_d, mask_d, s_gn, dk * scale)
+    _store_rows(DV + g_off, offs_n, mask_n, offs_d, mask_d, s_gn, dv)
+
+
+@triton.jit
+def _bwdbwd_q_tile(q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, mask_n, offs_d, mask_d, s_qn, s_gn,
+                   lse2, mask_m, qk_scale, scale, PREC: tl.constexpr):
+    """One key tile seen from a query block: k, gdk, v, gdv and P, dP, G, H (fp32 tiles)."""
+    k = _load_rows(K + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
+    v = _load_rows(V + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
+    gdk = _load_rows(GDK + g_off, offs_n, mask_n, offs_d, mask_d, s_gn)
+    gdv = _load_rows(GDV + g_off, offs_n, mask_n, offs_d, mask_d, s_gn)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    p = tl.where(mask_m[:, None] & mask_n[None, :], tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    g = tl.dot(q, tl.trans(gdk), tl.dot(gdq, tl.trans(k), input_precision=PREC), input_precision=PREC) * scale
+    h = tl.dot(do, tl.trans(gdv), input_precision=PREC)
+    return k, v, gdk, gdv, p, dp, g, h
 
 
 @triton.jit
 def _attn_bwdbwd_q_kernel(
     Q, K, V, O, LSE, DO, GDQ, GDK, GDV, GQ, GDO, STATS,
-    N, stride_z, stride_n, qk_scale, scale,
+    N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO_SWEEP: tl.constexpr,
 ):
-    """Query side of bwd-of-bwd: gQ, gdO and the row statistics D, C, E (one sweep)."""
+    """Query side of bwd-of-bwd: gQ, gdO and the row statistics D, C, E.
+
+    TWO_SWEEP=False: one sweep over the keys with four [BLOCK_M, d] fp32 accumulators (gQ by the
+    linear split). TWO_SWEEP=True: sweep 1 accumulates gdO and the row statistics, sweep 2 forms
+    dS2 with the finished statistics and accumulates gQ: 14 instead of 11 tile matmuls per key
+    tile, but one live accumulator instead of four, which is what lets BLOCK_M = 64/128 tiles
+    (Hopper wgmma) fit in registers. The autotuner picks between them on the GPU.
+    """
     pid_m = tl.program_id(0)
-    z = tl.program_id(1).to(tl.int64)
-    off = z * stride_z
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    q_off = b * s_qb + h * s_qh
+    g_off = b * s_gb + h * s_gh
+    o_off = b * s_ob + h * s_oh
+    row0 = (b * H + h) * N
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     mask_d = offs_d < HEAD_D
 
-    q = _load_rows(Q + off, offs_m, mask_m, offs_d, mask_d, stride_n)
-    do = _load_rows(DO + off, offs_m, mask_m, offs_d, mask_d, stride_n)
-    gdq = _load_rows(GDQ + off, offs_m, mask_m, offs_d, mask_d, stride_n)
-    o = _load_rows(O + off, offs_m, mask_m, offs_d, mask_d, stride_n).to(tl.float32)
-    delta = tl.sum(do.to(tl.float32) * o, 1)
-    lse2 = tl.load(LSE + z * N + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    q = _load_rows(Q + q_off, offs_m, mask_m, offs_d, mask_d, s_qn)
+    do = _load_rows(DO + o_off, offs_m, mask_m, offs_d, mask_d, s_on)
+    gdq = _load_rows(GDQ + g_off, offs_m, mask_m, offs_d, mask_d, s_gn)
+    o = _load_rows(O + o_off, offs_m, mask_m, offs_d, mask_d, s_on)
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    lse2 = tl.load(LSE + row0 + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
 
-    acc_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # dS gdK + (P*W0) K
-    acc_dsk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # dS K
-    acc_pk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # P K
     acc_do = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # P gdV + (P*G) V
     c_i = tl.zeros([BLOCK_M], tl.float32)                # rowsum(P*G)
     e0_i = tl.zeros([BLOCK_M], tl.float32)               # rowsum(P*W0)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + offs_n0
-        mask_n = offs_n < N
-        k = _load_rows(K + off, offs_n, mask_n, offs_d, mask_d, stride_n)
-        v = _load_rows(V + off, offs_n, mask_n, offs_d, mask_d, stride_n)
-        gdk = _load_rows(GDK + off, offs_n, mask_n, offs_d, mask_d, stride_n)
-        gdv = _load_rows(GDV + off, offs_n, mask_n, offs_d, mask_d, stride_n)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        valid = mask_m[:, None] & mask_n[None, :]
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        g = (tl.dot(gdq, tl.trans(k), input_precision=PREC)
-             + tl.dot(q, tl.trans(gdk), input_precision=PREC)) * scale
-        h = tl.dot(do, tl.trans(gdv), input_precision=PREC)
-        dpd = dp - delta[:, None]
-        ds = p * dpd
-        pg = p * g
-        pw0 = p * (g * dpd + h)
-        c_i += tl.sum(pg, 1)
-        e0_i += tl.sum(pw0, 1)
-        acc_q += tl.dot(ds.to(k.dtype), gdk, input_precision=PREC)
-        acc_q += tl.dot(pw0.to(k.dtype), k, input_precision=PREC)
-        acc_dsk += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
-        acc_pk += tl.dot(p.to(k.dtype), k, input_precision=PREC)
-        acc_do += tl.dot(p.to(v.dtype), gdv, input_precision=PREC)
-        acc_do += tl.dot(pg.to(v.dtype), v, input_precision=PREC)
-    gq = (acc_q - c_i[:, None] * acc_dsk - e0_i[:, None] * acc_pk) * scale
-    gdo = acc_do - c_i[:, None] * o
-    _store_rows(GQ + off, offs_m, mask_m, offs_d, mask_d, stride_n, gq)
-    _store_rows(GDO + off, offs_m, mask_m, offs_d, mask_d, stride_n, gdo)
-    # STATS is (3, BH, N) fp32: D, C, E
-    stat_off = z * N + offs_m
-    zn = tl.num_programs(1).to(tl.int64) * N
-    tl.store(STATS + stat_off, delta, mask=mask_m)
-    tl.store(STATS + zn + stat_off, c_i, mask=mask_m)
-    tl.store(STATS + 2 * zn + stat_off, e0_i - c_i * delta, mask=mask_m)
+    if TWO_SWEEP:
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + offs_n0
+            k, v, gdk, gdv, p, dp, g, h_ = _bwdbwd_q_tile(
+                q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, offs_n < N, offs_d, mask_d, s_qn, s_gn,
+                lse2, mask_m, qk_scale, scale, PREC)
+            pg = p * g
+            c_i += tl.sum(pg, 1)
+            e0_i += tl.sum(p * (g * (dp - delta[:, None]) + h_), 1)
+            acc_do = tl.dot(p.to(v.dtype), gdv, acc_do, input_precision=PREC)
+            acc_do = tl.dot(pg.to(v.dtype), v, acc_do, input_precision=PREC)
+        e_i = e0_i - c_i * delta
+        acc_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # dS gdK + dS2 K
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + offs_n0
+            k, v, gdk, gdv, p, dp, g, h_ = _bwdbwd_q_tile(
+                q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, offs_n < N, offs_d, mask_d, s_qn, s_gn,
+                lse2, mask_m, qk_scale, scale, PREC)
+            dpd = dp - delta[:, None]
+            ds = p * dpd
+            ds2 = p * (g * dpd + h_ - c_i[:, None] * dp - e_i[:, None])
+            acc_q = tl.dot(ds.to(k.dtype), gdk, acc_q, input_precision=PREC)
+            acc_q = tl.dot(ds2.to(k.dtype), k, acc_q, input_precision=PREC)
+        gq = acc_q * scale
+    else:
+        acc_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)    # dS gdK + (P*W0) K
+        acc_dsk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # dS K
+        acc_pk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # P K
+        for start_n in range(0, N, BLOCK_N):
+            offs_n = start_n + offs_n0
+            k, v, gdk, gdv, p, dp, g, h_ = _bwdbwd_q_tile(
+                q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, offs_n < N, offs_d, mask_d, s_qn, s_gn,
+                lse2, mask_m, qk_scale, scale, PREC)
+            dpd = dp - delta[:, None]
+            ds = p * dpd
+            pg = p * g
+            pw0 = p * (g * dpd + h_)
+            c_i += tl.sum(pg, 1)
+            e0_i += tl.sum(pw0, 1)
+            acc_q = tl.dot(ds.to(k.dtype), gdk, acc_q, input_precision=PREC)
+            acc_q = tl.dot(pw0.to(k.dtype), k, acc_q, input_precision=PREC)
+            acc_dsk = tl.dot(ds.to(k.dtype), k, acc_dsk, input_precision=PREC)
+            acc_pk = tl.dot(p.to(k.dtype), k, acc_pk, input_precision=PREC)
+            acc_do = tl.dot(p.to(v.dtype), gdv, acc_do, input_precision=PREC)
+            acc_do = tl.dot(pg.to(v.dtype), v, acc_do, input_precision=PREC)
+        gq = (acc_q - c_i[:, None] * acc_dsk - e0_i[:, None] * acc_pk) * scale
+    _store_rows(GQ + g_off, offs_m, mask_m, offs_d, mask_d, s_gn, gq)
+    # o is loaded again rather than kept live across the sweep (a [BLOCK_M, d] tile of registers)
+    o = _load_rows(O + o_off, offs_m, mask_m, offs_d, mask_d, s_on).to(tl.float32)
+    _store_rows(GDO + o_off, offs_m, mask_m, offs_d, mask_d, s_on, acc_do - c_i[:, None] * o)
+    # STATS is (3, B*H, N) fp32: D, C, E
+    zn = tl.num_programs(2).to(tl.int64) * H * N
+    tl.store(STATS + row0 + offs_m, delta, mask=mask_m)
+    tl.store(STATS + zn + row0 + offs_m, c_i, mask=mask_m)
+    tl.store(STATS + 2 * zn + row0 + offs_m, e0_i - c_i * delta, mask=mask_m)
 
 
 @triton.jit
 def _attn_bwdbwd_kv_kernel(
     Q, K, V, LSE, DO, GDQ, GDK, GDV, STATS, GK, GV,
-    N, stride_z, stride_n, qk_scale, scale,
+    N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Key side of bwd-of-bwd: gK, gV (needs the finished row statistics D, C, E)."""
     pid_n = tl.program_id(0)
-    z = tl.program_id(1).to(tl.int64)
-    off = z * stride_z
+    h = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    q_off = b * s_qb + h * s_qh
+    g_off = b * s_gb + h * s_gh
+    o_off = b * s_ob + h * s_oh
+    row0 = (b * H + h) * N
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_d = offs_d < HEAD_D
-    zn = tl.num_programs(1).to(tl.int64) * N
+    zn = tl.num_programs(2).to(tl.int64) * H * N
 
-    k = _load_rows(K + off, offs_n, mask_n, offs_d, mask_d, stride_n)
-    v = _load_rows(V + off, offs_n, mask_n, offs_d, mask_d, stride_n)
-    gdk = _load_rows(GDK + off, offs_n, mask_n, offs_d, mask_d, stride_n)
-    gdv = _load_rows(GDV + off, offs_n, mask_n, offs_d, mask_d, stride_n)
+    k = _load_rows(K + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
+    v = _load_rows(V + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
+    gdk = _load_rows(GDK + g_off, offs_n, mask_n, offs_d, mask_d, s_gn)
+    gdv = _load_rows(GDV + g_off, offs_n, mask_n, offs_d, mask_d, s_gn)
     acc_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     acc_v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start_m in range(0, N, BLOCK_M):
         offs_m = start_m + offs_m0
         mask_m = offs_m < N
-        q = _load_rows(Q + off, offs_m, mask_m, offs_d, mask_d, stride_n)
-        do = _load_rows(DO + off, offs_m, mask_m, offs_d, mask_d, stride_n)
-        gdq = _load_rows(GDQ + off, offs_m, mask_m, offs_d, mask_d, stride_n)
-        row = z * N + offs_m
+        q = _load_rows(Q + q_off, offs_m, mask_m, offs_d, mask_d, s_qn)
+        do = _load_rows(DO + o_off, offs_m, mask_m, offs_d, mask_d, s_on)
+        gdq = _load_rows(GDQ + g_off, offs_m, mask_m, offs_d, mask_d, s_gn)
+        row = row0 + offs_m
         lse2 = tl.load(LSE + row, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(STATS + row, mask=mask_m, other=0.0)
         c_i = tl.load(STATS + zn + row, mask=mask_m, other=0.0)
@@ -305,56 +377,85 @@ def _attn_bwdbwd_kv_kernel(
         valid = mask_n[:, None] & mask_m[None, :]
         pt = tl.where(valid, tl.exp2(st - lse2[None, :]), 0.0)
         dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-        gt = (tl.dot(k, tl.trans(gdq), input_precision=PREC)
-              + tl.dot(gdk, tl.trans(q), input_precision=PREC)) * scale
+        gt = tl.dot(gdk, tl.trans(q), tl.dot(k, tl.trans(gdq), input_precision=PREC),
+                    input_precision=PREC) * scale
         ht = tl.dot(gdv, tl.trans(do), input_precision=PREC)
         dst = pt * (dpt - delta[None, :])
         wt = gt * (dpt - delta[None, :]) + ht - c_i[None, :] * dpt
         ds2t = pt * (wt - e_i[None, :])
         zt = pt * (gt - c_i[None, :])
-        acc_k += tl.dot(dst.to(q.dtype), gdq, input_precision=PREC)
-        acc_k += tl.dot(ds2t.to(q.dtype), q, input_precision=PREC)
-        acc_v += tl.dot(zt.to(do.dtype), do, input_precision=PREC)
-    _store_rows(GK + off, offs_n, mask_n, offs_d, mask_d, stride_n, acc_k * scale)
-    _store_rows(GV + off, offs_n, mask_n, offs_d, mask_d, stride_n, acc_v)
+        acc_k = tl.dot(dst.to(q.dtype), gdq, acc_k, input_precision=PREC)
+        acc_k = tl.dot(ds2t.to(q.dtype), q, acc_k, input_precision=PREC)
+        acc_v = tl.dot(zt.to(do.dtype), do, acc_v, input_precision=PREC)
+    _store_rows(GK + g_off, offs_n, mask_n, offs_d, mask_d, s_gn, acc_k * scale)
+    _store_rows(GV + g_off, offs_n, mask_n, offs_d, mask_d, s_gn, acc_v)
 
 
 # --------------------------------------------------------------------------------------------
-# Block configs: fixed under the interpreter, a small autotune set on GPU
+# Block configs: fixed under the interpreter, an autotune set on GPU
 # --------------------------------------------------------------------------------------------
-def _cfgs(triples):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in triples]
+#: kernel name -> its @triton.jit function's attribute name (bench/ptxas_report.py compiles these)
+KERNEL_FUNCTIONS = {
+    "fwd": "_attn_fwd_kernel",
+    "bwd_dq": "_attn_bwd_dq_kernel",
+    "bwd_dkdv": "_attn_bwd_dkdv_kernel",
+    "bwdbwd_q": "_attn_bwdbwd_q_kernel",
+    "bwdbwd_kv": "_attn_bwdbwd_kv_kernel",
+}
+#: GPU autotune sets, (BLOCK_M, BLOCK_N, num_warps, num_stages[, variant constexprs]). BLOCK_M
+#: counts queries and BLOCK_N keys; the resident block of a program (BLOCK_M on the query side,
+#: BLOCK_N on the key side) is the M dimension of its matmuls, and Hopper's warpgroup MMA (wgmma)
+#: needs it >= 64. Picked from ahead-of-time sm_90a builds (bench/ptxas_report.py, table in
+#: docs/kernels.md): at bf16, head_dim 64 each kernel has configs with a resident block >= 64 on
+#: wgmma without spills, and keeps the configs the H200 chose before (32-row blocks on mma.sync).
+#: At N = 197 (ViT-B/16) blocks of 64/128 pad to 256 rows (23% padding), 32 to 224 (12%): larger
+#: blocks waste more there, but only they get wgmma and fewer K/V re-reads, so the sets mix a
+#: resident 64/128 with a swept 32 (padding 224) and the GPU's autotuner decides.
+AUTOTUNE_CONFIGS = {
+    "fwd": [(64, 64, 4, 3), (64, 32, 4, 3), (128, 64, 8, 3), (128, 32, 4, 2)],
+    "bwd_dq": [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
+    "bwd_dkdv": [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)],
+    "bwdbwd_q": [(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2)]
+    + [(m, n, w, s, {"TWO_SWEEP": True}) for m, n, w, s in ((64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2))],
+    "bwdbwd_kv": [(32, 32, 4, 2), (32, 64, 4, 1), (32, 64, 4, 2), (32, 128, 8, 1)],
+}
+#: Autotune key: sequence length, head dim and the row stride of q (the layout: packed qkv rows
+#: are 3*H*d apart, (B, H, N, d) rows d); triton adds the tensor dtypes.
+AUTOTUNE_KEY = ["N", "HEAD_D", "s_qn"]
 
 
-if INTERPRET:
-    _fwd = _attn_fwd_kernel
-    _bwd_dq = _attn_bwd_dq_kernel
-    _bwd_dkdv = _attn_bwd_dkdv_kernel
-    _bwdbwd_q = _attn_bwdbwd_q_kernel
-    _bwdbwd_kv = _attn_bwdbwd_kv_kernel
-else:
-    _KEY = ["N", "HEAD_D"]  # autotune also keys on the tensor dtypes
-    _fwd = triton.autotune(_cfgs([(64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 2)]), key=_KEY)(
-        _attn_fwd_kernel)
-    _bwd_dq = triton.autotune(_cfgs([(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)]), key=_KEY)(
-        _attn_bwd_dq_kernel)
-    _bwd_dkdv = triton.autotune(_cfgs([(64, 64, 4, 2), (64, 128, 8, 2), (32, 64, 4, 2)]), key=_KEY)(
-        _attn_bwd_dkdv_kernel)
-    # bwd-of-bwd keeps 4 (query side) / 2 (key side) fp32 accumulators plus 4 input tiles: small
-    # blocks. Picked from ptxas -v of sm_90a builds (triton 3.6 and 3.9, no GPU run): at head_dim
-    # 64 these have no or small register spills; at head_dim 128 the query kernel spills.
-    _bwdbwd_q = triton.autotune(
-        _cfgs([(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 8, 1), (64, 32, 8, 1)]), key=_KEY)(_attn_bwdbwd_q_kernel)
-    _bwdbwd_kv = triton.autotune(
-        _cfgs([(32, 32, 4, 2), (64, 32, 8, 1), (32, 64, 4, 1)]), key=_KEY)(_attn_bwdbwd_kv_kernel)
+def config_meta(name: str, cfg: tuple) -> dict:
+    """The constexprs one autotune config sets (block sizes, and the variant where a kernel has one)."""
+    extra = cfg[4] if len(cfg) > 4 else {}
+    return {"BLOCK_M": cfg[0], "BLOCK_N": cfg[1], **VARIANT_DEFAULTS.get(name, {}), **extra}
 
 
-def _meta() -> dict:
-    return dict(INTERPRET_BLOCKS) if INTERPRET else {}
+def _cfgs(name):
+    return [triton.Config(config_meta(name, c), num_warps=c[2], num_stages=c[3]) for c in AUTOTUNE_CONFIGS[name]]
+
+
+def _tuned(name):
+    fn = globals()[KERNEL_FUNCTIONS[name]]
+    return fn if INTERPRET else triton.autotune(_cfgs(name), key=AUTOTUNE_KEY)(fn)
+
+
+_fwd = _tuned("fwd")
+_bwd_dq = _tuned("bwd_dq")
+_bwd_dkdv = _tuned("bwd_dkdv")
+_bwdbwd_q = _tuned("bwdbwd_q")
+_bwdbwd_kv = _tuned("bwdbwd_kv")
+_NO_META: dict = {}
+
+
+def _meta(name: str) -> dict:
+    """Constexprs passed at launch: none on GPU (the autotuner sets them), fixed ones in the interpreter."""
+    if not INTERPRET:
+        return _NO_META
+    return {**INTERPRET_BLOCKS, **VARIANT_DEFAULTS.get(name, {})}
 
 
 # --------------------------------------------------------------------------------------------
-# Validation and allocation
+# Validation (once per call of a public entry point; the custom ops trust their inputs)
 # --------------------------------------------------------------------------------------------
 def _check_device(t: torch.Tensor, name: str) -> None:
     if t.device.type == "cuda":
@@ -367,6 +468,32 @@ def _check_device(t: torch.Tensor, name: str) -> None:
             )
         return
     raise ValueError(f"{name} is on device {t.device}; fused attention supports CUDA (or CPU with TRITON_INTERPRET=1)")
+
+
+def _check_dtype_device(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in _SUPPORTED_DTYPES:
+        raise TypeError(f"unsupported dtype {t.dtype}; fused attention supports float32, float16, bfloat16")
+    _check_device(t, name)
+    if t.dtype == torch.bfloat16 and t.device.type == "cpu":
+        raise TypeError(
+            "bfloat16 is not supported under the Triton interpreter (bf16 tl.dot is wrong there, "
+            "triton#11584); use float32/float16 on CPU or run on CUDA"
+        )
+
+
+def _check_sizes(b: int, h: int, n: int, d: int, shape) -> None:
+    if b * h == 0 or n == 0:
+        raise ValueError(f"empty attention input of shape {tuple(shape)}: batch*heads and N must be >= 1")
+    if b > MAX_GRID_YZ or h > MAX_GRID_YZ:
+        raise ValueError(f"batch {b} or heads {h} exceeds the grid limit {MAX_GRID_YZ}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"unsupported head_dim {d}; fused attention supports 1 <= head_dim <= {MAX_HEAD_DIM}")
+
+
+def _check_scale(scale) -> None:
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise TypeError(f"scale must be a finite Python float, got {scale!r}")
 
 
 def validate_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale=None) -> None:
@@ -390,127 +517,239 @@ def validate_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale=None) 
     for name, t in (("k", k), ("v", v)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}; all inputs must share one device")
-    _check_device(q, "q")
-    if q.dtype == torch.bfloat16 and q.device.type == "cpu":
-        raise TypeError(
-            "bfloat16 is not supported under the Triton interpreter (bf16 tl.dot is wrong there, "
-            "triton#11584); use float32/float16 on CPU or run on CUDA"
-        )
-    b, h, n, d = q.shape
-    if b * h == 0 or n == 0:
-        raise ValueError(f"empty attention input of shape {tuple(q.shape)}: batch*heads and N must be >= 1")
-    if b * h > 65535:
-        raise ValueError(f"batch*heads = {b * h} exceeds the grid limit 65535")
-    if not 1 <= d <= MAX_HEAD_DIM:
-        raise ValueError(f"unsupported head_dim {d}; fused attention supports 1 <= head_dim <= {MAX_HEAD_DIM}")
-    if scale is not None:
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-            raise TypeError(f"scale must be a finite Python float, got {scale!r}")
+    _check_dtype_device(q, "q")
+    _check_sizes(*q.shape, q.shape)
+    _check_scale(scale)
 
 
-def _check_like(ref: torch.Tensor, t: torch.Tensor, name: str) -> None:
+def validate_packed(qkv: torch.Tensor, scale=None) -> None:
+    """Raise one clear ValueError/TypeError if a packed qkv (B, N, 3, H, d) cannot go to the kernels."""
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if qkv.ndim != 5 or qkv.shape[2] != 3:
+        raise ValueError(f"qkv must be 5-D (batch, N, 3, heads, head_dim), got shape {tuple(qkv.shape)}")
+    _check_dtype_device(qkv, "qkv")
+    b, n, _, h, d = qkv.shape
+    _check_sizes(b, h, n, d, qkv.shape)
+    _check_scale(scale)
+
+
+def _check_like(shape, ref: torch.Tensor, t: torch.Tensor, name: str) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.shape != ref.shape:
-        raise ValueError(f"{name} shape {tuple(t.shape)} does not match q shape {tuple(ref.shape)}")
+    if t.shape != shape:
+        raise ValueError(f"{name} shape {tuple(t.shape)} does not match the expected {tuple(shape)}")
     if t.dtype != ref.dtype:
         raise TypeError(f"{name} dtype {t.dtype} does not match q dtype {ref.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but q is on {ref.device}")
 
 
-def _check_lse(q: torch.Tensor, lse: torch.Tensor) -> None:
+def _check_lse(shape, ref: torch.Tensor, lse: torch.Tensor) -> None:
     if not isinstance(lse, torch.Tensor):
         raise TypeError(f"lse must be a torch.Tensor, got {type(lse).__name__}")
-    if lse.shape != q.shape[:-1]:
-        raise ValueError(f"lse shape {tuple(lse.shape)} must be q.shape[:-1] = {tuple(q.shape[:-1])}")
+    if lse.shape != shape:
+        raise ValueError(f"lse shape {tuple(lse.shape)} must be (batch, heads, N) = {tuple(shape)}")
     if lse.dtype != torch.float32:
         raise TypeError(f"lse must be float32, got {lse.dtype}")
-    if lse.device != q.device:
-        raise ValueError(f"lse is on {lse.device} but q is on {q.device}")
+    if lse.device != ref.device:
+        raise ValueError(f"lse is on {lse.device} but q is on {ref.device}")
 
 
+def validate_bwd(q, k, v, o, lse, do, scale=None, cotangents=()) -> None:
+    """validate_qkv plus the forward's o, lse, the cotangent do and (bwd-of-bwd) gdq, gdk, gdv."""
+    validate_qkv(q, k, v, scale)
+    for name, t in (("o", o), ("do", do), *zip(("gdq", "gdk", "gdv"), cotangents)):
+        _check_like(q.shape, q, t, name)
+    _check_lse(q.shape[:-1], q, lse)
+
+
+def validate_packed_bwd(qkv, o, lse, do, scale=None, gdqkv=None) -> None:
+    """validate_packed plus o, do (B, N, H, d), lse (B, H, N) and (bwd-of-bwd) gdqkv like qkv."""
+    validate_packed(qkv, scale)
+    b, n, _, h, d = qkv.shape
+    _check_like((b, n, h, d), qkv, o, "o")
+    _check_like((b, n, h, d), qkv, do, "do")
+    _check_lse((b, h, n), qkv, lse)
+    if gdqkv is not None:
+        _check_like(qkv.shape, qkv, gdqkv, "gdqkv")
+
+
+# --------------------------------------------------------------------------------------------
+# Layout helpers and allocation
+# --------------------------------------------------------------------------------------------
 def _alloc(shape, dtype, device) -> torch.Tensor:
     if POISON_OUTPUTS:
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    b, h, n, d = t.shape
-    return t.contiguous().view(b * h, n, d)
+def _same_strides(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same element addressing (strides of size-1 dims do not matter)."""
+    sa, sb = a.stride(), b.stride()
+    return sa == sb or all(n == 1 or x == y for n, x, y in zip(a.shape, sa, sb))
 
 
-def _common(q: torch.Tensor, scale: float):
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    """The kernels need a unit head-dim stride; anything else (e.g. an expanded grad) is copied once."""
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """t addressed with ref's strides (ref is contiguous, as every tensor the launchers allocate)."""
+    return t if _same_strides(t, ref) else t.contiguous()
+
+
+def _qkv_bhnd(q, k, v):
+    """(B, H, N, d) q, k, v that share one set of strides (views of one projection do): no copy."""
+    if q.stride(-1) == 1 and _same_strides(k, q) and _same_strides(v, q):
+        return q, k, v
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def _launch_consts(dtype, d: int, scale: float):
+    block_d = max(16, 1 << (d - 1).bit_length())  # next power of two (triton's helper costs ~1.5 us a call)
+    prec = "tf32" if (ALLOW_TF32 or dtype != torch.float32) else "ieee"
+    return block_d, prec, scale * LOG2E
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers on (B, H, N, d)-indexed operands. sq, sg, so: (batch, head, row) strides of the q,
+# g and o families; q, k, v, ... are tensors whose first element is that of (b, h) = (0, 0).
+# --------------------------------------------------------------------------------------------
+# Grids use -(-n // block) for cdiv: triton.cdiv is a JIT callable that costs ~1.5 us per launch.
+def _launch_fwd(q, k, v, o, lse, b, h, n, d, sq, so, scale):
+    block_d, prec, qk_scale = _launch_consts(q.dtype, d, scale)
+    grid = lambda meta: (-(-n // meta["BLOCK_M"]), h, b)  # noqa: E731
+    _fwd[grid](q, k, v, o, lse, n, h, *sq, *so, qk_scale,
+               HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta("fwd"))
+
+
+def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, b, h, n, d, sq, sg, so, scale):
+    block_d, prec, qk_scale = _launch_consts(q.dtype, d, scale)
+    delta = _alloc((b, h, n), torch.float32, q.device)
+    grid_m = lambda meta: (-(-n // meta["BLOCK_M"]), h, b)  # noqa: E731
+    grid_n = lambda meta: (-(-n // meta["BLOCK_N"]), h, b)  # noqa: E731
+    _bwd_dq[grid_m](q, k, v, o, lse, do, dq, delta, n, h, *sq, *sg, *so, qk_scale, scale,
+                    HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta("bwd_dq"))
+    _bwd_dkdv[grid_n](q, k, v, lse, do, delta, dk, dv, n, h, *sq, *sg, *so, qk_scale, scale,
+                      HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta("bwd_dkdv"))
+
+
+def _launch_bwdbwd(q, k, v, o, lse, do, gdq, gdk, gdv, gq, gk, gv, gdo, b, h, n, d, sq, sg, so, scale):
+    block_d, prec, qk_scale = _launch_consts(q.dtype, d, scale)
+    stats = _alloc((3, b, h, n), torch.float32, q.device)  # D, C, E per row
+    grid_m = lambda meta: (-(-n // meta["BLOCK_M"]), h, b)  # noqa: E731
+    grid_n = lambda meta: (-(-n // meta["BLOCK_N"]), h, b)  # noqa: E731
+    _bwdbwd_q[grid_m](q, k, v, o, lse, do, gdq, gdk, gdv, gq, gdo, stats, n, h, *sq, *sg, *so, qk_scale, scale,
+                      HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta("bwdbwd_q"))
+    _bwdbwd_kv[grid_n](q, k, v, lse, do, gdq, gdk, gdv, stats, gk, gv, n, h, *sq, *sg, *so, qk_scale, scale,
+                       HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta("bwdbwd_kv"))
+
+
+def _bhn(t: torch.Tensor):
+    return t.stride()[:3]
+
+
+# --------------------------------------------------------------------------------------------
+# (batch, heads, N, head_dim) entry points. Outputs are contiguous; q, k, v are read in place
+# when they share strides with a unit head-dim stride (e.g. permuted views of one projection).
+# validate=False is for the custom ops, whose inputs the public API has checked once per chain.
+# --------------------------------------------------------------------------------------------
+def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, validate: bool = True):
+    """Forward: returns (o, lse); o (batch, heads, N, head_dim) contiguous, lse (batch, heads, N) float32."""
+    if validate:
+        validate_qkv(q, k, v, scale)
+    q, k, v = _qkv_bhnd(q, k, v)
     b, h, n, d = q.shape
-    block_d = max(16, triton.next_power_of_2(d))
-    prec = "tf32" if (ALLOW_TF32 or q.dtype != torch.float32) else "ieee"
-    scale = float(scale)
-    return b * h, n, d, block_d, prec, scale, scale * LOG2E
+    o = _alloc((b, h, n, d), q.dtype, q.device)
+    lse = _alloc((b, h, n), torch.float32, q.device)
+    _launch_fwd(q, k, v, o, lse, b, h, n, d, _bhn(q), _bhn(o), float(scale))
+    return o, lse
 
 
-# --------------------------------------------------------------------------------------------
-# Launchers
-# --------------------------------------------------------------------------------------------
-def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
-    """Forward: returns (o, lse); o like q (contiguous), lse (batch, heads, N) float32."""
-    validate_qkv(q, k, v, scale)
-    bh, n, d, block_d, prec, scale, qk_scale = _common(q, scale)
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    o = _alloc(qf.shape, q.dtype, q.device)
-    lse = _alloc((bh, n), torch.float32, q.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), bh)  # noqa: E731
-    _fwd[grid](qf, kf, vf, o, lse, n, qf.stride(0), qf.stride(1), qk_scale,
-               HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta())
-    return o.view(q.shape), lse.view(q.shape[:-1])
-
-
-def attn_bwd(q, k, v, o, lse, do, scale: float):
+def attn_bwd(q, k, v, o, lse, do, scale: float, validate: bool = True):
     """Backward: returns (dq, dk, dv) given the forward's o, lse and the output cotangent do."""
-    validate_qkv(q, k, v, scale)
-    _check_like(q, o, "o")
-    _check_like(q, do, "do")
-    _check_lse(q, lse)
-    bh, n, d, block_d, prec, scale, qk_scale = _common(q, scale)
-    qf, kf, vf, of, dof = _flat(q), _flat(k), _flat(v), _flat(o), _flat(do)
-    lsef = lse.contiguous().view(bh, n)
-    dq = _alloc(qf.shape, q.dtype, q.device)
-    dk = _alloc(qf.shape, q.dtype, q.device)
-    dv = _alloc(qf.shape, q.dtype, q.device)
-    delta = _alloc((bh, n), torch.float32, q.device)
-    sz, sn = qf.stride(0), qf.stride(1)
-    grid_m = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), bh)  # noqa: E731
-    grid_n = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), bh)  # noqa: E731
-    _bwd_dq[grid_m](qf, kf, vf, of, lsef, dof, dq, delta, n, sz, sn, qk_scale, scale,
-                    HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta())
-    _bwd_dkdv[grid_n](qf, kf, vf, lsef, dof, delta, dk, dv, n, sz, sn, qk_scale, scale,
-                      HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta())
-    return dq.view(q.shape), dk.view(q.shape), dv.view(q.shape)
+    if validate:
+        validate_bwd(q, k, v, o, lse, do, scale)
+    q, k, v = _qkv_bhnd(q, k, v)
+    o, lse = o.contiguous(), lse.contiguous()
+    do = _like(do, o)
+    b, h, n, d = q.shape
+    dq, dk, dv = (_alloc((b, h, n, d), q.dtype, q.device) for _ in range(3))
+    _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, b, h, n, d, _bhn(q), _bhn(dq), _bhn(o), float(scale))
+    return dq, dk, dv
 
 
-def attn_bwdbwd(q, k, v, o, lse, do, gdq, gdk, gdv, scale: float):
+def attn_bwdbwd(q, k, v, o, lse, do, gdq, gdk, gdv, scale: float, validate: bool = True):
     """Backward of backward: total derivatives (gq, gk, gv, gdo) of <gdq,dq>+<gdk,dk>+<gdv,dv>."""
-    validate_qkv(q, k, v, scale)
-    for name, t in (("o", o), ("do", do), ("gdq", gdq), ("gdk", gdk), ("gdv", gdv)):
-        _check_like(q, t, name)
-    _check_lse(q, lse)
-    bh, n, d, block_d, prec, scale, qk_scale = _common(q, scale)
-    qf, kf, vf, of, dof = _flat(q), _flat(k), _flat(v), _flat(o), _flat(do)
-    gdqf, gdkf, gdvf = _flat(gdq), _flat(gdk), _flat(gdv)
-    lsef = lse.contiguous().view(bh, n)
-    gq = _alloc(qf.shape, q.dtype, q.device)
-    gk = _alloc(qf.shape, q.dtype, q.device)
-    gv = _alloc(qf.shape, q.dtype, q.device)
-    gdo = _alloc(qf.shape, q.dtype, q.device)
-    stats = _alloc((3, bh, n), torch.float32, q.device)  # D, C, E per row
-    sz, sn = qf.stride(0), qf.stride(1)
-    grid_m = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), bh)  # noqa: E731
-    grid_n = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), bh)  # noqa: E731
-    _bwdbwd_q[grid_m](qf, kf, vf, of, lsef, dof, gdqf, gdkf, gdvf, gq, gdo, stats,
-                      n, sz, sn, qk_scale, scale,
-                      HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta())
-    _bwdbwd_kv[grid_n](qf, kf, vf, lsef, dof, gdqf, gdkf, gdvf, stats, gk, gv,
-                       n, sz, sn, qk_scale, scale,
-                       HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta())
-    shp = q.shape
-    return gq.view(shp), gk.view(shp), gv.view(shp), gdo.view(shp)
+    if validate:
+        validate_bwd(q, k, v, o, lse, do, scale, (gdq, gdk, gdv))
+    q, k, v = _qkv_bhnd(q, k, v)
+    o, lse = o.contiguous(), lse.contiguous()
+    do = _like(do, o)
+    b, h, n, d = q.shape
+    gq, gk, gv, gdo = (_alloc((b, h, n, d), q.dtype, q.device) for _ in range(4))
+    gdq, gdk, gdv = _like(gdq, gq), _like(gdk, gq), _like(gdv, gq)
+    _launch_bwdbwd(q, k, v, o, lse, do, gdq, gdk, gdv, gq, gk, gv, gdo, b, h, n, d,
+                   _bhn(q), _bhn(gq), _bhn(o), float(scale))
+    return gq, gk, gv, gdo
+
+
+# --------------------------------------------------------------------------------------------
+# Packed entry points: qkv (B, N, 3, H, d) as the qkv projection lays it out, o/do/gdo
+# (B, N, H, d), dqkv/gqkv/gdqkv (B, N, 3, H, d) contiguous: nothing is permuted or copied.
+# --------------------------------------------------------------------------------------------
+def _packed(qkv):
+    b, n, _, h, d = qkv.shape
+    sb, sn, _, sh, _ = qkv.stride()
+    q, k, v = qkv.unbind(2)
+    return q, k, v, b, h, n, d, (sb, sh, sn)
+
+
+def _bnh(t: torch.Tensor):
+    """(batch, head, row) strides of a (B, N, ..., H, d) tensor."""
+    s = t.stride()
+    return s[0], s[-2], s[1]
+
+
+def attn_packed_fwd(qkv: torch.Tensor, scale: float, validate: bool = True):
+    """Forward on packed qkv (B, N, 3, H, d): returns o (B, N, H, d) contiguous and lse (B, H, N) float32."""
+    if validate:
+        validate_packed(qkv, scale)
+    q, k, v, b, h, n, d, sq = _packed(_unit_last(qkv))
+    o = _alloc((b, n, h, d), qkv.dtype, qkv.device)
+    lse = _alloc((b, h, n), torch.float32, qkv.device)
+    _launch_fwd(q, k, v, o, lse, b, h, n, d, sq, _bnh(o), float(scale))
+    return o, lse
+
+
+def attn_packed_bwd(qkv, o, lse, do, scale: float, validate: bool = True):
+    """Backward on packed qkv: returns dqkv (B, N, 3, H, d) contiguous."""
+    if validate:
+        validate_packed_bwd(qkv, o, lse, do, scale)
+    qkv = _unit_last(qkv)
+    o, lse = o.contiguous(), lse.contiguous()
+    do = _like(do, o)
+    q, k, v, b, h, n, d, sq = _packed(qkv)
+    dqkv = _alloc((b, n, 3, h, d), qkv.dtype, qkv.device)
+    dq, dk, dv = dqkv.unbind(2)
+    _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, b, h, n, d, sq, _bnh(dq), _bnh(o), float(scale))
+    return dqkv
+
+
+def attn_packed_bwdbwd(qkv, o, lse, do, gdqkv, scale: float, validate: bool = True):
+    """Backward of backward on packed qkv: (gqkv (B, N, 3, H, d), gdo (B, N, H, d)), both contiguous."""
+    if validate:
+        validate_packed_bwd(qkv, o, lse, do, scale, gdqkv)
+    qkv = _unit_last(qkv)
+    o, lse = o.contiguous(), lse.contiguous()
+    do = _like(do, o)
+    q, k, v, b, h, n, d, sq = _packed(qkv)
+    gqkv = _alloc((b, n, 3, h, d), qkv.dtype, qkv.device)
+    gdo = _alloc((b, n, h, d), qkv.dtype, qkv.device)
+    gq, gk, gv = gqkv.unbind(2)
+    gdq, gdk, gdv = _like(gdqkv, gqkv).unbind(2)
+    _launch_bwdbwd(q, k, v, o, lse, do, gdq, gdk, gdv, gq, gk, gv, gdo, b, h, n, d,
+                   sq, _bnh(gq), _bnh(o), float(scale))
+    return gqkv, gdo

@@ -16,16 +16,25 @@ differences in fp32 with eps=1e-2 carry ~1e-4 truncation and ~1e-5 rounding erro
 
 Every test runs with POISON_OUTPUTS=True: launchers allocate outputs (and the internal
 row-statistics buffers) filled with NaN, and every compared tensor must come out finite.
+
+Two entry points share the kernels: attention(q, k, v) on (B, H, N, d) tensors, and
+attention_packed(qkv) on the (B, N, 3, H, d) output of a qkv projection, with o in (B, N, H, d)
+and one packed gradient for qkv. The packed tests compare with the math path on permuted views
+of the same qkv in float64. Tests of the backward-of-backward run with both variants of the
+query-side kernel (one sweep with four accumulators, or two sweeps with one; fixture
+bwdbwd_variant).
 """
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
 import torch
 
 from energyvit.attention import math_attention
-from energyvit.kernels import attention, attn_bwd, attn_bwdbwd, attn_fwd
+from energyvit.kernels import (attention, attention_packed, attn_bwd, attn_bwdbwd, attn_fwd, attn_packed_bwd,
+                               attn_packed_bwdbwd, attn_packed_fwd)
 
 from energyvit.kernels import triton_attention as K
 
@@ -46,6 +55,18 @@ def _poison(monkeypatch):
     monkeypatch.setattr(K, "POISON_OUTPUTS", True)
     if not ON_GPU:
         assert K.INTERPRET, "tests on CPU need TRITON_INTERPRET=1 before triton is imported"
+
+
+@pytest.fixture(params=[False, True], ids=["one_sweep", "two_sweep"])
+def bwdbwd_variant(request, monkeypatch):
+    """Run a test with each variant of the query-side bwd-of-bwd kernel (TWO_SWEEP constexpr):
+    in the interpreter through the variant default, on GPU by restricting the autotune set."""
+    monkeypatch.setitem(K.VARIANT_DEFAULTS, "bwdbwd_q", {"TWO_SWEEP": request.param})
+    if ON_GPU:
+        tuner = K._bwdbwd_q
+        monkeypatch.setattr(tuner, "configs", [c for c in tuner.configs if c.kwargs["TWO_SWEEP"] == request.param])
+        monkeypatch.setattr(tuner, "cache", {})
+    return request.param
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -146,7 +167,7 @@ BWDBWD_CASES = [
 
 
 @pytest.mark.parametrize("b,h,n,d,dtype", BWDBWD_CASES)
-def test_second_derivatives(b, h, n, d, dtype):
+def test_second_derivatives(b, h, n, d, dtype, bwdbwd_variant):
     """Double backward vs float64 math; w requires grad, so the gdo output is checked too."""
     if dtype not in DTYPES:
         pytest.skip("bfloat16 only on CUDA")
@@ -185,7 +206,7 @@ def test_unrolled_restoration_parameter_grads():
     check([got], [ref], torch.float32, "dloss/dW_qkv")
 
 
-def test_second_derivatives_partial_cotangents():
+def test_second_derivatives_partial_cotangents(bwdbwd_variant):
     """Only dq feeds the outer loss: the None cotangents of dk, dv must be handled as zeros."""
     shape = (1, 2, 45, 32)
     q, k, v = (t.requires_grad_() for t in qkv(shape, torch.float32, seed=3))
@@ -197,7 +218,7 @@ def test_second_derivatives_partial_cotangents():
     check(out[0], out[1], torch.float32, "d2 (dq only)")
 
 
-def test_bwdbwd_op_against_autograd_of_math():
+def test_bwdbwd_op_against_autograd_of_math(bwdbwd_variant):
     """attn_bwdbwd directly: total derivatives of <gdq,dq>+<gdk,dk>+<gdv,dv> w.r.t. q, k, v, do."""
     shape, scale = (1, 3, 70, 40), 0.3
     q, k, v, do, gdq, gdk, gdv = (rand(shape, torch.float32, 40 + i) for i in range(7))
@@ -209,7 +230,7 @@ def test_bwdbwd_op_against_autograd_of_math():
     check(got, torch.autograd.grad(loss, xd), torch.float32, "gq,gk,gv,gdo")
 
 
-def test_gradcheck_and_gradgradcheck_fp32():
+def test_gradcheck_and_gradgradcheck_fp32(bwdbwd_variant):
     """Finite-difference checks of the fused path itself (fp32, fast mode; see module doc)."""
     ins = [t.requires_grad_() for t in qkv((1, 2, 7, 8), torch.float32, seed=5)]
     fn = lambda a, b, c: attention(a, b, c, scale=0.6)  # noqa: E731
@@ -224,7 +245,7 @@ def test_double_backward_launches_only_bwdbwd(monkeypatch):
     calls = []
     for name in ("attn_fwd", "attn_bwd", "attn_bwdbwd"):
         fn = getattr(K, name)
-        monkeypatch.setattr(K, name, lambda *a, _f=fn, _n=name: calls.append(_n) or _f(*a))
+        monkeypatch.setattr(K, name, lambda *a, _f=fn, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
     q, k, v, do = (rand((1, 2, 20, 16), torch.float32, i).requires_grad_() for i in range(4))
     o = attention(q, k, v)
     g = torch.autograd.grad(o, (q, k, v), do, create_graph=True)
@@ -258,7 +279,7 @@ def test_non_contiguous_inputs_and_expanded_grad():
           torch.autograd.grad(math_attention(qd, kd, vd).sum(), (qd, kd, vd)), torch.float32, "grads")
 
 
-def test_poison_is_active_and_overwritten():
+def test_poison_is_active_and_overwritten(bwdbwd_variant):
     assert K._alloc((2, 3), torch.float32, DEVICE).isnan().all()
     shape, scale = (1, 3, 197, 40), 0.2
     q, k, v, do, gdq, gdk, gdv = (rand(shape, torch.float32, 50 + i) for i in range(7))
@@ -269,7 +290,7 @@ def test_poison_is_active_and_overwritten():
         assert torch.isfinite(t).all(), f"output {i} has unwritten (NaN) entries"
 
 
-def test_deterministic():
+def test_deterministic(bwdbwd_variant):
     shape, scale = (1, 2, 70, 32), 0.25
     q, k, v, do, gdq, gdk, gdv = (rand(shape, torch.float32, 60 + i) for i in range(7))
     o, lse = attn_fwd(q, k, v, scale)
@@ -341,3 +362,270 @@ def test_error_bad_scale_and_bwd_inputs():
         K.attn_bwd(q, k, v, o, lse, o[:, :1], 0.5)
     with pytest.raises(ValueError, match="gdv shape"):
         K.attn_bwdbwd(q, k, v, o, lse, o, o, o, o[..., :8], 0.5)
+
+
+# -------------------------------------------------------------------------------- packed qkv (B, N, 3, H, d)
+def math_packed(qkv, scale=None):
+    """Reference: the math path on permuted views of qkv, o back in (B, N, H, d)."""
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return math_attention(q, k, v, scale).transpose(1, 2)
+
+
+def packed_qkv(b, n, h, d, dtype, seed=0):
+    return rand((b, n, 3, h, d), dtype, seed)
+
+
+PACKED_CASES = [  # (batch, N, heads, head_dim, dtype): awkward N (197, 50, 1), head dims 32, 40, 64, 80
+    (1, 197, 3, 40, torch.float32),
+    (2, 50, 2, 64, torch.float32),
+    (3, 1, 2, 32, torch.float32),
+    (1, 33, 2, 80, torch.float32),
+    (1, 50, 2, 64, torch.float16),
+    (2, 100, 2, 64, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("b,n,h,d,dtype", PACKED_CASES)
+def test_packed_forward_and_lse(b, n, h, d, dtype):
+    if dtype not in DTYPES:
+        pytest.skip("bfloat16 only on CUDA")
+    qkv = packed_qkv(b, n, h, d, dtype)
+    scale = 0.7 * d ** -0.5
+    o, lse = attn_packed_fwd(qkv, scale)
+    assert o.shape == (b, n, h, d) and o.is_contiguous()
+    qd = qkv.double()
+    check([o], [math_packed(qd, scale)], dtype, "o")
+    q, k, _ = qd.permute(2, 0, 3, 1, 4).unbind(0)
+    assert lse.shape == (b, h, n) and rel_err(lse, torch.logsumexp(q @ k.transpose(-2, -1) * scale, -1)) < 1e-5
+    check([attention_packed(qkv)], [math_packed(qd)], dtype, "attention_packed(default scale)")
+
+
+def _restoration_like_packed(att, qkv, w, r):
+    """E = <w, att(qkv)>; g = dE/dqkv with create_graph; L = <r, g> + <w, att>^2 / 2; returns
+    g and dL/d(qkv, w). The second term also runs bwd in the outer backward, as a training step does."""
+    o = att(qkv)
+    e = (o * w).sum()
+    (g,) = torch.autograd.grad(e, qkv, create_graph=True)
+    loss = (g * r).sum() + 0.5 * e ** 2
+    return (g, *torch.autograd.grad(loss, (qkv, w)))
+
+
+@pytest.mark.parametrize("b,n,h,d,dtype", PACKED_CASES)
+def test_packed_first_and_second_derivatives(b, n, h, d, dtype, bwdbwd_variant):
+    """dqkv (one packed tensor) and the double backward w.r.t. qkv and w vs float64 math."""
+    if dtype not in DTYPES:
+        pytest.skip("bfloat16 only on CUDA")
+    qkv = packed_qkv(b, n, h, d, dtype).requires_grad_()
+    w = rand((b, n, h, d), dtype, 20).requires_grad_()
+    r = rand((b, n, 3, h, d), dtype, 30)
+    got = _restoration_like_packed(attention_packed, qkv, w, r)
+    assert got[0].shape == qkv.shape and got[1].shape == qkv.shape
+    ins_d = [t.detach().double().requires_grad_() for t in (qkv, w)]
+    ref = _restoration_like_packed(math_packed, *ins_d, r.double())
+    check(got, ref, dtype, "dqkv, d2 wrt qkv, w")
+
+
+def test_packed_matches_bhnd_bitwise():
+    """Same kernels, only the addressing differs: packed and (B, H, N, d) results are identical."""
+    qkv = packed_qkv(2, 50, 3, 40, torch.float32, seed=4).requires_grad_()
+    do = rand((2, 50, 3, 40), torch.float32, 5)
+    o_p = attention_packed(qkv)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    o_b = attention(q, k, v).transpose(1, 2)
+    assert torch.equal(o_p, o_b)
+    (g_p,) = torch.autograd.grad(o_p, qkv, do, create_graph=True)
+    (g_b,) = torch.autograd.grad(o_b, qkv, do, create_graph=True)
+    assert torch.equal(g_p, g_b)
+    r = rand(qkv.shape, torch.float32, 6)
+    assert torch.equal(torch.autograd.grad(g_p, qkv, r)[0], torch.autograd.grad(g_b, qkv, r)[0])
+
+
+def test_packed_bwdbwd_op_against_autograd_of_math(bwdbwd_variant):
+    """attn_packed_bwdbwd directly: total derivatives w.r.t. qkv and do, as one gqkv and gdo."""
+    shape, scale = (1, 70, 3, 3, 40), 0.3
+    qkv, gdqkv = rand(shape, torch.float32, 40), rand(shape, torch.float32, 41)
+    do = rand((1, 70, 3, 40), torch.float32, 42)
+    o, lse = attn_packed_fwd(qkv, scale)
+    got = attn_packed_bwdbwd(qkv, o, lse, do, gdqkv, scale)
+    assert got[0].shape == shape and got[0].is_contiguous() and got[1].shape == do.shape
+    xd = [t.double().requires_grad_() for t in (qkv, do)]
+    (dqkv,) = torch.autograd.grad(math_packed(xd[0], scale), xd[0], xd[1], create_graph=True)
+    check([attn_packed_bwd(qkv, o, lse, do, scale)], [dqkv], torch.float32, "dqkv")
+    check(got, torch.autograd.grad((dqkv * gdqkv.double()).sum(), xd), torch.float32, "gqkv,gdo")
+
+
+def test_bwdbwd_variants_differ_in_rounding_only(monkeypatch):
+    """The TWO_SWEEP flag really selects other code (not bitwise equal) that computes the same
+    gq, gdo (to fp32 rounding); the key side is shared, so gk, gv are identical."""
+    if ON_GPU:
+        pytest.skip("variant selection through VARIANT_DEFAULTS is the interpreter's")
+    shape, scale = (1, 70, 3, 2, 40), 0.3
+    qkv, gdqkv = rand(shape, torch.float32, 80), rand(shape, torch.float32, 81)
+    do = rand((1, 70, 2, 40), torch.float32, 82)
+    o, lse = attn_packed_fwd(qkv, scale)
+    out = {}
+    for two in (False, True):
+        monkeypatch.setitem(K.VARIANT_DEFAULTS, "bwdbwd_q", {"TWO_SWEEP": two})
+        out[two] = attn_packed_bwdbwd(qkv, o, lse, do, gdqkv, scale)
+    assert not torch.equal(out[False][0], out[True][0])
+    check(out[True], out[False], torch.float32, "two-sweep vs one-sweep")
+    assert torch.equal(out[False][0][:, :, 1:], out[True][0][:, :, 1:])  # gk, gv from the same kv kernel
+
+
+def test_packed_gradcheck_and_gradgradcheck_fp32(bwdbwd_variant):
+    qkv = packed_qkv(1, 7, 2, 8, torch.float32, seed=5).requires_grad_()
+    fn = lambda x: attention_packed(x, scale=0.6)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert torch.autograd.gradcheck(fn, (qkv,), eps=1e-2, atol=1e-3, rtol=1e-2, fast_mode=True)
+        assert torch.autograd.gradgradcheck(fn, (qkv,), eps=1e-2, atol=1e-3, rtol=1e-2, fast_mode=True)
+
+
+def test_packed_odd_layouts(bwdbwd_variant):
+    """A qkv view with gaps between rows (read in place), one with a non-unit head-dim stride
+    (copied once), an expanded (stride-0) output cotangent and a non-contiguous gdqkv."""
+    b, n, h, d = 2, 37, 2, 32
+    big = rand((b, n, 3, h, d + 8), torch.float32, 8)
+    views = [big[..., :d], rand((b, n, 3, d, h), torch.float32, 9).transpose(-1, -2)]
+    for qkv in views:
+        qkv = qkv.requires_grad_()
+        qd = qkv.detach().double().requires_grad_()
+        o, ref = attention_packed(qkv), math_packed(qd)
+        check([o], [ref], torch.float32, "o")
+        (g,) = torch.autograd.grad(o.sum(), qkv, create_graph=True)  # expanded cotangent
+        (gd,) = torch.autograd.grad(ref.sum(), qd, create_graph=True)
+        check([g], [gd], torch.float32, "dqkv")
+        r = rand((b, n, 3, d, h), torch.float32, 10).transpose(-1, -2)  # non-contiguous gdqkv
+        check(torch.autograd.grad((g * r).sum(), qkv), torch.autograd.grad((gd * r.double()).sum(), qd),
+              torch.float32, "d2")
+
+
+def test_packed_double_backward_launches(monkeypatch):
+    calls = []
+    for name in ("attn_packed_fwd", "attn_packed_bwd", "attn_packed_bwdbwd", "attn_fwd", "attn_bwd", "attn_bwdbwd"):
+        fn = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _f=fn, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    qkv = rand((1, 20, 3, 2, 16), torch.float32, 1).requires_grad_()
+    do = rand((1, 20, 2, 16), torch.float32, 2).requires_grad_()
+    (g,) = torch.autograd.grad(attention_packed(qkv), qkv, do, create_graph=True)
+    assert calls == ["attn_packed_fwd", "attn_packed_bwd"]
+    torch.autograd.grad(g, (qkv, do), rand(qkv.shape, torch.float32, 3))
+    assert calls == ["attn_packed_fwd", "attn_packed_bwd", "attn_packed_bwdbwd"]
+
+
+def test_packed_chain_copies_nothing(monkeypatch):
+    """Fused path as the model calls it: no aten copy and no permute in a whole training-step
+    chain (fwd, grad with create_graph, backward). Launches are stubbed: the interpreter's own
+    data movement is not the launchers'."""
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: None
+
+    for name in ("_fwd", "_bwd_dq", "_bwd_dkdv", "_bwdbwd_q", "_bwdbwd_kv"):
+        monkeypatch.setattr(K, name, NoLaunch())
+    b, n, h, d = 2, 10, 3, 16
+    qkv = rand((b, n, 3, h, d), torch.float32, 0).requires_grad_()
+    w = rand((b, n, h * d), torch.float32, 1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        out = attention_packed(qkv).reshape(b, n, h * d)
+        (g,) = torch.autograd.grad((out * w).sum(), qkv, create_graph=True)
+        ((g * g).sum() + (out * out).sum()).backward()
+    names = [e.name for e in prof.events()]
+    assert sum(n.startswith("energyvit::attn_packed") for n in names) == 4  # fwd, bwd x2, bwdbwd
+    assert not [n for n in names if n in ("aten::copy_", "aten::clone", "aten::permute", "aten::contiguous")]
+
+
+def test_packed_opcheck():
+    shape, scale = (1, 20, 3, 2, 16), 0.25
+    qkv, gdqkv = rand(shape, torch.float32, 70), rand(shape, torch.float32, 71)
+    do = rand((1, 20, 2, 16), torch.float32, 72)
+    o, lse = attn_packed_fwd(qkv, scale)
+    ops = torch.ops.energyvit
+    for op, args in [
+        (ops.attn_packed_fwd.default, (qkv.clone().requires_grad_(), scale)),
+        (ops.attn_packed_bwd.default, (qkv.clone().requires_grad_(), o, lse, do.clone().requires_grad_(), scale)),
+        (ops.attn_packed_bwdbwd.default, (qkv, o, lse, do, gdqkv, scale)),
+    ]:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize(
+    "make, exc, match",
+    [
+        (lambda: rand((2, 8, 3, 16), torch.float32, 0), ValueError, "5-D"),
+        (lambda: rand((1, 8, 2, 2, 16), torch.float32, 0), ValueError, "5-D"),
+        (lambda: rand((1, 8, 3, 2, 16), torch.float32, 0).double(), TypeError, "unsupported dtype"),
+        (lambda: rand((1, 8, 3, 2, 129), torch.float32, 0), ValueError, "head_dim"),
+        (lambda: rand((1, 0, 3, 2, 16), torch.float32, 0), ValueError, "empty"),
+        (lambda: rand((1, 8, 3, 2, 16), torch.float32, 0).cpu().numpy(), TypeError, "torch.Tensor"),
+    ],
+)
+def test_packed_clear_errors(make, exc, match):
+    with pytest.raises(exc, match=match):
+        attention_packed(make())
+    with pytest.raises(exc, match=match):
+        K.attn_packed_fwd(make(), 0.5)
+
+
+def test_packed_error_bad_bwd_inputs():
+    qkv = rand((1, 8, 3, 2, 16), torch.float32, 0)
+    o, lse = attn_packed_fwd(qkv, 0.5)
+    with pytest.raises(ValueError, match="do shape"):
+        attn_packed_bwd(qkv, o, lse, o[:, :4], 0.5)
+    with pytest.raises(TypeError, match="lse must be float32"):
+        attn_packed_bwd(qkv, o, lse.half(), o, 0.5)
+    with pytest.raises(ValueError, match="gdqkv shape"):
+        attn_packed_bwdbwd(qkv, o, lse, o, qkv[:, :4], 0.5)
+
+
+def test_model_attention_uses_packed_path(monkeypatch):
+    """The model's Attention with the fused backend goes through attn_packed_* (and not the
+    (B, H, N, d) ops); two unrolled restoration steps give the float64 math path's parameter grads."""
+    from energyvit.model import Attention
+
+    calls = []
+    for name in ("attn_packed_fwd", "attn_packed_bwd", "attn_packed_bwdbwd", "attn_fwd", "attn_bwd", "attn_bwdbwd"):
+        fn = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _f=fn, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+
+    def param_grads(backend, dtype):
+        torch.manual_seed(3)
+        attn = Attention(24, 2, backend).to(DEVICE, dtype)
+        x = torch.randn(2, 30, 24, generator=torch.Generator().manual_seed(4)).to(DEVICE, dtype).requires_grad_()
+        for _ in range(2):
+            (gx,) = torch.autograd.grad(0.5 * (attn(x) ** 2).sum(), x, create_graph=True)
+            x = x - 0.1 * gx
+        (x ** 2).sum().backward()
+        return [p.grad for p in attn.parameters()]
+
+    got = param_grads("fused", torch.float32)
+    assert set(calls) == {"attn_packed_fwd", "attn_packed_bwd", "attn_packed_bwdbwd"}
+    check(got, param_grads("math", torch.float64), torch.float32, "d loss / d attention params")
+
+
+# -------------------------------------------------------------------------------- import failures
+@pytest.mark.parametrize("packed", [False, True])
+def test_source_tree_without_kernels_says_install(monkeypatch, packed):
+    """As when `python -m energyvit ...` runs from the repository root with a non-editable install:
+    the source folder energyvit/ (which has no kernels/) shadows the installed package."""
+    from energyvit.attention import attention as backend_attention
+    from energyvit.attention import packed_attention
+
+    for name in [m for m in sys.modules if m.startswith("energyvit.kernels")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "energyvit.kernels", None)  # `import energyvit.kernels` fails
+    q = torch.rand(1, 4, 3, 1, 8)
+    with pytest.raises(ImportError, match=r"energyvit.kernels is not importable: .*pip install -e \.") as e:
+        packed_attention(q, backend="fused") if packed else backend_attention(q[:, :, 0], q[:, :, 1], q[:, :, 2],
+                                                                               backend="fused")
+    assert "\n" not in str(e.value)
+
+
+def test_missing_triton_says_install_triton_packed(monkeypatch):
+    from energyvit.attention import packed_attention
+
+    for name in [m for m in sys.modules if m.startswith("energyvit.kernels")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "triton", None)
+    with pytest.raises(ImportError, match=r"needs triton: pip install 'energyvit\[triton\]'"):
+        packed_attention(torch.rand(1, 4, 3, 1, 8), backend="fused")
