@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from energyvit.attention import BACKENDS, attention
+from energyvit.attention import BACKENDS, attention, packed_attention
 from energyvit.options import OptionError, check_fields, in_range, non_negative, option, positive
 
 ENERGY_READOUTS = ("norm", "linear", "cls")
@@ -161,8 +161,6 @@ class Attention(nn.Module):
         if self.backend == "fused":
             # the kernels read q, k, v in place and write (B, N, H, d): no permute copies, and the
             # reshape below is a view
-            from energyvit.attention import packed_attention
-
             return self.proj(packed_attention(qkv, backend="fused").reshape(B, N, D))
         qkv = qkv.permute(2, 0, 3, 1, 4)
         out = attention(qkv[0], qkv[1], qkv[2], backend=self.backend)
