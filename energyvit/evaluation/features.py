@@ -14,6 +14,7 @@ from energyvit.model import EnergyViT
 # average; cls: the class token.
 POOLINGS = ("tokens", "mean", "cls")
 RAW_PIXEL_SIZE = 32  # raw-pixel probe baseline: images area-averaged down to at most this size
+SUBSET_SEED = 0  # which training images a probe fits on when it cannot take them all
 
 
 def pool_tokens(h: Tensor, pool: str) -> Tensor:
@@ -30,9 +31,13 @@ def pool_tokens(h: Tensor, pool: str) -> Tensor:
 @torch.no_grad()
 def features(models: list[EnergyViT], dataset: Dataset, limit: int, pools: tuple[str, ...], num_workers: int,
              batch_size: int = 256) -> tuple[dict[tuple[int, str], Tensor], Tensor, Tensor]:
-    """Frozen features {(model index, pooling): (n, features)} of the first `limit` images of
-    `dataset`, their raw pixels (area-averaged to at most RAW_PIXEL_SIZE) and labels, streamed."""
-    subset = KeyedSubset(dataset, list(range(min(limit, len(dataset)))))
+    """Frozen features {(model index, pooling): (n, features)} of `limit` images of `dataset` (all
+    of them, or a fixed random subset: a class-sorted folder must not lose its last classes),
+    their raw pixels (area-averaged to at most RAW_PIXEL_SIZE) and labels, streamed."""
+    n = len(dataset)
+    chosen = (range(n) if limit >= n
+              else torch.randperm(n, generator=torch.Generator().manual_seed(SUBSET_SEED))[:limit].sort().values.tolist())
+    subset = KeyedSubset(dataset, list(chosen))
     loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
     device = models[0].pixel_mean.device
     feats: dict[tuple[int, str], list[Tensor]] = {(i, p): [] for i in range(len(models)) for p in pools}
