@@ -60,7 +60,7 @@ from torch import Tensor
 
 from energyvit.losses import restoration_loss
 from energyvit.model import EnergyViT
-from energyvit.objective import EnergyOptions, task_loss
+from energyvit.objective import EnergyOptions, energy_contrast, task_loss
 from energyvit.restore import Restoration, check_restore_inputs, descend, draw_noise, restore
 from energyvit.tasks import Corrupted
 
@@ -214,6 +214,11 @@ class CompiledTrainStep:
                                  self.opts.langevin_std, create_graph=True)
         norm_pix_patch = self.model.cfg.patch_size if self.opts.norm_pix_loss else None
         loss = restoration_loss(restored, clean, region, norm_pix_patch)
+        if self.opts.contrast_weight:
+            negative = image if self.opts.contrast_negative == "corrupted" else restored
+            real = (region.flatten(1).amax(dim=1) > 0).to(region.dtype)  # padding rows have an all-zero region
+            loss = loss + self.opts.contrast_weight * energy_contrast(self.model, clean, negative, self.opts,
+                                                                      self.model.cfg.num_patches, real)
         grads = torch.autograd.grad(loss, _trainable(self.model), allow_unused=True)
         return loss.detach(), grads
 

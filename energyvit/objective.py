@@ -16,6 +16,7 @@ from energyvit.restore import restore
 from energyvit.tasks import Corrupted
 
 LOSS_REGIONS = ("corrupted", "all")
+NEGATIVES = ("corrupted", "restored")
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,12 @@ class EnergyOptions:
     loss_region: str = option("corrupted", "loss over the task's region (masked or moved patches; the whole image "
                               "for sr, denoise, colorize), or all pixels", choices=LOSS_REGIONS)
     norm_pix_loss: bool = option(False, "per-patch normalized targets (as MAE): each patch's error over its variance")
+    contrast_weight: float = option(0.0, "weight of an explicit energy term added to the restoration loss: a hinge "
+                                    "pushing E(clean) below E(negative) by the margin, per patch (0: off)",
+                                    rule=non_negative)
+    contrast_negative: str = option("restored", "the negative of the energy term: the corrupted input or the "
+                                    "restored image (detached, as contrastive divergence)", choices=NEGATIVES)
+    contrast_margin: float = option(0.0, "margin of the energy term, in energy per patch", rule=non_negative)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -40,7 +47,24 @@ def task_loss(model: EnergyViT, clean: Tensor, corrupted: Corrupted, opts: Energ
     energy_fn: what computes E(x) if not the model itself (the DDP wrapper, which syncs gradients)."""
     result = restore(model, corrupted.image, corrupted.update_mask, create_graph=True,
                      noise_std=opts.langevin_std, generator=generator, energy_fn=energy_fn)
-    return score(result.restored, clean, corrupted.loss_mask, opts, model.cfg.patch_size)
+    loss = score(result.restored, clean, corrupted.loss_mask, opts, model.cfg.patch_size)
+    if opts.contrast_weight:
+        negative = corrupted.image if opts.contrast_negative == "corrupted" else result.restored
+        loss = loss + opts.contrast_weight * energy_contrast(energy_fn or model, clean, negative, opts,
+                                                             model.cfg.num_patches)
+    return loss
+
+
+def energy_contrast(energy_fn: Callable[[Tensor], Tensor], clean: Tensor, negative: Tensor, opts: EnergyOptions,
+                    num_patches: int, weight: Tensor | None = None) -> Tensor:
+    """The explicit energy term: the mean over images of relu(margin + (E(clean) - E(negative)) /
+    num_patches). The negative is detached: only the energies train, not the path that made it.
+    weight: per-image weights (the compiled step gives its padding rows 0)."""
+    gap = (energy_fn(clean) - energy_fn(negative.detach())) / num_patches
+    per_image = torch.relu(opts.contrast_margin + gap)
+    if weight is None:
+        return per_image.mean()
+    return (per_image * weight).sum() / weight.sum().clamp_min(1.0)
 
 
 def score(restored: Tensor, clean: Tensor, loss_mask: Tensor, opts: EnergyOptions, patch_size: int) -> Tensor:
