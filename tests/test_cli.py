@@ -15,7 +15,7 @@ TINY = ["pretrain", "--model", "vit_pico_patch2", "--batch_size", "250", "--warm
     (["pretrain", "--bogus"], "unrecognized arguments: --bogus"),
     (["pretrain", "--mask_ratio", "2"], "--mask_ratio/--mask-ratio: must be in (0, 1), got 2.0"),
     (["pretrain", "--model", "vit_huge"], "invalid choice: 'vit_huge'"),
-    (["pretrain", "--tasks", "mim,blur"], "unknown task 'blur'"),
+    (["pretrain", "--tasks", "mim,warp"], "unknown task 'warp'"),
     (["pretrain", "--tasks", "colorize"], "without colorize for 1-channel data (it needs RGB)"),
     (["pretrain", "--resume", "/nonexistent/ckpt.pth"], "checkpoint /nonexistent/ckpt.pth does not exist"),
     (["pretrain", "--batch_size", "0"], "--batch_size/--batch-size: must be > 0, got 0"),

@@ -98,7 +98,7 @@ def test_psnr():
     (["{tmp}/missing.pth", "{tmp}/photo.png", "--task", "sr"], "checkpoint {tmp}/missing.pth does not exist"),
     (["{tmp}/encoder.safetensors", "{tmp}/photo.png", "--task", "sr"], "is an encoder-only export"),
     (["{tmp}/gray.pth", "{tmp}/photo.png", "--task", "sr", "--steps", "3"], "steps must be in 1..2"),
-    (["{tmp}/gray.pth", "{tmp}/photo.png", "--task", "blur"], "invalid choice: 'blur'"),
+    (["{tmp}/gray.pth", "{tmp}/photo.png", "--task", "warp"], "invalid choice: 'warp'"),
 ])
 def test_restore_errors_are_one_line(args, needle, files, capsys):
     assert run_restore(files, *args, "--output", "{tmp}/x.png") == 2

@@ -79,10 +79,10 @@ def test_mixture_samples_by_weight_and_parses_specs():
 
 
 def test_clear_errors():
-    with pytest.raises(ValueError, match="unknown task 'blur'"):
-        parse_task_weights("mim:0.5,blur:0.5")
-    with pytest.raises(ValueError, match="unknown task 'blur'"):
-        build_task("blur", 4)
+    with pytest.raises(ValueError, match="unknown task 'warp'"):
+        parse_task_weights("mim:0.5,warp:0.5")
+    with pytest.raises(ValueError, match="unknown task 'warp'"):
+        build_task("warp", 4)
     for spec, why in [("mim:x", "numeric weights ('x' for 'mim')"), ("mim:nan", "finite weights > 0 ('nan' for 'mim')"),
                       ("mim:inf", "finite weights > 0 ('inf'"), ("mim:0", "finite weights > 0"),
                       ("mim,mim", "each task once ('mim' appears twice)"), ("mim,inpaint", "'mim' appears twice"),
