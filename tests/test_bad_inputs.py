@@ -292,3 +292,14 @@ def test_the_restoration_table_keeps_its_columns_apart(capsys):
                             "probe_acc": None, "probe_note": "the data has no labels"})
     row = capsys.readouterr().out.splitlines()[3].split()
     assert row == ["mim", "123456789.00000", "0.50000"]
+
+
+def test_a_huge_image_in_the_data_is_skipped_with_a_line_saying_how_to_allow_it(tmp_path, caplog, one_thread):
+    folder = Path(self_link_folder(tmp_path))
+    (folder / "a" / "loop.png").unlink()
+    os.replace(huge_png(tmp_path), folder / "a" / "huge.png")
+    assert main(["pretrain", "--data_path", str(folder), "--epochs", "1", *PICO, "--batch_size", "8",
+                 "--output_dir", str(tmp_path / "o")]) == 0
+    warned = caplog.text  # the warning goes to the `logging` module (stderr on the command line)
+    assert "skipping image" in warned and "huge.png" in warned and "--max_image_pixels raises it" in warned, warned
+    assert (tmp_path / "o" / "checkpoint-last.pth").exists()

@@ -23,6 +23,7 @@ import os
 import pickle
 import re
 import struct
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 
@@ -46,7 +47,8 @@ FORMATS = ("imagefolder", "flat", "cifar10", "cifar100", "idx")
 MAX_DECODE_TRIES = 50  # consecutive unreadable files before a sample fails for good
 # What Pillow raises on a corrupt, truncated or unsupported file (UnidentifiedImageError is an
 # OSError); DecompressionBombError guards against absurd image sizes.
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, Image.DecompressionBombError)
+TOO_LARGE = (Image.DecompressionBombError, Image.DecompressionBombWarning)  # above Image.MAX_IMAGE_PIXELS
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, *TOO_LARGE)
 
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST = "test_batch"
@@ -128,13 +130,20 @@ class ImageFileDataset(_KeyedDataset):
         return int(self._labels[index])
 
     def _decode(self, index: int) -> Image.Image:
-        with Image.open(self.path(index)) as img:
-            img.load()  # decode now, inside the error handling, and before the file closes
-            return convert_mode(img, self.channels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # too large: skipped, not half-read
+            with Image.open(self.path(index)) as img:
+                img.load()  # decode now, inside the error handling, and before the file closes
+                return convert_mode(img, self.channels)
 
     def _warn_once(self, index: int, exc: Exception) -> None:
-        if index not in self._warned:
-            self._warned.add(index)
+        if index in self._warned:
+            return
+        self._warned.add(index)
+        if isinstance(exc, TOO_LARGE):
+            log.warning("skipping image %s: larger than the %d pixels allowed (a guard against decompression bombs; "
+                        "--max_image_pixels raises it)", self.path(index), Image.MAX_IMAGE_PIXELS)
+        else:
             log.warning("skipping unreadable image %s (%s: %s)", self.path(index), type(exc).__name__, exc)
 
     def __getitem__(self, key: SampleKey) -> Sample:

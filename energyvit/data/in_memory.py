@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from energyvit.data.transforms import MIN_PIXEL_STD
+
 
 @dataclass
 class ImageSplit:
@@ -37,7 +39,7 @@ class SplitDataset(torch.utils.data.Dataset):
 def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of a (n, C, H, W) tensor, for the model's input normalization."""
     mean = images.mean(dim=(0, 2, 3))
-    std = images.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    std = images.std(dim=(0, 2, 3)).clamp_min(MIN_PIXEL_STD)
     return tuple(mean.tolist()), tuple(std.tolist())
 
 

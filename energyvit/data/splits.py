@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from energyvit.data.digits import load_digits_as
@@ -34,6 +35,8 @@ class DataOptions:
     num_workers: int | None = option(None, "DataLoader worker processes (default: 0 for the embedded digits, else "
                                      "min(8, CPUs))", parse=int, rule=non_negative)
     eval_images: int = option(512, "held-out images (at most)", rule=positive)
+    max_image_pixels: int = option(Image.MAX_IMAGE_PIXELS, "image files with more pixels are skipped (Pillow's guard "
+                                   "against decompression bombs)", rule=positive)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -90,6 +93,7 @@ def load_splits(options: DataOptions, img_size: int, channels: int | None, gray_
                           True, int(train.labels.max()) + 1, f"embedded digits: {len(train.labels)} train / {len(held_out.labels)} held-out images",
                           options.num_workers or 0, "tokens")
 
+    Image.MAX_IMAGE_PIXELS = options.max_image_pixels  # Pillow's own global; DataLoader workers inherit it
     train = open_dataset(options.data_path, "train", img_size, channels, augment=True)
     plain = train.unaugmented()
     num_classes = train.num_classes

@@ -23,6 +23,7 @@ __all__ = [
     "estimate_channel_stats",
 ]
 
+MIN_PIXEL_STD = 0.05  # floor of the per-channel std the model divides by (real images: about 0.2 to 0.3)
 EVAL_CROP_FRACTION = 0.875  # MAE/DeiT eval: resize to size / 0.875 (224 -> 256), crop the center
 _MODES = {1: "L", 3: "RGB"}
 
@@ -181,7 +182,8 @@ class EvalTransform:
 def estimate_channel_stats(dataset, max_images: int = 1000) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel pixel mean and std over the first `max_images` images of `dataset` (items
     `(image, ...)`; use an eval-transform dataset so the result is deterministic). The std is
-    clamped to >= 1e-3 so the model's normalization never divides by zero."""
+    clamped to >= MIN_PIXEL_STD: a nearly constant channel would otherwise be scaled up a
+    hundredfold or more by the model's normalization, and with it any noise a task puts there."""
     count = min(len(dataset), max_images)
     if count == 0:
         raise ValueError("cannot estimate channel statistics of an empty dataset")
@@ -195,5 +197,5 @@ def estimate_channel_stats(dataset, max_images: int = 1000) -> tuple[tuple[float
         total_sq += x.square().sum(1)
         pixels += x.shape[1]
     mean = total / pixels
-    std = (total_sq / pixels - mean.square()).clamp_min(0.0).sqrt().clamp_min(1e-3)
+    std = (total_sq / pixels - mean.square()).clamp_min(0.0).sqrt().clamp_min(MIN_PIXEL_STD)
     return tuple(mean.tolist()), tuple(std.tolist())
