@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import sys
 
-from energyvit.commands import bench, export, finetune, pretrain, probe, restore
+from energyvit.commands import bench, export, finetune, pretrain, probe, restore, shapes
 from energyvit.commands.args import CliError, OneLineParser
 from energyvit.training import TrainingDiverged
 
 COMMANDS = {"pretrain": pretrain, "export": export, "restore": restore, "probe": probe, "finetune": finetune,
-            "bench": bench}
+            "bench": bench, "shapes": shapes}
 
 
 def build_parser() -> OneLineParser:

@@ -1,4 +1,4 @@
-"""Calibration of the shapes dataset (energyvit/shapes.py): can a linear probe tell pretrained
+"""Calibration of the shapes dataset (energyvit/data/shapes.py): can a linear probe tell pretrained
 features from random ones and from raw pixels on it?
 
 One dataset (the generator's defaults unless flags change them), then, one process at a time:
@@ -70,17 +70,16 @@ import os
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from pathlib import Path
 
 import torch
 
-from energyvit import shapes
 from energyvit.checkpoint import save_checkpoint
-from energyvit.evaluate import knn_scores, topk_accuracy
+from energyvit.data import shapes
+from energyvit.data.splits import DataOptions, DataSplits, load_splits
+from energyvit.evaluation.features import raw_pixels
+from energyvit.evaluation.probes import knn_scores, linear_probe, topk_accuracy
 from energyvit.model import EnergyViT, config_to_dict, model_config
-from energyvit.pretrain_data import PretrainData, load_pretrain_data, raw_pixels
-from energyvit.probe import linear_probe
 
 EVAL_IMAGES = 2000
 KNN_K, KNN_T = 200, 0.1
@@ -101,7 +100,7 @@ def probe(ckpt: Path, data: Path, output: Path, *extra: str) -> dict:
     return {"linear": result["linear_probe_acc"], "knn": result["knn_top1"]}
 
 
-def raw_pixel_scores(split: PretrainData) -> dict:
+def raw_pixel_scores(split: DataSplits) -> dict:
     train = [split.train_plain[i] for i in range(len(split.train_plain))]
     train_x, train_y = raw_pixels(torch.stack([x for x, _, _ in train])), torch.tensor([y for _, y, _ in train])
     test_x, test_y = raw_pixels(split.held_out.images), split.held_out.labels
@@ -135,8 +134,7 @@ def main() -> None:
     img_size = model_config(args.model).img_size
     results = {"model": args.model, "img_size": img_size, "epochs": args.epochs, "seed": args.seed,
                "shapes": params, "generation_s": generation_s, "load_average_start": os.getloadavg()[0]}
-    split = load_pretrain_data(Namespace(data_path=str(data), shift=0, num_workers=0, eval_images=EVAL_IMAGES),
-                               img_size, None)
+    split = load_splits(DataOptions(data_path=str(data), num_workers=0, eval_images=EVAL_IMAGES), img_size, None)
     results["raw_pixels"] = raw_pixel_scores(split)
     print(f"raw pixels: {results['raw_pixels']}")
 

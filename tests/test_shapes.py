@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from energyvit import shapes
-from energyvit.datasets import open_dataset
+from energyvit.cli import main
+from energyvit.data import shapes
+from energyvit.data.files import open_dataset
 
 SMALL = dict(train_per_class=3, val_per_class=2, size=16)
 
@@ -127,9 +128,9 @@ def test_a_crash_leaves_no_dataset_and_no_temporary_folder(tmp_path, monkeypatch
     (["--min_scale", "0.9", "--max_scale", "0.5"], "--min_scale"),
 ])
 def test_bad_flag_is_one_line_and_exit_status_2(tmp_path, capsys, argv, flag):
-    with pytest.raises(SystemExit) as exc:  # tiny counts first: should a check fail to fire, it stays fast
-        shapes.main([str(tmp_path / "d"), "--train_per_class", "1", "--val_per_class", "1", "--size", "8", *argv])
-    assert exc.value.code == 2
+    # tiny counts first: should a check fail to fire, it stays fast
+    status = main(["shapes", str(tmp_path / "d"), "--train_per_class", "1", "--val_per_class", "1", "--size", "8", *argv])
+    assert status == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "error: argument " + flag in err
     assert not (tmp_path / "d").exists()
@@ -138,9 +139,8 @@ def test_bad_flag_is_one_line_and_exit_status_2(tmp_path, capsys, argv, flag):
 def test_existing_folder_error_from_the_command_line(tmp_path, capsys):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "x").write_text("")
-    with pytest.raises(SystemExit) as exc:
-        shapes.main([str(tmp_path / "d"), "--train_per_class", "1", "--val_per_class", "1"])
-    assert exc.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    status = main(["shapes", str(tmp_path / "d"), "--train_per_class", "1", "--val_per_class", "1"])
+    assert status == 2 and "--overwrite" in capsys.readouterr().err
 
 
 def test_bad_parameter_in_python_names_it(tmp_path):
@@ -152,5 +152,5 @@ def test_bad_parameter_in_python_names_it(tmp_path):
 
 def test_small_dataset_is_fast(tmp_path):
     t0 = time.perf_counter()
-    shapes.main([str(tmp_path / "d"), "--train_per_class", "10", "--val_per_class", "2"])
+    assert main(["shapes", str(tmp_path / "d"), "--train_per_class", "10", "--val_per_class", "2"]) == 0
     assert time.perf_counter() - t0 < 5  # 120 images of 32x32; about 0.5 s on one free core

@@ -14,22 +14,20 @@ chance, and a few minutes of self-supervised pretraining on one CPU core visibly
 them. The object is lighter than its background (object_contrast) and turns by at most 45
 degrees: with colors of either polarity or full rotations both baselines fall to near chance.
 
-    python -m energyvit.shapes DIR                          # DIR/train/<class>/*.png, DIR/val/<class>/*.png
+    energyvit shapes DIR                          # DIR/train/<class>/*.png, DIR/val/<class>/*.png
     energyvit pretrain --data_path DIR ...
 
 The tree is written into a hidden temporary folder beside DIR and renamed to DIR at the end, so an
 interrupted run never leaves a dataset that looks complete. Every image is a function of (seed,
 split, class, index) alone: the same seed gives the same files. This module depends on numpy and
-Pillow only, nothing else of energyvit.
+Pillow only.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -232,23 +230,23 @@ LIMITS = {  # name: (type, lowest, highest or None)
 }
 
 
-def _limit_text(name: str) -> str:
+def limit_text(name: str) -> str:
     kind, lo, hi = LIMITS[name]
     what = "an integer" if kind is int else "a number"
     return f"must be {what} >= {lo}" if hi is None else f"must be {what} between {lo} and {hi}"
 
 
-def _check_value(name: str, value) -> None:
+def check_value(name: str, value) -> None:
     kind, lo, hi = LIMITS[name]
     ok = isinstance(value, (int, np.integer)) if kind is int else isinstance(value, (int, float, np.number))
     if isinstance(value, bool) or not ok or not (lo <= value and (hi is None or value <= hi)):  # NaN fails too
-        raise ValueError(f"{name} {_limit_text(name)}, got {value!r}")
+        raise ValueError(f"{name} {limit_text(name)}, got {value!r}")
 
 
 def check_params(params: dict) -> None:
     """ValueError naming the first parameter outside LIMITS, or a scale range that is empty."""
     for name, value in params.items():
-        _check_value(name, value)
+        check_value(name, value)
     if params["min_scale"] > params["max_scale"]:
         raise ValueError(f"min_scale ({params['min_scale']}) must not exceed max_scale ({params['max_scale']})")
 
@@ -306,59 +304,3 @@ def generate(output_dir: str | os.PathLike, overwrite: bool = False, **params) -
         shutil.rmtree(partial, ignore_errors=True)
         raise
     return {"output_dir": str(out), "seconds": time.perf_counter() - start, **summary}
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str):  # argparse would print the usage block first
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _flag_type(name: str):
-    kind = LIMITS[name][0]
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-            _check_value(name, value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{_limit_text(name)}, got {text}") from None
-        return value
-
-    return parse
-
-
-def main(argv: list[str] | None = None) -> dict:
-    p = _OneLineParser(prog="python -m energyvit.shapes", description=__doc__.split("\n\n")[0])
-    p.add_argument("output_dir", help="folder to write (it must not exist or be empty, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
-    helps = {
-        "train_per_class": "training images per class", "val_per_class": "validation images per class",
-        "size": "image side in pixels", "seed": "the whole dataset is a function of it",
-        "min_scale": "smallest object diameter, as a fraction of the image side",
-        "max_scale": "largest object diameter, as a fraction of the image side",
-        "max_aspect": "largest stretch of the object along one axis",
-        "max_rotation": "largest turn of the object either way, in degrees",
-        "clutter": "distractors per image: between clutter // 2 and clutter",
-        "front_fraction": "share of the distractors drawn over the object",
-        "min_visible": "fraction of the object that occluders leave visible, at least",
-        "texture_contrast": "0: flat colors; 1: each texture's two colors independent",
-        "object_contrast": "c: the object's color channels lie in [c, 1], the background's in [0, 1 - c]",
-    }
-    for name, default in DEFAULTS.items():
-        p.add_argument(f"--{name}", type=_flag_type(name), default=default, help=f"{helps[name]} ({default})")
-    args = vars(p.parse_args(argv))
-    output_dir, overwrite = args.pop("output_dir"), args.pop("overwrite")
-    if args["min_scale"] > args["max_scale"]:
-        p.error(f"argument --min_scale: must not exceed --max_scale, got {args['min_scale']} > {args['max_scale']}")
-    try:
-        summary = generate(output_dir, overwrite=overwrite, **args)
-    except FileExistsError as exc:
-        p.error(str(exc).replace("(overwrite", "(pass --overwrite"))
-    print(f"wrote {summary['images']} images ({len(CLASSES)} classes; {summary['train_per_class']} train and "
-          f"{summary['val_per_class']} val per class; {summary['size']}x{summary['size']}) to {output_dir} "
-          f"in {summary['seconds']:.1f} s", file=sys.stderr)
-    return summary
-
-
-if __name__ == "__main__":
-    main()
