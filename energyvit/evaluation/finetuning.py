@@ -124,6 +124,8 @@ def finetune(encoder: EnergyViT, data: DataSplits, options: FinetuneOptions, dev
     depth = len(encoder.blocks)
     optimizer = torch.optim.AdamW(param_groups(model, options.weight_decay, options.layer_decay,
                                                lambda name: layer_id(name, depth)), lr=lr)
+    if options.batch_size > data.num_train:
+        raise ValueError(f"--batch_size {options.batch_size} exceeds the {data.num_train} training images")
     steps_per_epoch = EpochSampler(data.num_train, options.batch_size, options.seed, 0).steps
     total, warmup = options.epochs * steps_per_epoch, options.warmup_epochs * steps_per_epoch
 
