@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +44,9 @@ def write_folder(root: Path, per_class: int, size: int) -> None:
 
 
 def pretrain(out: Path, data: Path, flags: list[str], cpu: bool) -> tuple[list[dict], str]:
-    """One run's epoch records and its console output. It runs in `out`, so that a source
-    checkout's energyvit/ (which has no kernels/ inside) cannot shadow the installed package."""
+    """One run's epoch records and its console output; it writes into `out` and runs there, so
+    that a source checkout's energyvit/ (which has no kernels/ inside) cannot shadow the installed
+    package."""
     size = ["--model", "vit_pico_patch2", "--input_size", "8", "--batch_size", "16", "--epochs", "2",
             "--device", "cpu", "--num_workers", "0"] if cpu else \
            ["--model", "vit_tiny_patch16", "--input_size", "64", "--batch_size", "64", "--epochs", "2",
@@ -76,12 +79,24 @@ def graphs_used(console: str, cpu: bool) -> tuple[bool, str]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="tiny run on the CPU through the Triton interpreter")
-    p.add_argument("--out", default=os.environ.get("OUT", "bench/results/local"))
+    p.add_argument("--out", default=os.environ.get("OUT", "bench/results/local"),
+                   help="where OUT/pretrain_smoke/ gets the summary and each run's log.jsonl and console output")
+    p.add_argument("--work", default=None, help="folder for the images and the runs' checkpoints and pictures "
+                   "(default: a temporary one, removed at the end)")
     args = p.parse_args()
     out = Path(args.out).resolve() / "pretrain_smoke"
-    data = out / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(args.work).resolve() if args.work else Path(tempfile.mkdtemp(prefix="pretrain_smoke-"))
+    data = work / "data"
     write_folder(data, per_class=16 if args.cpu else 512, size=8 if args.cpu else 64)
-    runs = {name: pretrain(out / name.replace("+", "_"), data, flags, args.cpu) for name, flags in RUNS.items()}
+    runs = {}
+    for name, flags in RUNS.items():
+        run_dir = work / name.replace("+", "_")
+        runs[name] = pretrain(run_dir, data, flags, args.cpu)
+        (out / f"{run_dir.name}.log").write_text(runs[name][1])
+        shutil.copy(run_dir / "log.jsonl", out / f"{run_dir.name}.jsonl")
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
     logs = {name: log for name, (log, _) in runs.items()}
     rtol = LOSS_RTOL["cpu" if args.cpu else "cuda"]
     ok, graphs_note = graphs_used(runs["fused+cuda_graphs"][1], args.cpu)
