@@ -41,6 +41,7 @@ def parse_args():
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results" / "local")))
     ap.add_argument("--timing-dtypes", default=None, help="comma list of fp32,fp16,bf16 to time")
     ap.add_argument("--ns", default=None, help="comma list of sequence lengths (overrides the default)")
+    ap.add_argument("--no-correctness", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
     ap.add_argument("--ops", action="store_true", help="also time each fused op alone, with the autotuner's configs")
     return ap.parse_args()
@@ -407,7 +408,7 @@ def main():
         print(f"# {k}: {v}", flush=True)
     t0 = time.time()
     ok = True
-    parts = [("correctness", dt, n, correctness) for dt in CHECK_DTYPES for n in NS]
+    parts = [] if ARGS.no_correctness else [("correctness", dt, n, correctness) for dt in CHECK_DTYPES for n in NS]
     if not ARGS.no_timing:
         parts += [("timing", dt, n, timing) for dt in TIME_DTYPES for n in NS]
     if ARGS.ops:

@@ -12,15 +12,15 @@
 # Parts, each its own process under a hard timeout (limit in s on GPU; a part gets no more than
 # what is left of TOTAL_S after the summary's 10 s, and is skipped below 5 s):
 #   env          15  versions, packages, GPU; energyvit importable with energyvit.kernels
-#   attention    85  bench/gpu_check.py --ops: fwd, fwd+bwd, bwd-of-bwd at N = 197 and 1024 (B=64, H=12,
+#   attention   110  bench/gpu_check.py --ops: fwd, fwd+bwd, bwd-of-bwd at N = 197 and 1024 (B=64, H=12,
 #                    d=64): correctness vs float64 (fp32, bf16), timings fused vs eager math vs SDPA flash
 #                    (bf16), each op alone with the autotuner's configs
-#   graphs-test  80  pytest tests/test_cuda_graphs.py: replayed step and AdamW vs eager (fp32), compiled too
-#   bench       190  energyvit bench --preset gpu: AdamW step eager vs graphed; steps of ViT-Ti/S/B at 224 px,
+#   graphs-test  70  pytest tests/test_cuda_graphs.py: replayed step and AdamW vs eager (fp32), compiled too
+#   bench       200  energyvit bench --preset gpu: AdamW step eager vs graphed; steps of ViT-Ti/S/B at 224 px,
 #                    batch 64, bf16 autocast, with their kernels per step: eager, fused, cuda-graphs and
 #                    fused+cuda-graphs at K = 1, MAE, ViT-Ti's compiled modes at K = 1, the same at K = 2,
-#                    then the other compiled rows while BENCH_BUDGET_S = 140 s lasts (the rest: skipped rows)
-#   smoke        95  bench/pretrain_smoke.py: pretrain math vs fused vs fused --cuda_graphs, bf16
+#                    then the other compiled rows while BENCH_BUDGET_S = 150 s lasts (the rest: skipped rows)
+#   smoke        75  bench/pretrain_smoke.py: pretrain math vs fused vs fused --cuda_graphs, bf16
 #
 # Runs from a plain clone on the GPU image's packages (torch, triton, numpy, pillow, pytest;
 # nvidia-ml-py optional; no internet): without an installed energyvit, a symlink overlay in a
@@ -50,8 +50,8 @@ if [ "$CPU_SMALL" = 1 ]; then
   GPU_CHECK_ARGS=(--cpu-small --ops)
 else
   TOTAL_S="${TOTAL_S:-470}"
-  LIMITS=(env=15 attention=85 graphs-test=80 bench=190 smoke=95)
-  BENCH_ARGS=(--preset gpu --device cuda --budget_s "${BENCH_BUDGET_S:-140}")
+  LIMITS=(env=15 attention=110 graphs-test=70 bench=200 smoke=75)
+  BENCH_ARGS=(--preset gpu --device cuda --budget_s "${BENCH_BUDGET_S:-150}")
   SMOKE_ARGS=()
   GPU_CHECK_ARGS=(--ns 197,1024 --timing-dtypes bf16 --ops)
 fi

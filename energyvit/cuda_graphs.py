@@ -82,6 +82,14 @@ def cuda_graphs_usable(device: torch.device, distributed: bool = False, accum_it
     return ok
 
 
+def _reset_rng_after_failed_capture(device: torch.device) -> None:
+    """A capture that fails part-way leaves the device's default generator in capture mode (torch
+    2.11: every later random op then raises "Offset increment outside graph capture encountered
+    unexpectedly"); a clone of its state (same seed and offset, not capturing) replaces it."""
+    gen = torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    gen.graphsafe_set_state(gen.clone_state())
+
+
 class _GradientsReady(torch.autograd.Function):
     """The replayed loss, attached to the parameters so that the training loop's backward runs;
     the gradients are in p.grad already (written by the replay), so that backward adds nothing."""
@@ -157,8 +165,10 @@ class GraphedLossStep:
         return loss.detach()
 
     def _capture(self, inputs: tuple[Tensor, ...]) -> None:
-        self.static_inputs = tuple(t.detach().clone() for t in inputs)
         params = self._params()
+        if not all(t.is_cuda for t in (*inputs, *params)):
+            raise RuntimeError("CUDA graphs need the model and the batch on a CUDA device")
+        self.static_inputs = tuple(t.detach().clone() for t in inputs)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # one step on the capture stream first: its lazy set-up stays out of the graph
@@ -167,9 +177,12 @@ class GraphedLossStep:
         for p in params:
             p.grad = None  # the capture allocates .grad in the graph's pool: static from then on
         graph = torch.cuda.CUDAGraph()
-        # thread_local: only this thread is checked (a DataLoader's pin-memory thread may allocate meanwhile)
-        with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
-            self.static_loss = self._forward_backward()
+        try:  # thread_local: only this thread is checked (a DataLoader's pin-memory thread may allocate meanwhile)
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                self.static_loss = self._forward_backward()
+        except Exception:
+            _reset_rng_after_failed_capture(params[0].device)
+            raise
         self.static_grads = [p.grad for p in params]
         self.graph = graph
         if self.optimizer is not None:
@@ -275,6 +288,9 @@ class GraphedAdamW(torch.optim.AdamW):
                 group["lr"] = t
             with torch.cuda.graph(graph, pool=self._pool, stream=self._stream, capture_error_mode="thread_local"):
                 super().step()
+        except Exception:
+            _reset_rng_after_failed_capture(device)
+            raise
         finally:
             for group, lr in zip(self.param_groups, floats):
                 group["lr"] = lr  # the loop, the logs and the checkpoints see floats

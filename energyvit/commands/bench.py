@@ -25,6 +25,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add(p, "--suites", default=",".join(SUITES), help=f"comma list of {', '.join(SUITES)}")
     add(p, "--step_modes", default=",".join(STEP_MODES), help=f"comma list of the step modes to run: "
         f"{', '.join(STEP_MODES)} (the cuda-graphs modes need CUDA)")
+    add(p, "--models", default="", help="comma list of the preset's step models to run (default: all)")
+    add(p, "--ks", default="", help="comma list of the preset's restoration step counts K to run (default: all)")
     add(p, "--no_compile", action="store_true", help="skip the torch.compile rows (recorded as skipped)")
     add(p, "--budget_s", type=non_negative_float, default=0.0, help="stop starting rows after this many seconds (0: no limit)")
     add(p, "--threads", type=non_negative_int, default=1, help="torch CPU threads (default 1: shared cores)")
@@ -48,8 +50,11 @@ def run(args: argparse.Namespace) -> None:
             torch.set_num_threads(args.threads)
     preset = args.preset or ("smoke" if args.quick else ("gpu" if torch.device(dev).type == "cuda" else "cpu"))
     suites, modes = _names(args.suites, SUITES, "--suites"), _names(args.step_modes, STEP_MODES, "--step_modes")
+    models = _names(args.models, tuple(m for m, _, _ in PRESETS[preset]["steps"]), "--models") or None
+    ks = tuple(int(k) for k in _names(args.ks, tuple(str(k) for k in PRESETS[preset]["ks"]), "--ks")) or None
     cfg = BenchConfig(preset=preset, device=dev, out=args.out, suites=suites, compile=not args.no_compile,
-                      budget_s=args.budget_s, tag=args.tag or ("quick" if args.quick else ""), step_modes=modes)
+                      budget_s=args.budget_s, tag=args.tag or ("quick" if args.quick else ""), step_modes=modes,
+                      models=models, ks=ks)
     rows, meta, paths = collect(cfg)
     print()
     print(format_table(rows))
