@@ -91,7 +91,8 @@ def test_capture_failure_warns_once_and_runs_the_ordinary_step():
     ordinary step, exactly, for this call and every later one."""
     model = tiny_model()
     x = images(3)
-    step = cg.GraphedLossStep(model, OPTS, warmup_steps=1)
+    opt = cg.GraphedAdamW(model.parameters(), lr=1e-3)
+    step = cg.GraphedLossStep(model, OPTS, warmup_steps=1, optimizer=opt)
     c = tasks(x)[0]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -100,7 +101,7 @@ def test_capture_failure_warns_once_and_runs_the_ordinary_step():
             ref_loss, ref = eager_step(model, x, c, seed)
             assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-13)
             assert_grads_close(grads, ref, 1e-12)
-    assert step.mode == "off"
+    assert step.mode == "off" and opt._params == []  # the optimizer is disarmed too
     assert [str(w.message) for w in caught if "capturing the training step failed" in str(w.message)] == [
         str(caught[0].message)]
 
