@@ -10,6 +10,9 @@ CUDA (default): ViT shapes, batch 64 x heads 12, head_dim 64, N in 197, 577, 102
      second derivative). TFLOP/s use nominal counts: fwd 4*B*H*N^2*d, fwd+bwd 3.5x that,
      bwd-of-bwd 6x (the fused kernels execute about 9.5x; see docs/kernels.md). Peak memory from
      torch.cuda.max_memory_allocated, reset before each one-off run.
+  3. --ops: each fused op alone (the launcher functions the custom ops run: fwd, bwd, bwd-of-bwd),
+     in the (B, H, N, d) and the packed-qkv layout (the model's), with the block configs the
+     autotuner chose for each of its kernels (the interpreter's fixed ones on CPU).
 --cpu-small: tiny shapes through the Triton interpreter (correctness + timings labelled CPU).
 
 Writes <out>/gpu_check.csv ('#' header lines: device, versions, git commit, date) and prints a
@@ -38,7 +41,9 @@ def parse_args():
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results" / "local")))
     ap.add_argument("--timing-dtypes", default=None, help="comma list of fp32,fp16,bf16 to time")
     ap.add_argument("--ns", default=None, help="comma list of sequence lengths (overrides the default)")
+    ap.add_argument("--no-correctness", action="store_true")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--ops", action="store_true", help="also time each fused op alone, with the autotuner's configs")
     return ap.parse_args()
 
 
@@ -323,11 +328,70 @@ def timing(n, dtype):
     guarded("bwdbwd", "fused-op", body_op)
 
 
+# ------------------------------------------------------------------------------------ ops alone
+OP_KERNELS = {"fwd": ("fwd",), "bwd": ("bwd_dq", "bwd_dkdv"), "bwdbwd": ("bwdbwd_q", "bwdbwd_kv")}
+OP_FLOP = {"fwd": 1.0, "bwd": 2.5, "bwdbwd": 6.0}
+
+
+def chosen_configs(op):
+    """The block config each kernel of `op` ran with: the autotuner's last choice on GPU."""
+    out = []
+    for name in OP_KERNELS[op]:
+        fn = getattr(KMOD, "_" + name)
+        cfg = getattr(fn, "best_config", None)
+        out.append(f"{name}: {cfg if cfg is not None else 'fixed ' + str(KMOD._meta(name))}")
+    return "; ".join(out)
+
+
+def ops_alone(n, dtype):
+    """Each op's launcher alone (no autograd, no input checks), in both layouts."""
+    scale = HEAD_D ** -0.5
+    fwd_flop = 4.0 * BATCH * HEADS * n * n * HEAD_D
+    shape = (BATCH, HEADS, n, HEAD_D)
+    q, k, v, do, gdq, gdk, gdv = (randn(shape, dtype, 400 + i) for i in range(7))
+    o, lse = KMOD.attn_fwd(q, k, v, scale, validate=False)
+    qkv = randn((BATCH, n, 3, HEADS, HEAD_D), dtype, 410)
+    po, plse = KMOD.attn_packed_fwd(qkv, scale, validate=False)
+    pdo, pgd = randn((BATCH, n, HEADS, HEAD_D), dtype, 411), randn((BATCH, n, 3, HEADS, HEAD_D), dtype, 412)
+    calls = {
+        "fused-op": {"fwd": lambda: KMOD.attn_fwd(q, k, v, scale, validate=False),
+                     "bwd": lambda: KMOD.attn_bwd(q, k, v, o, lse, do, scale, validate=False),
+                     "bwdbwd": lambda: KMOD.attn_bwdbwd(q, k, v, o, lse, do, gdq, gdk, gdv, scale, validate=False)},
+        "fused-op-packed": {"fwd": lambda: KMOD.attn_packed_fwd(qkv, scale, validate=False),
+                            "bwd": lambda: KMOD.attn_packed_bwd(qkv, po, plse, pdo, scale, validate=False),
+                            "bwdbwd": lambda: KMOD.attn_packed_bwdbwd(qkv, po, plse, pdo, pgd, scale, validate=False)},
+    }
+    for impl, ops in calls.items():
+        for op, fn in ops.items():
+            ms = bench_ms(fn)
+            flop = OP_FLOP[op] * fwd_flop
+            row(kind="op", op=op, dtype=DNAME[dtype], batch=BATCH, heads=HEADS, n=n, head_dim=HEAD_D, impl=impl,
+                ms=f"{ms:.4f}", tflops=f"{flop / ms / 1e9:.4g}", note=chosen_configs(op))
+
+
 # ------------------------------------------------------------------------------------ main
+HEADER: dict = {}
+CSV_PATH: Path | None = None
+
+
+def save():
+    """Rewrite the CSV ('#' header lines, then the rows so far): a run stopped early keeps its rows."""
+    if CSV_PATH is None:
+        return
+    with open(CSV_PATH, "w", newline="") as f:
+        for k, v in HEADER.items():
+            f.write(f"# {k}: {v}\n")
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(ROWS)
+
+
 def main():
+    global CSV_PATH
     out = Path(ARGS.out)
     out.mkdir(parents=True, exist_ok=True)
-    header = {
+    CSV_PATH = out / "gpu_check.csv"
+    HEADER.update({
         "device": LABEL,
         "torch": torch.__version__,
         "triton": triton.__version__,
@@ -339,34 +403,27 @@ def main():
         "fp32_dots": "TF32" if (KMOD.ALLOW_TF32 and DEVICE == "cuda") else "IEEE",
         "shapes": f"batch={BATCH} heads={HEADS} head_dim={HEAD_D} N={NS}",
         "flop_counts": "fwd 4*B*H*N^2*d; fwd+bwd 3.5x fwd; bwdbwd nominal 6x fwd",
-    }
-    for k, v in header.items():
+    })
+    for k, v in HEADER.items():
         print(f"# {k}: {v}", flush=True)
     t0 = time.time()
     ok = True
-    for dtype in CHECK_DTYPES:
-        for n in NS:
-            print(f"[correctness] {DNAME[dtype]} N={n}", flush=True)
-            ok &= correctness(n, dtype)
-            if DEVICE == "cuda":
-                torch.cuda.empty_cache()
+    parts = [] if ARGS.no_correctness else [("correctness", dt, n, correctness) for dt in CHECK_DTYPES for n in NS]
     if not ARGS.no_timing:
-        for dtype in TIME_DTYPES:
-            for n in NS:
-                print(f"[timing] {DNAME[dtype]} N={n}", flush=True)
-                timing(n, dtype)
-                if DEVICE == "cuda":
-                    torch.cuda.empty_cache()
-    header["wall_s"] = f"{time.time() - t0:.1f}"
-    header["all_correctness_ok"] = str(ok)
-    path = out / "gpu_check.csv"
-    with open(path, "w", newline="") as f:
-        for k, v in header.items():
-            f.write(f"# {k}: {v}\n")
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(ROWS)
-    print(f"# wall_s: {header['wall_s']}  all_correctness_ok: {ok}\n# wrote {path}", flush=True)
+        parts += [("timing", dt, n, timing) for dt in TIME_DTYPES for n in NS]
+    if ARGS.ops:
+        parts += [("ops alone", dt, n, ops_alone) for dt in TIME_DTYPES for n in NS]
+    for what, dtype, n, fn in parts:
+        print(f"[{what}] {DNAME[dtype]} N={n}", flush=True)
+        result = fn(n, dtype)
+        if what == "correctness":
+            ok &= result
+        HEADER["all_correctness_ok"] = str(ok)
+        HEADER["wall_s"] = f"{time.time() - t0:.1f}"
+        save()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+    print(f"# wall_s: {HEADER['wall_s']}  all_correctness_ok: {ok}\n# wrote {CSV_PATH}", flush=True)
     return 0 if ok else 1
 
 

@@ -12,10 +12,21 @@ Rows (one per measurement; every row carries versions, git commit and device fie
   backend that raises gets a row with status ``unsupported`` and the first line of the error.
 - suite ``step``: one pretraining step (forward, K restoration steps with create_graph, parameter
   backward; no optimizer step) in modes ``eager``, ``compiled`` (energyvit.compiled), ``fused``
-  and ``fused+compiled``. Model FLOPs count matmuls only: per restoration step 6x the forward
-  matmul FLOPs of the linear layers (fwd, input-grad bwd, and the outer backward of both) and
-  12x the attention forward FLOPs (fwd once, bwd twice, bwdbwd 6x). MFU is against a large
-  matmul timed in the same run (bf16 on CUDA, fp32 on CPU).
+  and ``fused+compiled``, each also ``+cuda-graphs`` (energyvit.cuda_graphs: the step replayed
+  from a CUDA graph after warm-up steps; CUDA only), and ``mae``: an MAE step (loss + backward)
+  on the same encoder, for reference (FLOPs not counted). Model FLOPs count matmuls only: per
+  restoration step 6x the forward matmul FLOPs of the linear layers (fwd, input-grad bwd, and the
+  outer backward of both) and 12x the attention forward FLOPs (fwd once, bwd twice, bwdbwd 6x).
+  MFU is against a large matmul timed in the same run (bf16 on CUDA, fp32 on CPU).
+- suite ``launches``: what one step of each mode launches (column ``launches``; how it was
+  counted in ``timer``, a breakdown in ``launch_detail``; ``launches_vs_eager`` = row / eager).
+  On CUDA: the kernels the profiler records on the device (CUPTI). On CPU, as a proxy of a GPU's
+  kernel launches: for eager modes the aten ops dispatched below autograd (TorchDispatchMode)
+  that launch a kernel (views and allocations do not), for compiled modes Inductor's C++ kernels
+  (recorded with ``cpp.enable_kernel_profile``) plus the extern calls (matmuls, convolutions,
+  custom ops) and the aten ops that run outside the compiled graph (profiler).
+- suite ``optimizer``: one AdamW step as pretraining builds it (``eager``) and replayed from a
+  CUDA graph (``cuda-graphs``, capturable AdamW), with the updated parameters compared.
 - suite ``matmul``: that reference matmul.
 
 ``speedup_vs_eager`` = eager time / row time, against ``math-eager`` (attention) or ``eager``
@@ -27,9 +38,11 @@ the total-energy counter over a separate timed loop, divided by the images proce
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import csv
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -43,35 +56,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import energyvit
 from energyvit.attention import math_attention
 from energyvit.compiled import compiled_train_step
+from energyvit.cuda_graphs import GraphedAdamW, GraphedLossStep
+from energyvit.methods.mae import MAEBaseline
 from energyvit.model import model_config
 from energyvit.objective import EnergyOptions, task_loss
+from energyvit.training import param_groups
 
 SOURCE_ROOT = Path(__file__).resolve().parents[1]  # the checkout, when the package runs from one
 ATTN_OPS = ("fwd", "bwd", "bwdbwd")
 ATTN_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "bwdbwd": 6.0}
-STEP_MODES = ("eager", "compiled", "fused", "fused+compiled")
+STEP_MODES = ("eager", "compiled", "fused", "fused+compiled", "cuda-graphs", "compiled+cuda-graphs",
+              "fused+cuda-graphs", "fused+compiled+cuda-graphs", "mae")
+SUITES = ("matmul", "attention", "step", "launches", "optimizer")
 OWN_BACKENDS = ("math-eager", "fused")  # must work at every order: a failure there is an error
+GRAPH_WARMUP = 2  # ordinary steps before a cuda-graphs mode captures (autotuning, compiling)
 
 FIELDS = [
     "suite", "op", "backend", "dtype", "model", "img_size", "restore_steps", "batch", "heads", "n", "head_dim",
     "status", "error", "ms", "speedup_vs_eager", "tflops", "mfu", "images_per_s", "first_call_s",
-    "grad_rel_err_vs_eager", "peak_mem_mib", "energy_j_per_image", "power_w", "sm_clock_mhz", "flop", "note",
+    "grad_rel_err_vs_eager", "peak_mem_mib", "energy_j_per_image", "power_w", "sm_clock_mhz", "flop",
+    "launches", "launches_vs_eager", "launch_detail", "note",
     "device", "device_name", "driver", "torch", "triton", "cuda", "python", "git_commit", "date_utc", "timer",
 ]
 
-# Sizes per preset. "smoke": seconds on CPU (CI, --quick); "cpu": the CPU table; "gpu": ViT shapes.
+# Sizes per preset. "smoke": seconds on CPU (CI, --quick); "cpu": the CPU table; "proxy": the CPU
+# launch-count proxy of a GPU step (ViT-Ti; counts do not depend on image size or batch); "gpu":
+# ViT shapes (step_rep_ms: do_bench's time per step row).
 PRESETS = {
     "smoke": dict(attn=[(1, 2, 16, 16)], attn_dtype="fp32", steps=[("vit_pico_patch2", None, 2)],
-                  ks=(1, 2), amp=None, matmul=(512, "fp32"), min_reps=3, min_time=0.05, compile_steps={("compiled", 1)}),
+                  ks=(1, 2), amp=None, matmul=(512, "fp32"), min_reps=3, min_time=0.05,
+                  compile_steps={("compiled", 1), ("fused+compiled", 1)}),
     "cpu": dict(attn=[(2, 3, 65, 64)], attn_dtype="fp32", steps=[("vit_nano_patch4", None, 8)],
                 ks=(1, 2), amp=None, matmul=(1024, "fp32"), min_reps=5, min_time=0.3, compile_steps=None),
+    "proxy": dict(attn=[(2, 3, 17, 64)], attn_dtype="fp32", steps=[("vit_tiny_patch16", 64, 2)],
+                  ks=(1, 2), amp=None, matmul=(1024, "fp32"), min_reps=3, min_time=0.1, compile_steps=None),
     "gpu": dict(attn=[(32, 12, 197, 64), (32, 12, 577, 64)], attn_dtype="bf16",
-                steps=[("vit_tiny_patch16", 224, 32), ("vit_small_patch16", 224, 32), ("vit_base_patch16", 224, 32)],
-                ks=(1, 2), amp="bf16", matmul=(8192, "bf16"), min_reps=0, min_time=0.0, compile_steps=None),
+                steps=[("vit_tiny_patch16", 224, 64), ("vit_small_patch16", 224, 64), ("vit_base_patch16", 224, 64)],
+                ks=(1, 2), amp="bf16", matmul=(8192, "bf16"), min_reps=0, min_time=0.0, compile_steps=None,
+                step_rep_ms=1000),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -89,7 +116,11 @@ def first_line(e: BaseException) -> str:
 # ------------------------------------------------------------------------------------ environment
 def git_commit(root: Path = SOURCE_ROOT) -> str:
     """The commit of the checkout at `root` (+ a mark for uncommitted changes); an installed copy
-    outside a checkout has none, and says so."""
+    outside a checkout has none, and says so, unless ENERGYVIT_GIT_COMMIT names it (a copy of a
+    checkout without .git, e.g. on a GPU machine)."""
+    given = os.environ.get("ENERGYVIT_GIT_COMMIT", "").strip()
+    if given and not (root / ".git").exists():
+        return f"{given} (ENERGYVIT_GIT_COMMIT)"
     try:
         c = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         commit = c.stdout.strip() or "none (not a git checkout)"
@@ -199,8 +230,10 @@ def make_sync(device: torch.device):
     return lambda: None
 
 
-def time_ms(fn, device: torch.device, min_reps: int = 5, min_time: float = 0.3, long: bool = False) -> tuple[float, str]:
-    """Median milliseconds of fn() after a warm-up call; (ms, method)."""
+def time_ms(fn, device: torch.device, min_reps: int = 5, min_time: float = 0.3, long: bool = False,
+            rep_ms: int | None = None) -> tuple[float, str]:
+    """Median milliseconds of fn() after a warm-up call; (ms, method). On CUDA, rep_ms replaces
+    do_bench's measuring time."""
     sync = make_sync(device)
     fn()
     sync()
@@ -209,6 +242,7 @@ def time_ms(fn, device: torch.device, min_reps: int = 5, min_time: float = 0.3, 
             from triton.testing import do_bench
 
             warmup, rep = (200, 2000) if long else (25, 200)
+            rep = rep_ms or rep
             return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median")), "triton do_bench median (CUDA events)"
         except ImportError:
             from torch.utils import benchmark as tb
@@ -358,40 +392,98 @@ class StepCase:
     stepper: object = None
     first_call_s: float = 0.0
     note: str = ""
+    compiled: bool = False  # the step runs Inductor-compiled code (not fallen back to eager)
+
+
+def _images(cfg, batch: int, device: torch.device):
+    """Seeded random images and their mim corruption (half the patches), on `device`."""
+    g = torch.Generator().manual_seed(1)
+    clean = torch.rand(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g)
+    corrupted = energyvit.corrupt(clean, "mim", patch_size=cfg.patch_size, generator=g, mask_ratio=0.5)
+    return clean.to(device), corrupted.to(device)
 
 
 def step_case(mode: str, model_name: str, img_size, restore_steps: int, batch: int, device: torch.device,
-              amp: str | None) -> StepCase:
-    """The pretraining step of `mode` on random images (seeded; mim corruption), called once."""
-    backend = "fused" if mode.startswith("fused") else "math"
+              amp: str | None, kernel_profile: bool = False) -> StepCase:
+    """The pretraining step of `mode` on random images (seeded; mim corruption), called once (a
+    cuda-graphs mode: until its first replay). kernel_profile: compiled code records each of its
+    CPU kernels for the profiler (torch._inductor.config.cpp.enable_kernel_profile)."""
+    if mode == "mae":
+        return mae_case(model_name, img_size, batch, device, amp)
+    parts = set(mode.split("+"))
+    if not parts <= {"eager", "fused", "compiled", "cuda-graphs"}:
+        raise ValueError(f"unknown step mode {mode!r}; choose from {', '.join(STEP_MODES)}")
+    backend = "fused" if "fused" in parts else "math"
     if backend == "fused":
         attention_fn("fused", device, 1.0)  # raises Unavailable with the reason
-    stepper = None
+    if "cuda-graphs" in parts and device.type != "cuda":
+        raise Unavailable(f"CUDA graphs need a CUDA device (this run is on {device.type})")
+    stepper = graphed = None
     torch.manual_seed(0)
     model = energyvit.create_model(model_name, img_size=img_size, restore_steps=restore_steps,
                                    attn_backend=backend).to(device)
     model.train()
     cfg = model.cfg
-    g = torch.Generator().manual_seed(1)
-    clean = torch.rand(batch, cfg.in_chans, cfg.img_size, cfg.img_size, generator=g)
-    corrupted = energyvit.corrupt(clean, "mim", patch_size=cfg.patch_size, generator=g, mask_ratio=0.5)
-    clean, corrupted = clean.to(device), corrupted.to(device)
+    clean, corrupted = _images(cfg, batch, device)
     opts = EnergyOptions()
     params = [p for p in model.parameters() if p.requires_grad]
     autocast = (lambda: torch.autocast(device.type, dtype=DTYPES[amp])) if amp else contextlib.nullcontext
-    if mode.endswith("compiled"):
+    if "compiled" in parts:
         # our own gradient check against the eager step replaces the built-in one (whose
         # tolerance is for fp32, too tight under bf16 autocast); see grad_rel_err_vs_eager
-        stepper = compiled_train_step(model, opts, verify_first_step=False)
+        options = {"options": {"cpp.enable_kernel_profile": True}} if kernel_profile else {}
+        stepper = compiled_train_step(model, opts, verify_first_step=False, **options)
         loss_fn = lambda: stepper(clean, corrupted)  # noqa: E731
     else:
         loss_fn = lambda: task_loss(model, clean, corrupted, opts)  # noqa: E731
+    if "cuda-graphs" in parts:
+        graphed = GraphedLossStep(model, opts, stepper, warmup_steps=GRAPH_WARMUP)
+        loss_fn = lambda: graphed(clean, corrupted)  # noqa: E731
 
     def fn():
         for p in params:
             p.grad = None
         with autocast():
             loss = loss_fn()
+        loss.backward()  # a replayed step's backward adds nothing: the graph wrote p.grad
+        return loss.detach()
+
+    sync = make_sync(device)
+    sync()
+    t = time.perf_counter()
+    for _ in range(GRAPH_WARMUP + 1 if graphed is not None else 1):
+        fn()
+    sync()
+    case = StepCase(fn, model, model_flops(cfg, restore_steps, batch), batch, stepper, time.perf_counter() - t)
+    notes = []
+    if stepper is not None:
+        case.compiled = stepper.mode == "compiled"
+        if not case.compiled:
+            notes.append(f"compiled step fell back to eager (mode={stepper.mode})")
+    if graphed is not None:
+        if graphed.mode != "graph":
+            notes.append(f"CUDA graph capture failed: ordinary step (mode={graphed.mode})")
+        else:
+            notes.append(f"first_call_s: {GRAPH_WARMUP} warm-up steps + capture + first replay")
+    case.note = "; ".join(notes)
+    return case
+
+
+def mae_case(model_name: str, img_size, batch: int, device: torch.device, amp: str | None) -> StepCase:
+    """An MAE step (loss + backward, no optimizer) on the same encoder, for reference; FLOPs not
+    counted (0)."""
+    torch.manual_seed(0)
+    mae = MAEBaseline(model_config(model_name, img_size=img_size)).to(device)
+    mae.train()
+    clean, _ = _images(mae.encoder.cfg, batch, device)
+    params = [p for p in mae.parameters() if p.requires_grad]
+    autocast = (lambda: torch.autocast(device.type, dtype=DTYPES[amp])) if amp else contextlib.nullcontext
+
+    def fn():
+        for p in params:
+            p.grad = None
+        with autocast():
+            loss = mae.forward_loss(clean)
         loss.backward()
         return loss.detach()
 
@@ -400,15 +492,198 @@ def step_case(mode: str, model_name: str, img_size, restore_steps: int, batch: i
     t = time.perf_counter()
     fn()
     sync()
-    case = StepCase(fn, model, model_flops(cfg, restore_steps, batch), batch, stepper, time.perf_counter() - t)
-    if stepper is not None and getattr(stepper, "mode", "compiled") != "compiled":
-        case.note = f"compiled step fell back to eager (mode={stepper.mode})"
-    return case
+    return StepCase(fn, mae, 0.0, batch, None, time.perf_counter() - t, "MAE: encoder on the visible 25% of the "
+                    "patches + decoder, loss + backward (FLOPs not counted)")
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref|| in float64."""
+    a, ref = a.double(), ref.double()
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-300)).item()
 
 
 def flat_grads(model) -> torch.Tensor:
     return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten().double().cpu()
                       for p in model.parameters() if p.requires_grad])
+
+
+# ------------------------------------------------------------------------------------ launches
+# aten ops that launch no kernel although their schema is not a view: allocations, and the
+# view _unsafe_view (a reshape whose result is not marked as aliasing its input)
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_unsafe_view", "resize_",
+              "lift_fresh", "set_"}
+_OP_NAMESPACES = ("aten", "prims", "energyvit")  # profiler events of dispatched ops: "aten::mm", ...
+_MATMULS = ("mm", "bmm", "addmm", "baddbmm", "convolution", "convolution_backward")
+_LAYOUT_WORDS = {"clone", "permute", "transpose", "view", "select", "unsafe", "expand", "unsqueeze", "squeeze",
+                 "slice", "t", "cat", "copy", "alias", "reshape", "as", "strided"}
+
+
+# the project's attention ops (energyvit.kernels.ops) and the Triton kernels each one launches
+_CUSTOM_OP_KERNELS = {"attn_fwd": 1, "attn_bwd": 2, "attn_bwdbwd": 2, "attn_packed_fwd": 1, "attn_packed_bwd": 2,
+                      "attn_packed_bwdbwd": 2}
+
+
+@functools.lru_cache(maxsize=None)
+def kernels_per_op(name: str) -> int:
+    """Kernels a dispatched op `name` ("aten::mm", "energyvit::attn_packed_bwd") launches on a GPU,
+    as counted here: 0 for views and allocations, the Triton kernels of the project's attention
+    ops, 1 for any other op (some aten ops launch two on CUDA: the CPU count is a lower bound)."""
+    ns, _, op = name.partition("::")
+    op, _, overload = op.partition(".")  # the dispatch count names overloads ("aten::mul.Tensor"), the profiler not
+    if ns == "energyvit" and op in _CUSTOM_OP_KERNELS:
+        return _CUSTOM_OP_KERNELS[op]
+    if op in _NO_KERNEL:
+        return 0
+    try:
+        packet = getattr(getattr(torch.ops, ns), op)
+        overloads = [overload or "default"] if overload or "default" in packet.overloads() else packet.overloads()
+        return 0 if any(getattr(packet, o).is_view for o in overloads) else 1
+    except (AttributeError, RuntimeError):
+        return 1
+
+
+def kernel_category(name: str) -> str:
+    """What a kernel does, from its name: Inductor names its kernels after the aten ops they fuse
+    (cpp_fused_* on CPU, triton_{poi,red,per}_fused_* on CUDA); the first of softmax, layer_norm,
+    gelu, layout-only (copies and views) or other; the project's attention kernels; library
+    matmuls/convolutions; aten's own kernels."""
+    if "fused_" in name and ("cpp_fused" in name or name.startswith("triton_")):
+        ops = re.sub(r"_\d+$", "", name.split("fused_", 1)[1])
+        for cat in ("softmax", "layer_norm", "gelu"):
+            if cat in ops:
+                return cat
+        return "layout" if set(ops.split("_")) <= _LAYOUT_WORDS else "other"
+    if re.match(r"_?attn_\w*kernel|_?(fwd|bwd_dq|bwd_dkdv|bwdbwd_q|bwdbwd_kv)$", name):
+        return "fused attention"
+    if re.search(r"gemm|nvjet|cutlass|xmma|cublas|cudnn|conv|wgmma", name, re.IGNORECASE):
+        return "cuBLAS/cuDNN"
+    return "aten"
+
+
+def _counts(counter: collections.Counter, n: int = 8) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counter.most_common(n))
+
+
+class _DispatchCount(TorchDispatchMode):
+    """Counts the aten ops dispatched below autograd (each op once: the mode is off inside its own handler)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.name()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def dispatched_ops(fn) -> collections.Counter:
+    """op name ("aten::mm") -> how many times one call of fn dispatches it."""
+    with _DispatchCount() as mode:
+        fn()
+    return mode.ops
+
+
+def _profile(fn, device: torch.device):
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync = make_sync(device)
+    sync()
+    with profile(activities=acts) as prof:
+        fn()
+        sync()
+    return prof.events()
+
+
+def _is_op(name: str) -> bool:
+    return name.partition("::")[0] in _OP_NAMESPACES and "::" in name
+
+
+def _top_level_ops(events):
+    """(event, inside a compiled region) for each dispatched op not nested in another op."""
+    out = []
+    for e in events:
+        if not _is_op(e.name):
+            continue
+        p, nested, compiled = e.cpu_parent, False, False
+        while p is not None:
+            nested |= _is_op(p.name)
+            compiled |= p.name.startswith("Torch-Compiled Region")
+            p = p.cpu_parent
+        if not nested:
+            out.append((e, compiled))
+    return out
+
+
+@dataclass
+class LaunchCount:
+    launches: int
+    detail: str
+    counter: str
+
+
+def count_launches(case: StepCase, device: torch.device) -> LaunchCount:
+    """What one call of case.fn launches (see the module docstring: CUDA kernels on a GPU; on CPU
+    a proxy of them)."""
+    if device.type == "cuda":
+        events = _profile(case.fn, device)
+        dev = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+        kernels = [e for e in dev if not e.name.startswith(("Memcpy", "Memset"))]
+        if not kernels:
+            raise RuntimeError("the profiler recorded no CUDA kernel (is CUPTI available?)")
+        host = collections.Counter(e.name for e in events if e.device_type == torch.autograd.DeviceType.CPU
+                                   and re.fullmatch(r"cu(da)?(LaunchKernel\w*|GraphLaunch|MemcpyAsync|MemsetAsync)", e.name))
+        cats = collections.Counter(kernel_category(e.name) for e in kernels)
+        return LaunchCount(len(kernels), f"{len(kernels)} kernels ({_counts(cats)}) + {len(dev) - len(kernels)} "
+                           f"memcpy/memset; host launch calls {sum(host.values())} ({_counts(host)})",
+                           "torch.profiler: CUDA kernels on the device (CUPTI), one step")
+    if not case.compiled:
+        ops = dispatched_ops(case.fn)
+        launching = collections.Counter({k: v * kernels_per_op(k) for k, v in ops.items() if kernels_per_op(k)})
+        mm = sum(v for k, v in launching.items() if k.partition("::")[2] in _MATMULS)
+        return LaunchCount(sum(launching.values()), f"ops {sum(ops.values())}, of which those that launch a kernel "
+                           f"give {sum(launching.values())} ({mm} matmuls/convolutions; views and allocations launch "
+                           f"none): {_counts(launching)}",
+                           "CPU proxy: TorchDispatchMode count of the ops one step dispatches below autograd")
+    events = _profile(case.fn, device)
+    kernels = [e for e in events if "cpp_fused" in e.name]
+    if not kernels:
+        raise RuntimeError("no Inductor kernel in the profile: the compiled step was built without "
+                           "cpp.enable_kernel_profile (step_case(kernel_profile=True))")
+    extern, outside = collections.Counter(), collections.Counter()
+    for e, inside in _top_level_ops(events):
+        (extern if inside else outside)[e.name] += kernels_per_op(e.name)
+    extern, outside = +extern, +outside  # drop the ops that launch nothing
+    cats = collections.Counter(kernel_category(e.name) for e in kernels)
+    total = len(kernels) + sum(extern.values()) + sum(outside.values())
+    return LaunchCount(total, f"{len(kernels)} Inductor kernels ({_counts(cats)}) + {sum(extern.values())} extern calls "
+                       f"({_counts(extern)}) + {sum(outside.values())} aten ops outside the compiled graph "
+                       f"({_counts(outside)})",
+                       "CPU proxy: torch.profiler, Inductor C++ kernels (cpp.enable_kernel_profile) + extern calls "
+                       "+ eager aten ops that launch a kernel")
+
+
+# ------------------------------------------------------------------------------------ optimizer
+def optimizer_case(mode: str, model_name: str, img_size, device: torch.device, steps: int = 2):
+    """(fn, model): one AdamW step of `model_name`'s parameters with fixed random gradients,
+    `steps` already taken; mode eager (torch.optim.AdamW, as pretraining builds it) or
+    cuda-graphs (GraphedAdamW: the first step eager, then captured and replayed)."""
+    if mode == "cuda-graphs" and device.type != "cuda":
+        raise Unavailable(f"CUDA graphs need a CUDA device (this run is on {device.type})")
+    torch.manual_seed(0)
+    model = energyvit.create_model(model_name, img_size=img_size).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(2)
+    grads = [torch.randn(p.shape, generator=g).to(device) for p in params]
+    for p, gr in zip(params, grads):
+        p.grad = gr
+    cls = GraphedAdamW if mode == "cuda-graphs" else torch.optim.AdamW
+    opt = cls(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.95))
+    if isinstance(opt, GraphedAdamW):
+        opt.use_static_grads(params, grads, None, None)
+    for _ in range(steps):
+        opt.step()
+    return opt.step, model
 
 
 # ------------------------------------------------------------------------------------ runner
@@ -417,7 +692,7 @@ class BenchConfig:
     preset: str = "cpu"
     device: str = "cpu"
     out: str = "bench-results"
-    suites: tuple = ("matmul", "attention", "step")
+    suites: tuple = SUITES
     compile: bool = True  # compiled rows (CPU compilation of a step takes minutes)
     budget_s: float = 0.0  # 0: no limit; else rows starting later are recorded as skipped
     energy_s: float = 0.5
@@ -425,6 +700,8 @@ class BenchConfig:
     save: bool = True
     attn_backends: tuple | None = None
     step_modes: tuple = STEP_MODES
+    models: tuple | None = None  # the preset's step models to run (None: all)
+    ks: tuple | None = None  # the preset's restoration step counts to run (None: all)
     extra: dict = field(default_factory=dict)
 
 
@@ -454,6 +731,8 @@ class Runner:
             "flop_counts": "attention fwd 4*B*H*N^2*d, bwd 2.5x, bwdbwd 6x; step: matmul FLOPs, per restoration step "
                            "6x linear forward + 12x attention forward",
             "speedup_vs_eager": "eager ms / row ms, eager = math-eager (attention) or eager (step), same shape/op/dtype",
+            "launches_vs_eager": "row launches / eager launches, same model, K, batch; CPU counts are a proxy of GPU "
+                                 "kernel launches (see the module docstring)",
             "mfu_reference": "", "command": " ".join(sys.argv), "loadavg_start": _loadavg(), **cfg.extra,
         }
 
@@ -475,10 +754,13 @@ class Runner:
         return r
 
     def measure(self, fn, flop: float, images: int, long: bool = False) -> dict:
-        ms, how = time_ms(fn, self.device, self.p["min_reps"], self.p["min_time"], long)
-        out = {"ms": f"{ms:.4f}", "tflops": f"{flop / ms / 1e9:.4g}", "flop": f"{flop:.4g}", "timer": how,
+        """Timing fields of a row; flop 0: not counted (no TFLOP/s)."""
+        ms, how = time_ms(fn, self.device, self.p["min_reps"], self.p["min_time"], long,
+                          self.p.get("step_rep_ms") if long else None)
+        out = {"ms": f"{ms:.4f}", "tflops": f"{flop / ms / 1e9:.4g}" if flop else "", "flop": f"{flop:.4g}" if flop else "",
+               "timer": how,
                "images_per_s": f"{images / ms * 1e3:.1f}", "peak_mem_mib": peak_mem_mib(fn, self.device)}
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and images:
             out.update(self.tel.measure(fn, self.cfg.energy_s, images, self.sync))
         return out
 
@@ -536,46 +818,127 @@ class Runner:
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
 
+    def step_order(self) -> list[tuple]:
+        """((model, img, batch), K, mode) in the order rows run, so that a time budget cuts the least
+        informative ones: the modes without compilation at the smallest K for every model, MAE once
+        per model, the compiled modes of the first (smallest) model at that K, the other K's modes
+        without compilation, then the remaining compiled groups. A group's compiled modes run back
+        to back: compiled+cuda-graphs loads compiled's graph from Inductor's cache."""
+        modes = [m for m in STEP_MODES if m in self.cfg.step_modes]
+        fast = [m for m in modes if "compiled" not in m and m != "mae"]
+        slow = [m for m in modes if "compiled" in m]
+        steps = [s for s in self.p["steps"] if self.cfg.models is None or s[0] in self.cfg.models]
+        ks = sorted(k for k in self.p["ks"] if self.cfg.ks is None or k in self.cfg.ks)
+        if not steps or not ks:
+            return []
+        first = (steps[0], ks[0])
+        order = [(s, ks[0], m) for m in fast for s in steps]
+        order += [(s, "", "mae") for s in steps if "mae" in modes]
+        order += [(steps[0], ks[0], m) for m in slow]
+        order += [(s, k, m) for k in ks[1:] for m in fast for s in steps]
+        order += [(s, k, m) for k in ks for s in steps for m in slow if (s, k) != first]
+        return order
+
     def run_steps(self) -> None:
+        """The step and launches suites: one step case per (model, K, mode), timed and/or counted."""
         amp = self.p["amp"]
         dt = amp or "fp32"
-        # eager and fused rows first (fast), compiled ones after, largest model first
-        order = [(m, k, mode) for mode in ("eager", "fused") for m in self.p["steps"] for k in self.p["ks"]]
-        order += [(m, k, mode) for k in sorted(self.p["ks"], reverse=True) for m in reversed(self.p["steps"])
-                  for mode in ("compiled", "fused+compiled")]
-        order = [o for o in order if o[2] in self.cfg.step_modes]
+        timed, counted = "step" in self.cfg.suites, "launches" in self.cfg.suites
+        suites = [s for s in ("step", "launches") if s in self.cfg.suites]
         ref_grads: dict = {}
-        for (name, img, batch), K, mode in order:
-            base = dict(suite="step", op="train_step", backend=mode, dtype=dt if amp is None else f"{amp} autocast",
+        for (name, img, batch), K, mode in self.step_order():
+            base = dict(op="train_step", backend=mode, dtype=dt if amp is None else f"{amp} autocast",
                         model=name, img_size=model_config(name, img_size=img).img_size, restore_steps=K, batch=batch)
-            if self.over_budget():
-                self.add(**base, status="skipped", error="time budget (--budget_s) used up")
-                continue
-            if mode.endswith("compiled") and not self.cfg.compile:
-                self.add(**base, status="skipped", error="compiled rows disabled (--no_compile)")
-                continue
-            allowed = self.p["compile_steps"]  # None: all
-            if mode.endswith("compiled") and allowed is not None and (mode, K) not in allowed:
-                self.add(**base, status="skipped", error=f"preset {self.cfg.preset}: compiling a step takes about a "
-                         "minute per row on CPU, so only K=1 compiled runs here; run without --quick for these rows")
+            skip = self.skip_reason(mode, K)
+            if skip:
+                for suite in suites:
+                    self.add(suite=suite, **base, status="skipped", error=skip)
                 continue
             try:
-                case = step_case(mode, name, img, K, batch, self.device, amp)
-                extra = {"first_call_s": f"{case.first_call_s:.2f}", "note": case.note}
-                grads = flat_grads(case.model)
-                if mode == "eager":
-                    ref_grads[(name, K)] = grads
-                elif (name, K) in ref_grads:
-                    ref = ref_grads[(name, K)]
-                    extra["grad_rel_err_vs_eager"] = f"{((grads - ref).norm() / ref.norm().clamp_min(1e-300)).item():.2e}"
-                res = self.measure(case.fn, case.flops, case.images, long=True)
-                if self.matmul_tflops:
-                    res["mfu"] = f"{float(res['tflops']) / self.matmul_tflops:.4f}"
-                status = "ok" if not case.note else "fallback-eager"
-                self.add(**base, status=status, **extra, **res)
-                del case
-            except Exception as e:  # noqa: BLE001
-                self.add(**base, **self.failed(e, mode in ("eager", "fused")))
+                case = step_case(mode, name, img, K or 1, batch, self.device, amp,
+                                 kernel_profile=counted and self.device.type == "cpu")
+            except Exception as e:  # noqa: BLE001  (recorded, never raised)
+                for suite in suites:
+                    self.add(suite=suite, **base, **self.failed(e, mode in ("eager", "fused")))
+                continue
+            status = "fallback-eager" if "fell back" in case.note or "capture failed" in case.note else "ok"
+            if timed:
+                self.time_step(case, base, mode, ref_grads, status)
+            if counted:
+                try:
+                    c = count_launches(case, self.device)
+                    self.add(suite="launches", **base, status=status, launches=c.launches, launch_detail=c.detail,
+                             timer=c.counter, note=case.note)
+                except Exception as e:  # noqa: BLE001
+                    self.add(suite="launches", **base, **self.failed(e, mode in ("eager", "fused")))
+            del case
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def skip_reason(self, mode: str, K) -> str:
+        if self.over_budget():
+            return "time budget (--budget_s) used up"
+        if "cuda-graphs" in mode and self.device.type != "cuda":
+            return ""  # step_case reports it unavailable
+        if "compiled" in mode and not self.cfg.compile:
+            return "compiled rows disabled (--no_compile)"
+        allowed = self.p["compile_steps"]  # None: all
+        if "compiled" in mode and allowed is not None and (mode, K) not in allowed:
+            return (f"preset {self.cfg.preset}: compiling a step takes about a minute per row on CPU, so only "
+                    "K=1 compiled runs here; run without --quick for these rows")
+        return ""
+
+    def time_step(self, case: StepCase, base: dict, mode: str, ref_grads: dict, status: str) -> None:
+        """A step row: time, MFU, and the gradients against the eager step of the same shape (a
+        cuda-graphs mode also against its mode without the graph, in the note)."""
+        extra = {"first_call_s": f"{case.first_call_s:.2f}", "note": case.note}
+        key = (base["model"], base["restore_steps"])
+        try:
+            grads = flat_grads(case.model)
+            if "cuda-graphs" not in mode:
+                ref_grads[key + (mode,)] = grads.float()  # float32 copies: ViT-B's are 0.3 GB each
+            if mode != "eager" and key + ("eager",) in ref_grads:
+                extra["grad_rel_err_vs_eager"] = f"{rel_err(grads, ref_grads[key + ('eager',)]):.2e}"
+            plain = mode.replace("+cuda-graphs", "").replace("cuda-graphs", "eager")
+            if "cuda-graphs" in mode and key + (plain,) in ref_grads:
+                versus = f"grads vs {plain} (no graph): {rel_err(grads, ref_grads[key + (plain,)]):.2e}"
+                extra["note"] = "; ".join(filter(None, [case.note, versus]))
+            res = self.measure(case.fn, case.flops, case.images, long=True)
+            if self.matmul_tflops and case.flops:
+                res["mfu"] = f"{float(res['tflops']) / self.matmul_tflops:.4f}"
+            if "cuda-graphs" in mode:  # activations live in the graph's pool, which max_memory_allocated misses
+                res["peak_mem_mib"] = "n/a (graph pool)"
+            self.add(suite="step", **base, status=status, **extra, **res)
+        except Exception as e:  # noqa: BLE001
+            self.add(suite="step", **base, **self.failed(e, mode in ("eager", "fused")))
+
+    def run_optimizer(self) -> None:
+        """One AdamW step per model: eager (as pretraining builds it) and replayed from a CUDA graph;
+        the graph's updated parameters are compared with the eager ones after the same steps."""
+        for name, img, _ in self.p["steps"]:
+            if self.cfg.models is not None and name not in self.cfg.models:
+                continue
+            ref = None
+            for mode in ("eager", "cuda-graphs"):
+                base = dict(suite="optimizer", op="optimizer_step", backend=mode, dtype="fp32", model=name,
+                            img_size=model_config(name, img_size=img).img_size)
+                if self.over_budget():
+                    self.add(**base, status="skipped", error="time budget (--budget_s) used up")
+                    continue
+                try:
+                    step, model = optimizer_case(mode, name, img, self.device)
+                    params = torch.cat([p.detach().flatten().double().cpu() for p in model.parameters()])
+                    extra = {}
+                    if ref is None:
+                        ref = params
+                    else:
+                        extra = {"grad_rel_err_vs_eager": f"{rel_err(params, ref):.2e}",
+                                 "note": "grad_rel_err_vs_eager: parameters after 2 steps vs eager AdamW"}
+                    res = self.measure(step, 0.0, 0)
+                    res["images_per_s"] = ""
+                    self.add(**base, status="ok", **extra, **res)
+                except Exception as e:  # noqa: BLE001
+                    self.add(**base, **self.failed(e, mode == "eager"))
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
@@ -587,7 +950,9 @@ class Runner:
             self.run_matmul()
         if "attention" in self.cfg.suites:
             self.run_attention()
-        if "step" in self.cfg.suites:
+        if "optimizer" in self.cfg.suites:
+            self.run_optimizer()
+        if "step" in self.cfg.suites or "launches" in self.cfg.suites:
             self.run_steps()
         add_ratios(self.rows)
         self.meta["wall_s"] = f"{time.time() - self.t0:.1f}"
@@ -608,26 +973,35 @@ class Runner:
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """speedup_vs_eager = eager ms / row ms for rows with an eager row of the same shape/op/dtype."""
+    """speedup_vs_eager = eager ms / row ms, and launches_vs_eager = row launches / eager launches,
+    for rows with an eager row of the same suite, shape, op and dtype."""
     def key(r):
         return (r["suite"], r["op"], r["dtype"], r["model"], r["img_size"], r["restore_steps"], r["batch"],
                 r["heads"], r["n"], r["head_dim"])
 
-    eager = {key(r): float(r["ms"]) for r in rows
-             if r["status"] == "ok" and r["backend"] in ("math-eager", "eager") and r["ms"] != ""}
+    eager = [r for r in rows if r["status"] == "ok" and r["backend"] in ("math-eager", "eager")]
+    ms = {key(r): float(r["ms"]) for r in eager if r["ms"] != ""}
+    launches = {key(r): int(r["launches"]) for r in eager if r["launches"] != ""}
     for r in rows:
-        if r["status"] in ("ok", "fallback-eager") and r["ms"] != "" and key(r) in eager:
-            r["speedup_vs_eager"] = f"{eager[key(r)] / float(r['ms']):.4g}"
+        if r["status"] not in ("ok", "fallback-eager"):
+            continue
+        if r["ms"] != "" and key(r) in ms:
+            r["speedup_vs_eager"] = f"{ms[key(r)] / float(r['ms']):.4g}"
+        if r["launches"] != "" and key(r) in launches:
+            r["launches_vs_eager"] = f"{int(r['launches']) / launches[key(r)]:.3f}"
 
 
 def format_table(rows: list[dict]) -> str:
     cols = [("suite", "suite"), ("op", "op"), ("backend", "backend"), ("shape", None), ("dtype", "dtype"),
             ("status", "status"), ("ms", "ms"), ("x eager", "speedup_vs_eager"), ("TFLOP/s", "tflops"),
-            ("MFU", "mfu"), ("peak MiB", "peak_mem_mib"), ("J/img", "energy_j_per_image"), ("error / note", None)]
+            ("MFU", "mfu"), ("peak MiB", "peak_mem_mib"), ("J/img", "energy_j_per_image"), ("launches", "launches"),
+            ("/ eager", "launches_vs_eager"), ("error / note", None)]
     lines = []
     for r in rows:
-        if r["suite"] == "step":
-            shape = f"{r['model']}@{r['img_size']} K={r['restore_steps']} B={r['batch']}"
+        if r["suite"] in ("step", "launches"):
+            shape = f"{r['model']}@{r['img_size']} K={r['restore_steps'] or '-'} B={r['batch']}"
+        elif r["suite"] == "optimizer":
+            shape = f"{r['model']} params"
         elif r["suite"] == "attention":
             shape = f"B={r['batch']} H={r['heads']} N={r['n']} d={r['head_dim']}"
         else:

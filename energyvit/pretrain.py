@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from energyvit.checkpoint import load_pretrain_checkpoint, load_weights, save_checkpoint, save_json
+from energyvit.cuda_graphs import GraphedAdamW, cuda_graphs_usable, graphed_training
 from energyvit.data.splits import DataOptions, DataSplits, load_splits
 from energyvit.distributed import DistInfo, all_ranks_true, barrier, init_distributed, shutdown, wrap_ddp
 from energyvit.evaluation.features import POOLINGS
@@ -48,6 +49,8 @@ class RunOptions:
                          choices=METHODS)
     compile: bool = option(False, "torch.compile the whole training step (exact second-order gradients; eager "
                            "fallback with a warning)")
+    cuda_graphs: bool = option(False, "replay the energy step and the AdamW step from CUDA graphs after 3 warm-up "
+                               "steps (one CUDA process, --accum_iter 1; otherwise the ordinary step, with a warning)")
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available, else cpu)", parse=str,
                                 rule=device)
     output_dir: str = option("./output_dir", "where checkpoints, logs, pictures and summary.json go", metavar="DIR")
@@ -81,6 +84,9 @@ class PretrainOptions:
     def __post_init__(self) -> None:
         if self.run.compile and self.run.method != "energy":
             raise OptionError("compile", True, f"left off with --method {self.run.method} (it compiles the energy step)")
+        if self.run.cuda_graphs and self.run.method != "energy":
+            raise OptionError("cuda_graphs", True, f"left off with --method {self.run.method} (it captures the energy "
+                              "step)")
 
     def flat(self) -> dict:
         """Every option by its flag name, as checkpoints keep them ("args")."""
@@ -207,7 +213,12 @@ def setup(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -
     method = build_method(options, model, data)
     method.module.to(device)
     lr = train_opts.lr_for(dist_info.world_size)
-    optimizer = torch.optim.AdamW(param_groups(method.module, train_opts.weight_decay), lr=lr, betas=(0.9, 0.95))
+    graphed = run_opts.cuda_graphs and cuda_graphs_usable(device, dist_info.enabled, train_opts.accum_iter,
+                                                          run_opts.compile, options.energy.langevin_std)
+    optimizer_cls = GraphedAdamW if graphed else torch.optim.AdamW
+    optimizer = optimizer_cls(param_groups(method.module, train_opts.weight_decay), lr=lr, betas=(0.9, 0.95))
+    if graphed:  # --cuda_graphs: the energy step's backward and the AdamW update replayed from CUDA graphs
+        method.step_fn = graphed_training(method.encoder, options.energy, method.step_fn, optimizer)
     per_step = train_opts.batch_size * train_opts.accum_iter
     steps_per_epoch = EpochSampler(data.num_train, per_step, train_opts.seed, 0, 0, dist_info.world_size).steps
     epoch, step_in_epoch, global_step = 0, 0, 0
@@ -251,7 +262,8 @@ def _run(options: PretrainOptions, dist_info: DistInfo, device: torch.device) ->
         print(f"energyvit pretrain: {t.model_name} ({n_params / 1e6:.2f}M params, attention {model.cfg.attn_backend}), "
               f"{t.data.description} at {model.cfg.img_size}px, {what}, batch {train_opts.batch_size} x "
               f"{train_opts.accum_iter} accum x {dist_info.world_size} processes, lr {t.lr:.2e}, "
-              f"{'bf16 autocast' if t.autocast_dtype else 'fp32'} on {device}{', compiled' if options.run.compile else ''}",
+              f"{'bf16 autocast' if t.autocast_dtype else 'fp32'} on {device}{', compiled' if options.run.compile else ''}"
+              f"{', CUDA graphs' if isinstance(t.optimizer, GraphedAdamW) else ''}",
               flush=True)
     train(t, dist_info, device, out)
     summary = None

@@ -78,6 +78,56 @@ def test_fused_rows_through_interpreter(tmp_path):
     assert all(r["speedup_vs_eager"] for r in fused.values() if r["status"] == "ok")
 
 
+def test_launch_rows_count_eager_ops_and_compare_modes(tmp_path):
+    """Eager: the aten ops one step dispatches that launch a kernel (views and allocations do not);
+    K=2 about doubles K=1; MAE once per model; cuda-graphs modes and the graphed optimizer are
+    unavailable rows on the CPU."""
+    rows, _, _ = smoke(tmp_path, suites=("launches", "optimizer"), step_modes=("eager", "cuda-graphs", "mae"),
+                       save=False)
+    by = {(r["suite"], r["backend"], r["restore_steps"]): r for r in rows}
+    k1, k2 = by[("launches", "eager", 1)], by[("launches", "eager", 2)]
+    assert k1["status"] == "ok" and k1["launches_vs_eager"] == "1.000" and "TorchDispatchMode" in k1["timer"]
+    assert 1.8 < int(k2["launches"]) / int(k1["launches"]) < 2.2
+    total = int(k1["launch_detail"].split()[1].rstrip(","))
+    assert int(k1["launches"]) < total  # views launch nothing
+    assert by[("launches", "mae", "")]["status"] == "ok" and by[("launches", "mae", "")]["launches"]
+    for key in (("launches", "cuda-graphs", 1), ("optimizer", "cuda-graphs", "")):
+        assert by[key]["status"] == "unavailable" and "CUDA" in by[key]["error"]
+    assert by[("optimizer", "eager", "")]["status"] == "ok" and float(by[("optimizer", "eager", "")]["ms"]) > 0
+    assert not any(r["suite"] == "step" for r in rows)
+
+
+def test_kernel_accounting():
+    assert bench.kernels_per_op("aten::mm") == 1 and bench.kernels_per_op("aten::mul.Tensor") == 1
+    for op in ("aten::view", "aten::transpose.int", "aten::detach", "aten::_unsafe_view.default", "aten::empty_strided"):
+        assert bench.kernels_per_op(op) == 0, op
+    assert bench.kernels_per_op("energyvit::attn_packed_bwdbwd") == 2  # its two Triton kernels
+    assert bench.kernel_category("graph_0_cpp_fused__softmax_backward_data_mul_view_16") == "softmax"
+    assert bench.kernel_category("triton_red_fused_add_native_layer_norm_backward_3") == "layer_norm"
+    assert bench.kernel_category("graph_0_cpp_fused_clone_permute_select_transpose_view_2") == "layout"
+    assert bench.kernel_category("triton_poi_fused_add_mul_sum_7") == "other"
+    assert bench.kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32") == "cuBLAS/cuDNN"
+    assert bench.kernel_category("_attn_bwdbwd_q_kernel") == "fused attention"
+
+
+def test_compiled_launches_are_counted_from_inductor_kernels(tmp_path):
+    """The compiled step (K=1, compiled with the kernel profile on) is counted as Inductor kernels
+    + extern calls + ops outside the graph, and launches fewer than eager."""
+    rows, _, _ = smoke(tmp_path, suites=("launches",), step_modes=("eager", "compiled"), save=False)
+    r = next(r for r in rows if r["backend"] == "compiled" and r["restore_steps"] == 1)
+    if r["status"] != "ok":
+        pytest.skip(f"compiled step unavailable here: {r['error'] or r['note']}")
+    assert "Inductor kernels" in r["launch_detail"] and "aten::mm" in r["launch_detail"]
+    assert 0 < float(r["launches_vs_eager"]) < 0.6
+
+
+def test_git_commit_of_a_copy_without_git(tmp_path, monkeypatch):
+    monkeypatch.setenv("ENERGYVIT_GIT_COMMIT", "abc123")
+    assert bench.git_commit(tmp_path) == "abc123 (ENERGYVIT_GIT_COMMIT)"
+    monkeypatch.delenv("ENERGYVIT_GIT_COMMIT")
+    assert "abc123" not in bench.git_commit(tmp_path)
+
+
 def test_telemetry_without_gpu():
     tel = bench.Telemetry(torch.device("cpu"))
     assert tel.handle is None and tel.reason == "no GPU"
@@ -101,3 +151,4 @@ def test_cli_quick_attention_only(tmp_path, capsys):
     assert "x eager" in out and "math-eager" in out and "skipped" in out
     assert len(list(tmp_path.glob("bench-quick-cpu-*.csv"))) == 1
     assert main(["bench", "--suites", "nope", "--out", str(tmp_path)]) == 2
+    assert main(["bench", "--step_modes", "eager,warp-speed", "--out", str(tmp_path)]) == 2

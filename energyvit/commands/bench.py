@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from energyvit.benchmark import PRESETS, BenchConfig, collect, format_table
+from energyvit.benchmark import PRESETS, STEP_MODES, SUITES, BenchConfig, collect, format_table
 from energyvit.commands.args import add, device_flag, non_negative_float, non_negative_int
 
 HELP = "benchmark attention backends and the training step"
@@ -17,15 +17,28 @@ HELP = "benchmark attention backends and the training step"
 def add_args(p: argparse.ArgumentParser) -> None:
     add(p, "--quick", action="store_true", help="CPU smoke run at tiny sizes (a minute or two)")
     add(p, "--preset", choices=list(PRESETS), default=None,
-        help="sizes: smoke, cpu or gpu (default: gpu on CUDA, cpu otherwise; --quick: smoke)")
+        help="sizes: smoke, cpu, proxy (the CPU launch-count proxy: vit_tiny_patch16 at 64 px) or gpu (default: gpu "
+        "on CUDA, cpu otherwise; --quick: smoke)")
     add(p, "--device", type=device_flag, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     add(p, "--out", default="bench-results", help="folder for the CSV and JSON results (bench/results in a checkout "
         "keeps them with the project's)")
-    add(p, "--suites", default="matmul,attention,step", help="comma list of matmul, attention, step")
+    add(p, "--suites", default=",".join(SUITES), help=f"comma list of {', '.join(SUITES)}")
+    add(p, "--step_modes", default=",".join(STEP_MODES), help=f"comma list of the step modes to run: "
+        f"{', '.join(STEP_MODES)} (the cuda-graphs modes need CUDA)")
+    add(p, "--models", default="", help="comma list of the preset's step models to run (default: all)")
+    add(p, "--ks", default="", help="comma list of the preset's restoration step counts K to run (default: all)")
     add(p, "--no_compile", action="store_true", help="skip the torch.compile rows (recorded as skipped)")
     add(p, "--budget_s", type=non_negative_float, default=0.0, help="stop starting rows after this many seconds (0: no limit)")
     add(p, "--threads", type=non_negative_int, default=1, help="torch CPU threads (default 1: shared cores)")
     add(p, "--tag", default="", help="extra tag in the result file names")
+
+
+def _names(text: str, known: tuple, flag: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    bad = [s for s in names if s not in known]
+    if bad:
+        raise ValueError(f"{flag}: unknown name(s) {', '.join(bad)}; choose from {', '.join(known)}")
+    return names
 
 
 def run(args: argparse.Namespace) -> None:
@@ -36,12 +49,12 @@ def run(args: argparse.Namespace) -> None:
         if args.threads > 0:
             torch.set_num_threads(args.threads)
     preset = args.preset or ("smoke" if args.quick else ("gpu" if torch.device(dev).type == "cuda" else "cpu"))
-    suites = tuple(s.strip() for s in args.suites.split(",") if s.strip())
-    bad = [s for s in suites if s not in ("matmul", "attention", "step")]
-    if bad:
-        raise ValueError(f"--suites: unknown suite(s) {', '.join(bad)}")
+    suites, modes = _names(args.suites, SUITES, "--suites"), _names(args.step_modes, STEP_MODES, "--step_modes")
+    models = _names(args.models, tuple(m for m, _, _ in PRESETS[preset]["steps"]), "--models") or None
+    ks = tuple(int(k) for k in _names(args.ks, tuple(str(k) for k in PRESETS[preset]["ks"]), "--ks")) or None
     cfg = BenchConfig(preset=preset, device=dev, out=args.out, suites=suites, compile=not args.no_compile,
-                      budget_s=args.budget_s, tag=args.tag or ("quick" if args.quick else ""))
+                      budget_s=args.budget_s, tag=args.tag or ("quick" if args.quick else ""), step_modes=modes,
+                      models=models, ks=ks)
     rows, meta, paths = collect(cfg)
     print()
     print(format_table(rows))

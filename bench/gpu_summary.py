@@ -1,0 +1,161 @@
+"""The short summary bench/gpu_check.sh prints last, from the files its parts wrote in OUT:
+parts.csv (each part's status and seconds), gpu_check.csv (attention), bench-*.csv (steps,
+launches, optimizer), test_cuda_graphs.xml (pytest) and pretrain_smoke/summary.json.
+
+    python bench/gpu_summary.py OUT
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+
+def table(head: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+
+
+def read_csv(path: Path) -> tuple[dict, list[dict]]:
+    """('#' header lines as a dict, rows)."""
+    header, lines = {}, []
+    for line in path.read_text().splitlines():
+        if line.startswith("# "):
+            k, _, v = line[2:].partition(": ")
+            header[k] = v
+        else:
+            lines.append(line)
+    return header, list(csv.DictReader(lines))
+
+
+def parts(out: Path) -> str:
+    path = out / "parts.csv"
+    if not path.exists():
+        return "parts: no parts.csv"
+    rows = [[r["part"], r["status"], r["seconds"], r["limit_s"]] for r in csv.DictReader(path.open())]
+    return table(["part", "status", "s", "limit s"], rows)
+
+
+def attention(out: Path) -> str:
+    path = out / "gpu_check.csv"
+    if not path.exists():
+        return "attention: no gpu_check.csv"
+    header, rows = read_csv(path)
+    bad = [r for r in rows if r["kind"] == "correctness" and r["ok"] == "False"]
+    lines = [f"attention on {header.get('device', '?')}: correctness {header.get('all_correctness_ok', '?')}"
+             + "".join(f"; FAILED {r['dtype']} N={r['n']} {r['output']} rel err {r['rel_err']} (tol {r['tol']})"
+                       for r in bad)]
+    timing = {(r["dtype"], r["n"], r["op"], r["impl"]): r["ms"] or r["note"][:12] for r in rows if r["kind"] == "timing"}
+    impls = sorted({k[3] for k in timing}, key=lambda i: (i != "fused", i))
+    keys = sorted({k[:3] for k in timing}, key=lambda k: (k[0], int(k[1]), ["fwd", "fwd+bwd", "bwdbwd"].index(k[2])))
+    if keys:
+        lines.append(table(["dtype", "N", "op", *[f"{i} ms" for i in impls]],
+                           [[*k, *[timing.get((*k, i), "") for i in impls]] for k in keys]))
+    ops = [[r["dtype"], r["n"], r["op"], r["impl"], r["ms"], r["note"][:110]] for r in rows if r["kind"] == "op"]
+    if ops:
+        lines.append(table(["dtype", "N", "op alone", "layout", "ms", "autotuner's configs"], ops))
+    return "\n".join(lines)
+
+
+def bench_rows(out: Path) -> list[dict]:
+    rows = []
+    for path in sorted(out.glob("bench-*.csv")):
+        rows += list(csv.DictReader(path.open()))
+    return rows
+
+
+def steps(rows: list[dict]) -> str:
+    step = [r for r in rows if r["suite"] == "step"]
+    if not step:
+        return "steps: no bench rows"
+    modes = list(dict.fromkeys(r["backend"] for r in step))
+    shapes = list(dict.fromkeys((r["model"], r["restore_steps"]) for r in step))
+    by = {(r["model"], r["restore_steps"], r["backend"]): r for r in step}
+
+    def cell(r):
+        if r is None:
+            return ""
+        if r["status"] not in ("ok", "fallback-eager"):
+            return r["status"]
+        x = f" ({float(r['speedup_vs_eager']):.2f}x)" if r["speedup_vs_eager"] else ""
+        return f"{float(r['ms']):.1f}{x}" + ("*" if r["status"] == "fallback-eager" else "")
+
+    lines = [f"train step ms (x eager); {step[0]['dtype']}, batch {step[0]['batch']}, {step[0]['img_size']} px; "
+             "* = fell back; mae: MAE loss + backward on the same encoder"]
+    lines.append(table(["model", "K", *modes], [[m.replace("_patch16", ""), k or "-", *[cell(by.get((m, k, mode)))
+                                                                                        for mode in modes]]
+                                                 for m, k in shapes]))
+    checks = [r for r in step if r["grad_rel_err_vs_eager"]]
+    if checks:
+        lines.append("gradients vs the eager step (relative error): " + "; ".join(
+            f"{r['model'].replace('_patch16', '')} K={r['restore_steps']} {r['backend']} {r['grad_rel_err_vs_eager']}"
+            for r in checks))
+    return "\n".join(lines)
+
+
+def counted_by(timer: str) -> str:
+    if "CUDA kernels" in timer:
+        return "CUDA kernels (profiler)"
+    if "Inductor" in timer:
+        return "CPU proxy: Inductor kernels + extern + eager ops"
+    return "CPU proxy: aten ops that launch a kernel"
+
+
+def launches(rows: list[dict]) -> str:
+    counted = [r for r in rows if r["suite"] == "launches" and r["launches"]]
+    if not counted:
+        return "launches: none counted"
+    return "kernel launches per step (launch_detail in the bench CSV breaks them down):\n" + table(
+        ["model", "K", "mode", "launches", "/ eager", "counted as"],
+        [[r["model"].replace("_patch16", ""), r["restore_steps"] or "-", r["backend"], r["launches"],
+          r["launches_vs_eager"], counted_by(r["timer"])] for r in counted])
+
+
+def optimizer(rows: list[dict]) -> str:
+    opt = [r for r in rows if r["suite"] == "optimizer"]
+    if not opt:
+        return ""
+    return "AdamW step (ms; params vs eager AdamW after 2 steps):\n" + table(
+        ["model", "mode", "status", "ms", "rel diff"],
+        [[r["model"].replace("_patch16", ""), r["backend"], r["status"], r["ms"], r["grad_rel_err_vs_eager"]]
+         for r in opt])
+
+
+def graph_tests(out: Path) -> str:
+    path = out / "test_cuda_graphs.xml"
+    if not path.exists():
+        return "CUDA graph tests: no result file"
+    suite = ET.parse(path).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    failed = [c.get("name") for c in suite.iter("testcase") if c.find("failure") is not None or c.find("error") is not None]
+    return (f"CUDA graph tests (tests/test_cuda_graphs.py): {suite.get('tests')} tests, {suite.get('failures')} "
+            f"failures, {suite.get('errors')} errors, {suite.get('skipped')} skipped"
+            + (f"; failed: {', '.join(failed)}" if failed else ""))
+
+
+def smoke(out: Path) -> str:
+    path = out / "pretrain_smoke" / "summary.json"
+    if not path.exists():
+        return "pretrain smoke: no summary.json"
+    s = json.loads(path.read_text())
+    last = {name: log[-1]["loss"] for name, log in s["logs"].items() if log}
+    return (f"pretrain smoke: {'PASS' if s['ok'] else 'FAIL'}; last-epoch loss "
+            + ", ".join(f"{k} {v:.5f}" for k, v in last.items()) + f"; --cuda_graphs run {s.get('graphs', '?')}")
+
+
+def main() -> int:
+    out = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/local")
+    rows = bench_rows(out)
+    sections = [parts(out), attention(out), steps(rows), launches(rows), optimizer(rows), graph_tests(out), smoke(out)]
+    print("\n===== summary =====")
+    for section in sections:
+        if section:
+            print(section + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
