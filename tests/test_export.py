@@ -114,7 +114,7 @@ def test_export_cli_writes_the_file(tmp_path, capsys):
 def test_load_model_names_foreign_checkpoints(tmp_path):
     model = tiny_checkpoint(tmp_path / "ckpt.pth")
     save_checkpoint(tmp_path / "other.pth", {"state_dict": {}})
-    with pytest.raises(ValueError, match="other.pth has no 'model' and 'model_config'"):
+    with pytest.raises(ValueError, match="other.pth lacks 'model' or 'model_config'"):
         load_model(tmp_path / "other.pth")
     classifier_state = {f"encoder.{k}": v for k, v in model.state_dict().items()}  # e.g. a finetune checkpoint
     save_checkpoint(tmp_path / "ft.pth", {"model": classifier_state, "model_config": config_to_dict(model.cfg)})
