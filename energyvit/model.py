@@ -114,9 +114,10 @@ class ModelOptions:
                          "block, over its width, summed), linear (a learned linear map of each normalized patch token, "
                          "summed) or cls (the class token's half squared norm, times the number of patches)",
                          choices=ENERGY_READOUTS)
-    energy_head_depth: int = option(0, "transformer blocks that only the energy reads, between the encoder's "
+    energy_head_depth: int = option(2, "transformer blocks that only the energy reads, between the encoder's "
                                     "normalized features and the readout (0: none; not exported)", rule=non_negative)
-    energy_head_dim: int = option(0, "width of the energy head's blocks (0: the encoder's)", rule=non_negative)
+    energy_head_dim: int | None = option(None, "width of the energy head's blocks (default: half the encoder's)",
+                                         parse=int, rule=positive)
     restore_steps: int = option(1, "K, gradient steps of restoration (1..8)", rule=in_range(1, 8), metavar="K")
     step_size_init: float = option(1.0, "initial step size a_k (a_k = exp(learned log step))", rule=positive)
     fused: bool = option(False, "fused Triton attention (needs triton and a CUDA GPU, or TRITON_INTERPRET=1 on CPU)")
@@ -126,14 +127,21 @@ class ModelOptions:
         patch = MODEL_ARCHS[self.model].get("patch_size", EnergyViTConfig.patch_size)
         if self.input_size is not None and self.input_size % patch:
             raise OptionError("input_size", self.input_size, f"a multiple of {self.model}'s patch size {patch}")
-        if self.energy_head_dim % 4:
+        if self.energy_head_dim is not None and self.energy_head_dim % 4:
             raise OptionError("energy_head_dim", self.energy_head_dim, "a multiple of 4")
         if self.energy == "linear" and self.energy_head_depth:
-            raise OptionError("energy", self.energy, "norm or cls with an energy head (--energy_head_depth)")
+            raise OptionError("energy", self.energy, "norm or cls with an energy head (linear needs "
+                              "--energy_head_depth 0)")
+
+    def head_width(self) -> int:
+        """The energy head's width: --energy_head_dim, or half the encoder's (a MAE-like decoder,
+        the best measured on shapes: docs/results.md)."""
+        return self.energy_head_dim or MODEL_ARCHS[self.model]["embed_dim"] // 2
 
     def config(self, in_chans: int, pixel_mean=None, pixel_std=None) -> EnergyViTConfig:
+        head_dim = self.head_width() if self.energy_head_depth else 0
         return model_config(self.model, img_size=self.input_size, in_chans=in_chans, energy=self.energy,
-                            energy_head_depth=self.energy_head_depth, energy_head_dim=self.energy_head_dim,
+                            energy_head_depth=self.energy_head_depth, energy_head_dim=head_dim,
                             restore_steps=self.restore_steps, step_size_init=self.step_size_init,
                             attn_backend="fused" if self.fused else "math", pixel_mean=pixel_mean, pixel_std=pixel_std)
 

@@ -205,9 +205,12 @@ def setup(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -
     else:
         model_name, arch = options.model.model, model_config(options.model.model, img_size=options.model.input_size)
     data = load_splits(options.data, arch.img_size, arch.in_chans if resume_state is not None else None)
-    model = EnergyViT(arch) if resume_state is not None else EnergyViT(options.model.config(data.in_chans,
-                                                                                           *data.pixel_stats()))
     method_name = resume_state.get("method", "energy") if resume_state is not None else run_opts.method
+    if resume_state is None:
+        arch = options.model.config(data.in_chans, *data.pixel_stats())
+        if method_name == "mae":  # MAE never reads the energy: no blocks for it to carry untrained
+            arch = replace(arch, energy_head_depth=0, energy_head_dim=0)
+    model = EnergyViT(arch)
     if method_name != run_opts.method:
         raise ValueError(f"{run_opts.resume} was pretrained with --method {method_name}, not {run_opts.method}")
     method = build_method(options, model, data)

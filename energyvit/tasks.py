@@ -61,7 +61,7 @@ class MaskedImageModeling:
 
     name = "mim"
 
-    def __init__(self, patch_size: int, mask_ratio: float = 0.75, fill: str | float = "noise") -> None:
+    def __init__(self, patch_size: int, mask_ratio: float = 0.75, fill: str | float = 0.5) -> None:
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if not (fill == "noise" or isinstance(fill, (int, float))):
@@ -182,7 +182,8 @@ class TaskOptions:
     tasks: str = option("mim", "task mixture name:weight,... from mim (alias inpaint), sort, sr, denoise, colorize; "
                         "one task is sampled per batch by weight", metavar="SPEC")
     mask_ratio: float = option(0.75, "mim: fraction of patches hidden", rule=open_unit)
-    mask_fill: str | float = option("noise", "mim: fill hidden patches with uniform noise ('noise') or a constant",
+    mask_fill: str | float = option(0.5, "mim: fill hidden patches with a constant pixel value or uniform noise "
+                                    "('noise')",
                                     parse=_mask_fill, rule=_fill_rule)
     sort_fraction: float = option(0.25, "sort: fraction of patches shuffled among themselves", rule=half_open_unit)
     sr_factor: int = option(2, "sr: average-pool down by this factor, bilinear back up", choices=(2, 4))

@@ -2,7 +2,7 @@
 configurations and seeds, then report held-out linear-probe accuracy (pretrained vs random init
 vs raw pixels, every pooling) and restoration errors as mean and spread over seeds.
 
-    python experiments/sweep_digits.py --seeds 0 1 2 --config base="" --config linear="--energy linear"
+    python experiments/sweep_digits.py --seeds 0 1 2 --config base="" --config linear="--energy linear --energy_head_depth 0"
 
 Each run is a separate `energyvit pretrain` process; results go to a JSON file with the
 machine, torch version, date and git commit. `--from_runs NAME=DIR,DIR,...` aggregates runs that

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from energyvit.model import MODEL_ARCHS, create_model, model_config
+from energyvit.model import MODEL_ARCHS, ModelOptions, create_model, model_config
+from energyvit.options import OptionError
 from helpers import images, tiny_model
 
 TIMM_KEYS = {
@@ -97,3 +98,14 @@ def test_fused_backend_without_triton_says_what_to_install(monkeypatch):
     q = torch.rand(1, 1, 4, 8)
     with pytest.raises(ImportError, match=r"needs triton: pip install 'energyvit\[triton\]'"):
         attention(q, q, q, backend="fused")
+
+
+def test_default_energy_head_is_two_blocks_of_half_the_encoders_width():
+    cfg = ModelOptions().config(in_chans=1)
+    assert (cfg.energy_head_depth, cfg.energy_head_dim) == (2, MODEL_ARCHS["vit_nano_patch4"]["embed_dim"] // 2)
+    assert ModelOptions(model="vit_base_patch16").config(3).energy_head_dim == 384
+    assert ModelOptions(energy_head_dim=48).config(3).energy_head_dim == 48
+    assert ModelOptions(energy_head_depth=0).config(3).energy_head_dim == 0  # no head: no width stored
+    with pytest.raises(OptionError, match="linear needs --energy_head_depth 0"):
+        ModelOptions(energy="linear")
+    assert ModelOptions(energy="linear", energy_head_depth=0).config(1).energy == "linear"

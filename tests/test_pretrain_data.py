@@ -114,6 +114,8 @@ def test_mae_baseline_pretrains_and_its_encoder_probes(image_folder, tmp_path, c
     state = torch.load(out / "checkpoint-last.pth", weights_only=True)
     assert state["method"] == "mae" and "decoder_pred.weight" in state["mae"]
     assert "blocks.0.attn.qkv.weight" in state["model"] and not any(k.startswith("decoder") for k in state["model"])
+    # MAE never reads the energy, so its encoder carries no energy head (a default of energy runs)
+    assert state["model_config"]["energy_head_depth"] == 0 and not any(k.startswith("energy") for k in state["model"])
     assert main(["probe", str(out / "checkpoint-last.pth"), "--knn_k", "5"]) == 0
     capsys.readouterr()
     img = tmp_path / "x.png"

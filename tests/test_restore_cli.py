@@ -72,6 +72,26 @@ def test_clean_reference_and_already_corrupted_input(files, capsys):
     assert "PSNR" not in printed and "(corrupted | steps | restored)" in printed
 
 
+def test_inpainting_fill_defaults_to_the_checkpoints(files, tmp_path, monkeypatch):
+    """The hidden patches get the fill the energy was trained on (recorded in the checkpoint's
+    flags, kept by `export --full`); files that do not say were trained on noise."""
+    import energyvit.commands.restore as restore_cmd
+    from energyvit.checkpoint import load_checkpoint, save_checkpoint
+
+    seen = []
+    real = restore_cmd.corrupt_image
+    monkeypatch.setattr(restore_cmd, "corrupt_image", lambda *a: seen.append(a[3].mask_fill) or real(*a))
+    state = load_checkpoint(files / "gray.pth")
+    save_checkpoint(tmp_path / "gray_gray.pth", {**state, "args": {"mask_fill": 0.5}})
+    export(tmp_path / "gray_gray.pth", tmp_path / "full.safetensors", full=True)
+    for ckpt, extra in (("{tmp}/gray.pth", []), (str(tmp_path / "gray_gray.pth"), []),
+                        (str(tmp_path / "full.safetensors"), []), (str(tmp_path / "full.safetensors"),
+                                                                   ["--mask_fill", "noise"])):
+        assert run_restore(files, ckpt, "{tmp}/photo.png", "--task", "inpaint", "-o", str(tmp_path / "o.png"),
+                           *extra) == 0
+    assert seen == ["noise", 0.5, 0.5, "noise"]
+
+
 def test_colorize_on_an_rgb_model(files):
     assert run_restore(files, "{tmp}/rgb.pth", "{tmp}/photo.png", "--task", "colorize", "--output", "{tmp}/rgb.png") == 0
     assert Image.open(files / "rgb.png").mode == "RGB"

@@ -67,9 +67,10 @@ def _flag_type(parse):
 
 
 def add_options(parser: argparse.ArgumentParser, group: type, only: tuple[str, ...] | None = None,
-                defaults: dict | None = None) -> None:
+                defaults: dict | None = None, helps: dict | None = None) -> None:
     """One flag per field of the option dataclass `group` (or the fields named in `only`), with
-    the field's help, type and choices; `defaults` replaces a field's default for this command.
+    the field's help, type and choices; `defaults` and `helps` replace a field's default and help
+    for this command.
     A flag another group already added (a shared option such as --norm_pix_loss) is kept once."""
     defaults = defaults or {}
     taken = {s for a in parser._actions for s in a.option_strings}
@@ -78,7 +79,7 @@ def add_options(parser: argparse.ArgumentParser, group: type, only: tuple[str, .
             continue
         meta = f.metadata
         default = defaults.get(f.name, f.default if f.default is not MISSING else None)
-        kwargs = {"default": default, "help": meta.get("help")}
+        kwargs = {"default": default, "help": (helps or {}).get(f.name, meta.get("help"))}
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
         else:

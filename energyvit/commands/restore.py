@@ -13,6 +13,7 @@ input is then the clean image); a `--corrupted` input without `--clean` has no r
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import warnings
 from pathlib import Path
@@ -134,14 +135,20 @@ def make_strip(frames: list[Tensor], zoom: int) -> Image.Image:
     return strip
 
 
-def restore_file(args: argparse.Namespace, task_options: TaskOptions) -> dict:
+def restore_file(args: argparse.Namespace) -> dict:
     """Run the whole command; returns the numbers it prints (psnr is None without a reference)."""
+    # every task flag checked before any work (the fill's default needs the checkpoint)
+    build_options(TaskOptions, args, PROG, mask_fill=0.5 if args.mask_fill is None else args.mask_fill)
     for flag, name in (("--output", args.output), ("--strip", args.strip)):
         if name is not None and Path(name).suffix.lower() not in Image.registered_extensions():
             raise ValueError(f"{flag} {name}: needs an image file extension such as .png (the format follows it)")
     Image.MAX_IMAGE_PIXELS = args.max_image_pixels
-    model, _ = load_model(args.checkpoint, need_energy=True)
+    model, meta = load_model(args.checkpoint, need_energy=True)
     cfg = model.cfg
+    # By default the hidden patches get the fill the energy was trained on: another one is a
+    # corruption it never saw.
+    fill = args.mask_fill if args.mask_fill is not None else json.loads(meta.get("mask_fill", '"noise"'))
+    task_options = build_options(TaskOptions, args, PROG, mask_fill=fill)
     zoom = args.zoom or max(1, 128 // cfg.img_size)
     if cfg.img_size * zoom > MAX_FRAME_SIDE:
         raise ValueError(f"--zoom {zoom} makes {cfg.img_size * zoom}-pixel frames; at most {MAX_FRAME_SIDE} "
@@ -198,7 +205,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="the image is already corrupted: restore it as it is (inpaint then needs --mask)")
     add(p, "--steps", type=positive_int, default=None, help="gradient steps (default: the model's K)")
     add_options(p, TaskOptions, only=("mask_ratio", "mask_fill", "sort_fraction", "sr_factor", "noise_sigma"),
-                defaults={"mask_ratio": 0.5})
+                defaults={"mask_ratio": 0.5, "mask_fill": None},
+                helps={"mask_fill": "inpaint: fill of the hidden patches, a pixel value or 'noise' (default: the "
+                                    "fill the checkpoint was trained on; noise for files that do not say)"})
     add(p, "--zoom", type=positive_int, default=None,
         help=f"strip enlargement (default: about 128 px per frame; frames of at most {MAX_FRAME_SIDE} px)")
     add(p, "--max_image_pixels", type=positive_int, default=Image.MAX_IMAGE_PIXELS,
@@ -207,4 +216,4 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    return restore_file(args, build_options(TaskOptions, args, PROG))
+    return restore_file(args)

@@ -3,8 +3,9 @@ and the method behind the training loop's PretrainingMethod interface.
 
 The encoder is the project's `EnergyViT`, so after pretraining `model.encoder.state_dict()` has
 the same timm key names as an energy-pretrained model and loads in the probe, finetune and
-export tools. MAE never uses the encoder's energy parameters (`restore_log_step`, and
-`energy_head` for the `linear` readout): they keep their initial values.
+export tools. MAE never uses the encoder's energy: `pretrain` builds its encoder without an
+energy head (`--energy_head_depth`), and `restore_log_step` (and `energy_head` for the `linear`
+readout) keep their initial values.
 
 The encoder sees only the visible patches (plus the class token); a small decoder fills in mask
 tokens at the hidden positions and predicts the pixels of every patch; the loss is the mean
