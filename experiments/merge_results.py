@@ -6,7 +6,8 @@ configurations, on the same data, model and epochs) into one file with the summa
 A configuration that appears in several files keeps every seed's row. A seed that appears twice
 for one configuration counts once if both rows have the same scores (a deterministic baseline run
 again, such as MAE beside each batch of configurations), and is an error otherwise. The merged file lists its sources
-(file, commit, date, command) and which seeds each configuration has.
+(file, commit, date, command; a merged file given again keeps its own sources) and which seeds
+each configuration has.
 """
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ def main() -> None:
     seeds: dict[str, list[int]] = {}
     for part in parts:
         for name, rows in part["runs"].items():
-            for seed, row in zip(part["seeds"], rows):
+            # a merged file lists the seeds of each configuration, a file of one run all of them
+            part_seeds = part["seeds"][name] if isinstance(part["seeds"], dict) else part["seeds"]
+            for seed, row in zip(part_seeds, rows):
                 if seed in seeds.setdefault(name, []):
                     first = runs[name][seeds[name].index(seed)]
                     if any(first[k] != row[k] for k in ("linear", "knn", "few_labels")):
@@ -44,8 +47,9 @@ def main() -> None:
                for name, rows in runs.items()}
     data, model, epochs = setting.pop()
     merged = {"data": data, "model": model, "epochs": epochs, "seeds": seeds, "summary": summary, "runs": runs,
-              "sources": [{"file": f.name, "commit": r["commit"], "date": r["date"], "command": r["command"],
-                           "machine": r["machine"]} for f, r in zip(args.files, parts)]}
+              "sources": [source for f, r in zip(args.files, parts) for source in r.get("sources") or
+                          [{"file": f.name, "commit": r["commit"], "date": r["date"], "command": r["command"],
+                            "machine": r["machine"]}]]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(merged, indent=2) + "\n")
     for name, agg in summary.items():
