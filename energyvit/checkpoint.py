@@ -100,7 +100,8 @@ def load_weights(module: torch.nn.Module, state: dict, path: str | Path, strict:
 
 def load_model(path: str | Path, need_energy: bool = True, attn_backend: str = "math") -> tuple[EnergyViT, dict]:
     """(EnergyViT, metadata) from a `pretrain` checkpoint (.pth) or an `export` file (.safetensors).
-    The metadata's "mask_fill" (JSON), where known, is the masked-image fill the energy was trained on.
+    The metadata's "mask_fill" (JSON) and "tasks" (the --tasks text), where known, say what the
+    energy was trained on.
 
     need_energy: the caller restores images, so the energy readout and step sizes must be in the
     file; an encoder-only export then raises. attn_backend replaces the saved one: the weights do
@@ -122,7 +123,10 @@ def load_model(path: str | Path, need_energy: bool = True, attn_backend: str = "
                              "`energyvit pretrain`")
         state, config, meta = ckpt["model"], ckpt["model_config"], {"contents": "full"}
         if ckpt.get("method", "energy") == "energy":  # files from before --mask_fill existed: noise
-            meta["mask_fill"] = json.dumps(ckpt.get("args", {}).get("mask_fill", "noise"))
+            trained = ckpt.get("args", {})
+            meta["mask_fill"] = json.dumps(trained.get("mask_fill", "noise"))
+            if isinstance(trained.get("tasks"), str):
+                meta["tasks"] = trained["tasks"]
         if need_energy and ckpt.get("method", "energy") != "energy":
             raise ValueError(f"{path} was pretrained with --method {ckpt['method']}: its encoder has no trained "
                              "energy to restore with (probe, finetune and export take it)")

@@ -49,11 +49,12 @@ def export_tensors(model: EnergyViT, full: bool = False) -> dict[str, Tensor]:
             if full or not k.startswith(ENERGY_ONLY_KEYS)}
 
 
-def export_metadata(model: EnergyViT, full: bool, mask_fill: str | None = None) -> dict[str, str]:
-    """mask_fill (JSON): the masked-image fill the energy was trained on, kept for `restore`."""
+def export_metadata(model: EnergyViT, full: bool, trained: dict[str, str] | None = None) -> dict[str, str]:
+    """trained: what the energy was trained on ("mask_fill", "tasks", as `load_model` gives
+    them), kept in a full export for `restore`."""
     cfg = model.cfg
     return {
-        **({"mask_fill": mask_fill} if full and mask_fill is not None else {}),
+        **({k: v for k, v in (trained or {}).items() if k in ("mask_fill", "tasks")} if full else {}),
         "format": "pt",
         "contents": "full" if full else "encoder",
         "energyvit_model_config": json.dumps(config_to_dict(cfg)),
@@ -72,7 +73,7 @@ def export(checkpoint: str | Path, output: str | Path, full: bool = False) -> di
     if output.suffix != ".safetensors":
         raise ValueError(f"--output {output} must end in .safetensors (timm picks the loader by extension)")
     model, meta = load_model(checkpoint, need_energy=full)
-    metadata = export_metadata(model, full, meta.get("mask_fill"))
+    metadata = export_metadata(model, full, meta)
     blob = save(export_tensors(model, full), metadata=metadata)
     atomic_write(output, lambda f: f.write(blob))
     return metadata

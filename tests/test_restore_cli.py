@@ -92,6 +92,18 @@ def test_inpainting_fill_defaults_to_the_checkpoints(files, tmp_path, monkeypatc
     assert seen == ["noise", 0.5, 0.5, "noise"]
 
 
+def test_a_task_the_checkpoint_was_not_trained_on_gets_a_warning(files, tmp_path, capsys):
+    from energyvit.checkpoint import load_checkpoint, save_checkpoint
+
+    save_checkpoint(tmp_path / "mim.pth", {**load_checkpoint(files / "gray.pth"), "args": {"tasks": "mim"}})
+    export(tmp_path / "mim.pth", tmp_path / "full.safetensors", full=True)
+    for ckpt in (tmp_path / "mim.pth", tmp_path / "full.safetensors"):
+        for task, warned in (("inpaint", False), ("denoise", True)):
+            assert run_restore(files, str(ckpt), "{tmp}/photo.png", "--task", task, "-o", str(tmp_path / "o.png")) == 0
+            err = capsys.readouterr().err
+            assert ("was trained on mim only, not denoise: expect a poor restoration" in err) == warned
+
+
 def test_colorize_on_an_rgb_model(files):
     assert run_restore(files, "{tmp}/rgb.pth", "{tmp}/photo.png", "--task", "colorize", "--output", "{tmp}/rgb.png") == 0
     assert Image.open(files / "rgb.png").mode == "RGB"

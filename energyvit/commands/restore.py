@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from energyvit.checkpoint import load_model
 from energyvit.commands.args import add, add_options, build_options, positive_int
 from energyvit.losses import psnr
 from energyvit.restore import restore
-from energyvit.tasks import TASK_ALIASES, TASK_NAMES, Corrupted, TaskOptions, build_task
+from energyvit.tasks import TASK_ALIASES, TASK_NAMES, Corrupted, TaskOptions, build_task, parse_task_weights
 
 HELP = "corrupt an image file and restore it with a pretrained model"
 PROG = "energyvit restore"
@@ -149,6 +150,10 @@ def restore_file(args: argparse.Namespace) -> dict:
     # corruption it never saw.
     fill = args.mask_fill if args.mask_fill is not None else json.loads(meta.get("mask_fill", '"noise"'))
     task_options = build_options(TaskOptions, args, PROG, mask_fill=fill)
+    trained = parse_task_weights(meta["tasks"]) if "tasks" in meta else None
+    if trained is not None and TASK_ALIASES.get(args.task, args.task) not in trained:
+        print(f"{PROG}: warning: {args.checkpoint} was trained on {', '.join(trained)} only, not {args.task}: "
+              "expect a poor restoration", file=sys.stderr)
     zoom = args.zoom or max(1, 128 // cfg.img_size)
     if cfg.img_size * zoom > MAX_FRAME_SIDE:
         raise ValueError(f"--zoom {zoom} makes {cfg.img_size * zoom}-pixel frames; at most {MAX_FRAME_SIDE} "
