@@ -160,7 +160,10 @@ class _AttachGrads(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        grads = [None if g is None else g * grad_out for g in ctx.grads]
+        # one foreach op for all parameters, not one multiply each (a kernel launch each on a GPU)
+        given = [g for g in ctx.grads if g is not None]
+        scaled = iter(torch._foreach_mul(given, grad_out) if given else [])
+        grads = [None if g is None else next(scaled) for g in ctx.grads]
         return (None, None, *grads, *([None] * len(grads)))
 
 

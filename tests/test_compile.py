@@ -252,3 +252,15 @@ def test_compiled_step_with_fused_attention_matches_eager_fused():
     got = param_grads(model, step(clean, c))
     assert step.mode == "compiled" and step.compiled_graphs() == 1  # no fallback to eager
     assert rel_err(got, expected) < 1e-5
+
+
+def test_attached_gradients_follow_the_incoming_gradient():
+    """The compiled step's loss hands each parameter its gradient times d(out)/d(loss), in one
+    foreach op; a parameter without a gradient keeps none."""
+    from energyvit.compiled import _AttachGrads
+
+    a, b, c = (torch.zeros(n, requires_grad=True) for n in (3, 2, 1))
+    loss = _AttachGrads.apply(torch.tensor(1.5), 3, a, b, c, torch.arange(3.0), None, torch.ones(1))
+    assert loss.item() == 1.5
+    (loss * 2.5).backward()
+    assert torch.equal(a.grad, torch.arange(3.0) * 2.5) and b.grad is None and torch.equal(c.grad, torch.full((1,), 2.5))
