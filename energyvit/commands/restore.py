@@ -16,7 +16,6 @@ import argparse
 import json
 import re
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from torch import Tensor
 
 from energyvit.checkpoint import load_model
 from energyvit.commands.args import add, add_options, build_options, positive_int
+from energyvit.data.files import TOO_LARGE, read_image
 from energyvit.losses import psnr
 from energyvit.restore import restore
 from energyvit.tasks import TASK_ALIASES, TASK_NAMES, Corrupted, TaskOptions, build_task, parse_task_weights
@@ -46,11 +46,8 @@ def _open(path: str | Path, what: str) -> Image.Image:
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # anything above the limit is refused
-            image = Image.open(path)
-            image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        image = read_image(path)
+    except TOO_LARGE as e:
         pixels = re.search(r"\((\d+) pixels\)", str(e))
         size = f" ({int(pixels.group(1)) / 1e6:.0f} megapixels)" if pixels else ""
         raise ValueError(f"{what} {path} is larger{size} than the {Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels "
@@ -147,7 +144,7 @@ def restore_file(args: argparse.Namespace) -> dict:
     model, meta = load_model(args.checkpoint, need_energy=True)
     cfg = model.cfg
     # By default the hidden patches get the fill the energy was trained on: another one is a
-    # corruption it never saw.
+    # corruption it never saw. Files that do not record it predate --mask_fill: noise.
     fill = args.mask_fill if args.mask_fill is not None else json.loads(meta.get("mask_fill", '"noise"'))
     task_options = build_options(TaskOptions, args, PROG, mask_fill=fill)
     trained = parse_task_weights(meta["tasks"]) if "tasks" in meta else None

@@ -50,6 +50,18 @@ MAX_DECODE_TRIES = 50  # consecutive unreadable files before a sample fails for 
 TOO_LARGE = (Image.DecompressionBombError, Image.DecompressionBombWarning)  # above Image.MAX_IMAGE_PIXELS
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, *TOO_LARGE)
 
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """The image file, decoded now (inside the caller's error handling). One above
+    Image.MAX_IMAGE_PIXELS raises one of TOO_LARGE before any decoding: Pillow only warns up to
+    twice the limit, and that warning is made an error here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:  # leaving closes the file only; the decoded pixels stay
+            img.load()
+    return img
+
+
 CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST = "test_batch"
 CIFAR_SIDE = 32
@@ -130,11 +142,7 @@ class ImageFileDataset(_KeyedDataset):
         return int(self._labels[index])
 
     def _decode(self, index: int) -> Image.Image:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # too large: skipped, not half-read
-            with Image.open(self.path(index)) as img:
-                img.load()  # decode now, inside the error handling, and before the file closes
-                return convert_mode(img, self.channels)
+        return convert_mode(read_image(self.path(index)), self.channels)
 
     def _warn_once(self, index: int, exc: Exception) -> None:
         if index in self._warned:
