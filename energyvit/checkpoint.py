@@ -98,10 +98,13 @@ def load_weights(module: torch.nn.Module, state: dict, path: str | Path, strict:
         raise ValueError(f"{path} does not match its model config: {first}") from None
 
 
+TRAINED_ON = ("mask_fill", "tasks")  # metadata of `load_model` that a full export keeps for `restore`
+
+
 def load_model(path: str | Path, need_energy: bool = True, attn_backend: str = "math") -> tuple[EnergyViT, dict]:
     """(EnergyViT, metadata) from a `pretrain` checkpoint (.pth) or an `export` file (.safetensors).
-    The metadata's "mask_fill" (JSON) and "tasks" (the --tasks text), where known, say what the
-    energy was trained on.
+    The metadata's TRAINED_ON entries, "mask_fill" (JSON) and "tasks" (the --tasks text), say what
+    the energy was trained on, where the file records it.
 
     need_energy: the caller restores images, so the energy readout and step sizes must be in the
     file; an encoder-only export then raises. attn_backend replaces the saved one: the weights do
@@ -122,14 +125,16 @@ def load_model(path: str | Path, need_energy: bool = True, attn_backend: str = "
             raise ValueError(f"checkpoint {path} lacks 'model' or 'model_config': not a checkpoint of "
                              "`energyvit pretrain`")
         state, config, meta = ckpt["model"], ckpt["model_config"], {"contents": "full"}
-        if ckpt.get("method", "energy") == "energy":  # files from before --mask_fill existed: noise
-            trained = ckpt.get("args", {})
-            meta["mask_fill"] = json.dumps(trained.get("mask_fill", "noise"))
-            if isinstance(trained.get("tasks"), str):
-                meta["tasks"] = trained["tasks"]
-        if need_energy and ckpt.get("method", "energy") != "energy":
-            raise ValueError(f"{path} was pretrained with --method {ckpt['method']}: its encoder has no trained "
+        method = ckpt.get("method", "energy")
+        if need_energy and method != "energy":
+            raise ValueError(f"{path} was pretrained with --method {method}: its encoder has no trained "
                              "energy to restore with (probe, finetune and export take it)")
+        trained = ckpt.get("args") if method == "energy" else None
+        trained = trained if isinstance(trained, dict) else {}
+        if "mask_fill" in trained:
+            meta["mask_fill"] = json.dumps(trained["mask_fill"])
+        if isinstance(trained.get("tasks"), str):
+            meta["tasks"] = trained["tasks"]
     try:
         model = EnergyViT(replace(config_from_dict(config), attn_backend=attn_backend))
     except (TypeError, ValueError) as e:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from energyvit.checkpoint import atomic_write, load_model
+from energyvit.checkpoint import TRAINED_ON, atomic_write, load_model
 from energyvit.model import ENERGY_ONLY_KEYS, EnergyViT, EnergyViTConfig, config_to_dict
 
 # (embed_dim, depth, num_heads) of the timm ViTs that share our named architectures
@@ -54,7 +54,7 @@ def export_metadata(model: EnergyViT, full: bool, trained: dict[str, str] | None
     them), kept in a full export for `restore`."""
     cfg = model.cfg
     return {
-        **({k: v for k, v in (trained or {}).items() if k in ("mask_fill", "tasks")} if full else {}),
+        **({k: v for k, v in (trained or {}).items() if k in TRAINED_ON} if full else {}),
         "format": "pt",
         "contents": "full" if full else "encoder",
         "energyvit_model_config": json.dumps(config_to_dict(cfg)),
