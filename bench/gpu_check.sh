@@ -7,7 +7,7 @@
 #                CUDA-only checks skipped or falling back), to check the script without a GPU. Its
 #                numbers are CPU numbers.
 # Results in ${OUT:-bench/results/local}: parts.csv (each part's status, seconds, limit), PART.log,
-# gpu_check.csv, bench-*.csv/json, test_cuda_graphs.xml, pretrain_smoke/, summary.txt.
+# gpu_check.csv, bench-*.csv/json, test_cuda_graphs.xml, pretrain_smoke/, precompile/, summary.txt.
 #
 # Parts, each its own process under a hard timeout (limit in s on GPU; a part gets no more than
 # what is left of TOTAL_S after the summary's 10 s, and is skipped below 5 s):
@@ -18,9 +18,16 @@
 #   graphs-test  70  pytest tests/test_cuda_graphs.py: replayed step and AdamW vs eager (fp32), compiled too
 #   bench       200  energyvit bench --preset gpu: AdamW step eager vs graphed; steps of ViT-Ti/S/B at 224 px,
 #                    batch 64, bf16 autocast, with their kernels per step: eager, fused, cuda-graphs and
-#                    fused+cuda-graphs at K = 1, MAE, ViT-Ti's compiled modes at K = 1, the same at K = 2,
-#                    then the other compiled rows while BENCH_BUDGET_S = 150 s lasts (the rest: skipped rows)
+#                    fused+cuda-graphs at K = 1, MAE, ViT-Ti's compiled modes at K = 1, the modes without
+#                    compiling at K = 2, then the other compiled rows, while BENCH_BUDGET_S = 150 s lasts
+#                    (rows after it: skipped)
 #   smoke        75  bench/pretrain_smoke.py: pretrain math vs fused vs fused --cuda_graphs, bf16
+# and, from the start, in the background until the bench part has ended: precompile, one process per
+# compiled step graph of the bench part (energyvit bench --suites compile: compiled, not run, so
+# nothing of it touches the GPU's timings), which fills Inductor's caches on disk: the bench's
+# compiled rows then load their graphs in seconds instead of compiling for a minute or more each
+# (a row whose graph is not compiled yet when it starts compiles it itself; the summary shows the
+# cache hits). With 4 or more cores, the background runs on all cores but the first two.
 #
 # Runs from a plain clone on the GPU image's packages (torch, triton, numpy, pillow, pytest;
 # nvidia-ml-py optional; no internet): without an installed energyvit, a symlink overlay in a
@@ -34,6 +41,7 @@ if [ "${1:-}" = "--cpu-small" ]; then CPU_SMALL=1; shift; fi
 mkdir -p "${OUT:-$ROOT/bench/results/local}"
 OUT_DIR="$(cd "${OUT:-$ROOT/bench/results/local}" && pwd)"
 rm -f "$OUT_DIR/parts.csv" "$OUT_DIR"/bench-*.csv "$OUT_DIR"/bench-*.json "$OUT_DIR/test_cuda_graphs.xml"
+rm -rf "$OUT_DIR/precompile"
 if [ -f "$ROOT/.venv/bin/activate" ]; then . "$ROOT/.venv/bin/activate"; fi
 PY="${PYTHON:-python3}"
 if [ -z "${ENERGYVIT_GIT_COMMIT:-}" ]; then
@@ -45,16 +53,20 @@ if [ "$CPU_SMALL" = 1 ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
   TOTAL_S="${TOTAL_S:-2400}"
   LIMITS=(env=60 attention=300 graphs-test=300 bench=1200 smoke=600)
-  BENCH_ARGS=(--preset smoke --device cpu)
+  BENCH_ARGS=(--preset smoke --device cpu) BENCH_BUDGET=()
   SMOKE_ARGS=(--cpu)
   GPU_CHECK_ARGS=(--cpu-small --ops)
+  PRECOMPILE_MODELS=(vit_pico_patch2) PRECOMPILE_KS=(1)
 else
   TOTAL_S="${TOTAL_S:-470}"
   LIMITS=(env=15 attention=110 graphs-test=70 bench=200 smoke=75)
-  BENCH_ARGS=(--preset gpu --device cuda --budget_s "${BENCH_BUDGET_S:-150}")
+  BENCH_ARGS=(--preset gpu --device cuda)
+  BENCH_BUDGET=(--budget_s "${BENCH_BUDGET_S:-150}")
   SMOKE_ARGS=()
   GPU_CHECK_ARGS=(--ns 197,1024 --timing-dtypes bf16 --ops)
+  PRECOMPILE_MODELS=(vit_tiny_patch16 vit_small_patch16 vit_base_patch16) PRECOMPILE_KS=(1 2)
 fi
+PRECOMPILE_MODES=(compiled fused+compiled)
 START=$(date +%s)
 DEADLINE=$((START + TOTAL_S))
 SUMMARY_S=10
@@ -68,6 +80,15 @@ if ! (cd / && "$PY" -c "import energyvit.kernels") >/dev/null 2>&1; then
   ln -s "$ROOT/kernels" "$OVERLAY/energyvit/kernels"
   export PYTHONPATH="$OVERLAY${PYTHONPATH:+:$PYTHONPATH}"
   echo "energyvit is not installed: importing it from $ROOT through the overlay $OVERLAY"
+fi
+
+# the background precompile off cores 0-1 (when there are 4 or more), which stay free for the
+# parts' timing loops; the parts may use every core (their own compile workers)
+NCPU="$(nproc 2>/dev/null || echo 1)"
+BG=() SETSID=()
+command -v setsid >/dev/null && SETSID=(setsid)
+if [ "$NCPU" -ge 4 ] && command -v taskset >/dev/null; then
+  BG=(taskset -c "2-$((NCPU - 1))")
 fi
 
 limit_of() { local kv; for kv in "${LIMITS[@]}"; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
@@ -101,11 +122,56 @@ run_part() {
   echo "$name,$status,$(($(date +%s) - t0)),$limit" >> "$OUT_DIR/parts.csv"
 }
 
+# precompile: one `energyvit bench --suites compile` per graph, as many at once as there are
+# background cores (each with its share of Inductor's compile workers), in a session of its own
+# so that stop_precompile ends all of it
+start_precompile() {
+  local jobs=1 m k mode
+  [ ${#BG[@]} -gt 0 ] && jobs=$((NCPU - 2))
+  mkdir -p "$OUT_DIR/precompile"
+  for k in "${PRECOMPILE_KS[@]}"; do for m in "${PRECOMPILE_MODELS[@]}"; do for mode in "${PRECOMPILE_MODES[@]}"; do
+    echo "$m $k $mode"
+  done; done; done > "$OUT_DIR/precompile/graphs.txt"
+  local graphs; graphs=$(wc -l < "$OUT_DIR/precompile/graphs.txt")
+  [ "$jobs" -gt "$graphs" ] && jobs=$graphs
+  PRECOMPILE_T0=$(date +%s)
+  # shellcheck disable=SC2016  # $1.. expand in the job's shell: model, K, mode of one line
+  PRECOMPILE_DIR="$OUT_DIR" PRECOMPILE_PY="$PY" PRECOMPILE_PRESET="${BENCH_ARGS[1]}" PRECOMPILE_DEVICE="${BENCH_ARGS[3]}" \
+  TORCHINDUCTOR_COMPILE_THREADS=$(( (NCPU - 2) / jobs > 1 ? (NCPU - 2) / jobs : 1 )) \
+    ${SETSID[@]+"${SETSID[@]}"} ${BG[@]+"${BG[@]}"} xargs -P "$jobs" -L 1 -a "$OUT_DIR/precompile/graphs.txt" sh -c \
+    'cd "$PRECOMPILE_DIR" && "$PRECOMPILE_PY" -m energyvit.cli bench --preset "$PRECOMPILE_PRESET" --device "$PRECOMPILE_DEVICE" \
+       --suites compile --models "$1" --ks "$2" --step_modes "$3" --out precompile --tag "$1-k$2-$3" \
+       > "precompile/$1-k$2-$3.log" 2>&1' precompile &
+  PRECOMPILE_PID=$!
+  echo "=== precompile: $graphs graphs, $jobs at a time, in the background (logs in $OUT_DIR/precompile) ==="
+}
+
+# stop_precompile: wait for it no longer; a graph still compiling is stopped (the bench has
+# compiled it itself by then, or skipped its rows)
+stop_precompile() {
+  [ -n "${PRECOMPILE_PID:-}" ] || return 0
+  local status=ok target="$PRECOMPILE_PID"
+  [ ${#SETSID[@]} -gt 0 ] && target="-$PRECOMPILE_PID"
+  if kill -0 "$PRECOMPILE_PID" 2>/dev/null; then
+    status="stopped while compiling"
+    kill -INT -- "$target" 2>/dev/null
+    sleep 2
+    kill -KILL -- "$target" 2>/dev/null
+  fi
+  wait "$PRECOMPILE_PID" 2>/dev/null
+  echo "precompile,$status,$(($(date +%s) - PRECOMPILE_T0)),-" >> "$OUT_DIR/parts.csv"
+  PRECOMPILE_PID=""
+}
+trap stop_precompile EXIT
+
+start_precompile
 run_part env "$PY" "$ROOT/bench/gpu_env.py"
 run_part attention "$PY" "$ROOT/bench/gpu_check.py" --out "$OUT_DIR" "${GPU_CHECK_ARGS[@]}"
 run_part graphs-test "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_cuda_graphs.py" \
   --junitxml="$OUT_DIR/test_cuda_graphs.xml"
-run_part bench "$PY" -m energyvit.cli bench --out "$OUT_DIR" --suites matmul,step,launches,optimizer "${BENCH_ARGS[@]}"
+run_part bench "$PY" -m energyvit.cli bench --out "$OUT_DIR" --suites matmul,step,launches,optimizer "${BENCH_ARGS[@]}" \
+  ${BENCH_BUDGET[@]+"${BENCH_BUDGET[@]}"}
+stop_precompile
 run_part smoke "$PY" "$ROOT/bench/pretrain_smoke.py" --out "$OUT_DIR" "${SMOKE_ARGS[@]}"
 
 "$PY" "$ROOT/bench/gpu_summary.py" "$OUT_DIR" | tee "$OUT_DIR/summary.txt"

@@ -1,6 +1,7 @@
 """The short summary bench/gpu_check.sh prints last, from the files its parts wrote in OUT:
 parts.csv (each part's status and seconds), gpu_check.csv (attention), bench-*.csv (steps,
-launches, optimizer), test_cuda_graphs.xml (pytest) and pretrain_smoke/summary.json.
+launches, optimizer), precompile/bench-*.csv (the background compiles), test_cuda_graphs.xml
+(pytest) and pretrain_smoke/summary.json.
 
     python bench/gpu_summary.py OUT
 """
@@ -65,6 +66,28 @@ def bench_rows(out: Path) -> list[dict]:
     for path in sorted(out.glob("bench-*.csv")):
         rows += list(csv.DictReader(path.open()))
     return rows
+
+
+def compiles(out: Path, rows: list[dict]) -> str:
+    """The background precompile's graphs (seconds to compile, cache) beside the first call of the
+    bench's row of the same graph (which loads it from the cache when the precompile finished first)."""
+    pre = [r for r in bench_rows(out / "precompile") if r["suite"] == "compile"]
+    if not pre:
+        return ""
+    first = {(r["model"], r["restore_steps"], r["backend"]): r for r in rows if r["suite"] == "step"}
+
+    def bench_cell(r):
+        b = first.get((r["model"], r["restore_steps"], r["backend"]))
+        if b is None or not b["first_call_s"]:
+            return b["status"] if b else "no row"
+        cache = [part for part in b["note"].split("; ") if part.startswith("Inductor cache")]
+        return f"{b['first_call_s']} ({cache[0][len('Inductor cache: '):] if cache else 'no cache count'})"
+
+    return "compiled graphs: background precompile (compiled, not run) and the bench row's first call:\n" + table(
+        ["model", "K", "mode", "precompile", "s", "cache", "bench first call s (cache)"],
+        [[r["model"].replace("_patch16", ""), r["restore_steps"], r["backend"], r["status"], r["first_call_s"],
+          r["note"][len("Inductor cache: "):] if r["note"].startswith("Inductor cache") else r["error"][:40],
+          bench_cell(r)] for r in pre])
 
 
 def steps(rows: list[dict]) -> str:
@@ -149,7 +172,8 @@ def smoke(out: Path) -> str:
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/local")
     rows = bench_rows(out)
-    sections = [parts(out), attention(out), steps(rows), launches(rows), optimizer(rows), graph_tests(out), smoke(out)]
+    sections = [parts(out), attention(out), steps(rows), compiles(out, rows), launches(rows), optimizer(rows),
+                graph_tests(out), smoke(out)]
     print("\n===== summary =====")
     for section in sections:
         if section:

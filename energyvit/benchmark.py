@@ -27,6 +27,12 @@ Rows (one per measurement; every row carries versions, git commit and device fie
   custom ops) and the aten ops that run outside the compiled graph (profiler).
 - suite ``optimizer``: one AdamW step as pretraining builds it (``eager``) and replayed from a
   CUDA graph (``cuda-graphs``, capturable AdamW), with the updated parameters compared.
+- suite ``compile`` (not run by default): each compiled step mode compiled and not run
+  (``first_call_s`` = seconds to compile; the note says whether Inductor's caches were cold). It
+  fills AOTAutograd's and Inductor's caches on disk, so a later process that compiles the same
+  step (a ``step`` or ``launches`` row, the same mode, model, K, batch and dtype) loads it in
+  seconds: bench/gpu_check.sh runs one such process per graph beside its other parts. The
+  ``+cuda-graphs`` modes capture the same compiled graph and need no compile row of their own.
 - suite ``matmul``: that reference matmul.
 
 ``speedup_vs_eager`` = eager time / row time, against ``math-eager`` (attention) or ``eager``
@@ -72,7 +78,8 @@ ATTN_OPS = ("fwd", "bwd", "bwdbwd")
 ATTN_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "bwdbwd": 6.0}
 STEP_MODES = ("eager", "compiled", "fused", "fused+compiled", "cuda-graphs", "compiled+cuda-graphs",
               "fused+cuda-graphs", "fused+compiled+cuda-graphs", "mae")
-SUITES = ("matmul", "attention", "step", "launches", "optimizer")
+SUITES = ("matmul", "attention", "step", "launches", "optimizer", "compile")
+DEFAULT_SUITES = SUITES[:-1]  # compile only warms the caches for another run
 OWN_BACKENDS = ("math-eager", "fused")  # must work at every order: a failure there is an error
 GRAPH_WARMUP = 2  # ordinary steps before a cuda-graphs mode captures (autotuning, compiling)
 
@@ -403,11 +410,44 @@ def _images(cfg, batch: int, device: torch.device):
     return clean.to(device), corrupted.to(device)
 
 
+class CompiledOnly(Exception):
+    """Raised instead of running a step compiled by compile_only_backend."""
+
+
+def compile_only_backend(config_patches: dict):
+    """A torch.compile backend that compiles as the default (Inductor) backend does, which fills
+    AOTAutograd's and Inductor's caches on disk, and then raises CompiledOnly instead of running
+    the graph: nothing of the step runs on the device."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        compile_fx(gm, example_inputs, config_patches=config_patches or None)
+
+        def not_run(*args):
+            raise CompiledOnly
+
+        return not_run
+
+    return backend
+
+
+def _cache_counts() -> collections.Counter:
+    c = torch._dynamo.utils.counters
+    return collections.Counter({"hit": c["inductor"]["fxgraph_cache_hit"], "miss": c["inductor"]["fxgraph_cache_miss"]})
+
+
+def _cache_note(before: collections.Counter) -> str:
+    """Whether the graphs compiled since `before` came from Inductor's cache on disk."""
+    d = _cache_counts() - before
+    return f"Inductor cache: {d['hit']} hit(s), {d['miss']} miss(es)" if d else ""
+
+
 def step_case(mode: str, model_name: str, img_size, restore_steps: int, batch: int, device: torch.device,
-              amp: str | None, kernel_profile: bool = False) -> StepCase:
+              amp: str | None, kernel_profile: bool = False, compile_only: bool = False) -> StepCase:
     """The pretraining step of `mode` on random images (seeded; mim corruption), called once (a
     cuda-graphs mode: until its first replay). kernel_profile: compiled code records each of its
-    CPU kernels for the profiler (torch._inductor.config.cpp.enable_kernel_profile)."""
+    CPU kernels for the profiler (torch._inductor.config.cpp.enable_kernel_profile). compile_only
+    (a compiled mode): compile the step, then raise CompiledOnly instead of running it."""
     if mode == "mae":
         return mae_case(model_name, img_size, batch, device, amp)
     parts = set(mode.split("+"))
@@ -419,6 +459,7 @@ def step_case(mode: str, model_name: str, img_size, restore_steps: int, batch: i
     if "cuda-graphs" in parts and device.type != "cuda":
         raise Unavailable(f"CUDA graphs need a CUDA device (this run is on {device.type})")
     stepper = graphed = None
+    cache_before = _cache_counts()
     torch.manual_seed(0)
     model = energyvit.create_model(model_name, img_size=img_size, restore_steps=restore_steps,
                                    attn_backend=backend).to(device)
@@ -431,8 +472,10 @@ def step_case(mode: str, model_name: str, img_size, restore_steps: int, batch: i
     if "compiled" in parts:
         # our own gradient check against the eager step replaces the built-in one (whose
         # tolerance is for fp32, too tight under bf16 autocast); see grad_rel_err_vs_eager
-        options = {"options": {"cpp.enable_kernel_profile": True}} if kernel_profile else {}
-        stepper = compiled_train_step(model, opts, verify_first_step=False, **options)
+        patches = {"cpp.enable_kernel_profile": True} if kernel_profile else {}
+        how = ({"backend": compile_only_backend(patches)} if compile_only
+               else {"options": patches} if patches else {})
+        stepper = compiled_train_step(model, opts, verify_first_step=False, **how)
         loss_fn = lambda: stepper(clean, corrupted)  # noqa: E731
     else:
         loss_fn = lambda: task_loss(model, clean, corrupted, opts)  # noqa: E731
@@ -460,12 +503,13 @@ def step_case(mode: str, model_name: str, img_size, restore_steps: int, batch: i
         case.compiled = stepper.mode == "compiled"
         if not case.compiled:
             notes.append(f"compiled step fell back to eager (mode={stepper.mode})")
+        notes.append(_cache_note(cache_before))
     if graphed is not None:
         if graphed.mode != "graph":
             notes.append(f"CUDA graph capture failed: ordinary step (mode={graphed.mode})")
         else:
             notes.append(f"first_call_s: {GRAPH_WARMUP} warm-up steps + capture + first replay")
-    case.note = "; ".join(notes)
+    case.note = "; ".join(filter(None, notes))
     return case
 
 
@@ -692,7 +736,7 @@ class BenchConfig:
     preset: str = "cpu"
     device: str = "cpu"
     out: str = "bench-results"
-    suites: tuple = SUITES
+    suites: tuple = DEFAULT_SUITES
     compile: bool = True  # compiled rows (CPU compilation of a step takes minutes)
     budget_s: float = 0.0  # 0: no limit; else rows starting later are recorded as skipped
     energy_s: float = 0.5
@@ -839,16 +883,44 @@ class Runner:
         order += [(s, k, m) for k in ks for s in steps for m in slow if (s, k) != first]
         return order
 
+    def step_fields(self, name: str, img, batch: int, K, mode: str) -> dict:
+        amp = self.p["amp"]
+        return dict(op="train_step", backend=mode, dtype=f"{amp} autocast" if amp else "fp32", model=name,
+                    img_size=model_config(name, img_size=img).img_size, restore_steps=K, batch=batch)
+
+    def run_compile(self) -> None:
+        """The compile suite: each compiled step mode compiled, not run (first_call_s: seconds).
+        On CPU the graphs are built as a launches row builds them (with the kernel profile)."""
+        for (name, img, batch), K, mode in self.step_order():
+            if "compiled" not in mode or "cuda-graphs" in mode:
+                continue
+            base = dict(suite="compile", **self.step_fields(name, img, batch, K, mode))
+            skip = self.skip_reason(mode, K)
+            if skip:
+                self.add(**base, status="skipped", error=skip)
+                continue
+            before, t = _cache_counts(), time.perf_counter()
+            try:
+                case = step_case(mode, name, img, K, batch, self.device, self.p["amp"],
+                                 kernel_profile=self.device.type == "cpu", compile_only=True)
+            except CompiledOnly:
+                self.add(**base, status="ok", first_call_s=f"{time.perf_counter() - t:.2f}", note=_cache_note(before))
+                continue
+            except Exception as e:  # noqa: BLE001  (recorded, never raised)
+                self.add(**base, **self.failed(e, True))
+                continue
+            # no CompiledOnly: compiling failed and the step ran eagerly instead
+            self.add(**base, status="fallback-eager", first_call_s=f"{case.first_call_s:.2f}", note=case.note)
+            del case
+
     def run_steps(self) -> None:
         """The step and launches suites: one step case per (model, K, mode), timed and/or counted."""
         amp = self.p["amp"]
-        dt = amp or "fp32"
         timed, counted = "step" in self.cfg.suites, "launches" in self.cfg.suites
         suites = [s for s in ("step", "launches") if s in self.cfg.suites]
         ref_grads: dict = {}
         for (name, img, batch), K, mode in self.step_order():
-            base = dict(op="train_step", backend=mode, dtype=dt if amp is None else f"{amp} autocast",
-                        model=name, img_size=model_config(name, img_size=img).img_size, restore_steps=K, batch=batch)
+            base = self.step_fields(name, img, batch, K, mode)
             skip = self.skip_reason(mode, K)
             if skip:
                 for suite in suites:
@@ -952,6 +1024,8 @@ class Runner:
             self.run_attention()
         if "optimizer" in self.cfg.suites:
             self.run_optimizer()
+        if "compile" in self.cfg.suites:
+            self.run_compile()
         if "step" in self.cfg.suites or "launches" in self.cfg.suites:
             self.run_steps()
         add_ratios(self.rows)
@@ -998,7 +1072,10 @@ def format_table(rows: list[dict]) -> str:
             ("/ eager", "launches_vs_eager"), ("error / note", None)]
     lines = []
     for r in rows:
-        if r["suite"] in ("step", "launches"):
+        note = r["error"] or r["note"]
+        if r["suite"] == "compile" and r["status"] == "ok":
+            note = f"compiled in {r['first_call_s']} s; {note}"
+        if r["suite"] in ("step", "launches", "compile"):
             shape = f"{r['model']}@{r['img_size']} K={r['restore_steps'] or '-'} B={r['batch']}"
         elif r["suite"] == "optimizer":
             shape = f"{r['model']} params"
@@ -1011,7 +1088,7 @@ def format_table(rows: list[dict]) -> str:
             if title == "shape":
                 cells.append(shape)
             elif title == "error / note":
-                cells.append((r["error"] or r["note"])[:90])
+                cells.append(note[:90])
             else:
                 cells.append(str(r.get(k, "")))
         lines.append(cells)

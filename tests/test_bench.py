@@ -111,14 +111,38 @@ def test_kernel_accounting():
 
 
 def test_compiled_launches_are_counted_from_inductor_kernels(tmp_path):
-    """The compiled step (K=1, compiled with the kernel profile on) is counted as Inductor kernels
-    + extern calls + ops outside the graph, and launches fewer than eager."""
-    rows, _, _ = smoke(tmp_path, suites=("launches",), step_modes=("eager", "compiled"), save=False)
-    r = next(r for r in rows if r["backend"] == "compiled" and r["restore_steps"] == 1)
+    """The compile suite compiles the step without running it; the launches row then loads that
+    graph from Inductor's cache. The compiled step (K=1, compiled with the kernel profile on) is
+    counted as Inductor kernels + extern calls + ops outside the graph, and launches fewer than eager."""
+    rows, _, _ = smoke(tmp_path, suites=("compile", "launches"), step_modes=("eager", "compiled"), save=False)
+    r = next(r for r in rows if r["backend"] == "compiled" and r["restore_steps"] == 1 and r["suite"] == "launches")
     if r["status"] != "ok":
         pytest.skip(f"compiled step unavailable here: {r['error'] or r['note']}")
+    compiled = next(c for c in rows if c["suite"] == "compile" and c["restore_steps"] == 1)
+    assert compiled["status"] == "ok" and float(compiled["first_call_s"]) > 0
+    assert "Inductor cache: " in compiled["note"]
+    assert "Inductor cache: 1 hit(s), 0 miss(es)" in r["note"]  # the compile row's graph, not a new one
+    assert [c["status"] for c in rows if c["suite"] == "compile" and c["restore_steps"] == 2] == ["skipped"]
     assert "Inductor kernels" in r["launch_detail"] and "aten::mm" in r["launch_detail"]
     assert 0 < float(r["launches_vs_eager"]) < 0.6
+
+
+def test_compile_only_never_runs_the_step():
+    """compile_only: the step is compiled (it takes the compiled path, no fallback) and CompiledOnly
+    is raised where the graph would run: no parameter gets a gradient."""
+    seen = {}
+    real = bench.compiled_train_step
+
+    def keep(model, *args, **kwargs):
+        seen["model"] = model
+        return real(model, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench, "compiled_train_step", keep)
+        with pytest.raises(bench.CompiledOnly):
+            bench.step_case("compiled", "vit_pico_patch2", None, 1, 2, torch.device("cpu"), None,
+                            kernel_profile=True, compile_only=True)
+    assert all(p.grad is None for p in seen["model"].parameters())
 
 
 def test_git_commit_of_a_copy_without_git(tmp_path, monkeypatch):

@@ -3,26 +3,27 @@ telemetry (the benchmarks themselves are in energyvit.benchmark)."""
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import torch
 
-from energyvit.benchmark import PRESETS, STEP_MODES, SUITES, BenchConfig, collect, format_table
+from energyvit.benchmark import (DEFAULT_SUITES, PRESETS, STEP_MODES, SUITES, BenchConfig, collect,
+                                 format_table)
 from energyvit.commands.args import add, device_flag, non_negative_float, non_negative_int
 
 HELP = "benchmark attention backends and the training step"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    add(p, "--quick", action="store_true", help="CPU smoke run at tiny sizes (a minute or two)")
+    add(p, "--quick", action="store_true", help="CPU smoke run at tiny sizes (a minute or two; the fused rows run on "
+        "the CPU only with TRITON_INTERPRET=1 in the environment)")
     add(p, "--preset", choices=list(PRESETS), default=None,
         help="sizes: smoke, cpu, proxy (the CPU launch-count proxy: vit_tiny_patch16 at 64 px) or gpu (default: gpu "
         "on CUDA, cpu otherwise; --quick: smoke)")
     add(p, "--device", type=device_flag, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     add(p, "--out", default="bench-results", help="folder for the CSV and JSON results (bench/results in a checkout "
         "keeps them with the project's)")
-    add(p, "--suites", default=",".join(SUITES), help=f"comma list of {', '.join(SUITES)}")
+    add(p, "--suites", default=",".join(DEFAULT_SUITES), help=f"comma list of {', '.join(SUITES)} (compile: "
+        "compile each compiled step mode without running it, which fills the compiler's caches for a later run)")
     add(p, "--step_modes", default=",".join(STEP_MODES), help=f"comma list of the step modes to run: "
         f"{', '.join(STEP_MODES)} (the cuda-graphs modes need CUDA)")
     add(p, "--models", default="", help="comma list of the preset's step models to run (default: all)")
@@ -43,11 +44,8 @@ def _names(text: str, known: tuple, flag: str) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> None:
     dev = args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
-    if torch.device(dev).type == "cpu":
-        if "triton" not in sys.modules:
-            os.environ.setdefault("TRITON_INTERPRET", "1")  # the fused rows run through the interpreter
-        if args.threads > 0:
-            torch.set_num_threads(args.threads)
+    if torch.device(dev).type == "cpu" and args.threads > 0:
+        torch.set_num_threads(args.threads)
     preset = args.preset or ("smoke" if args.quick else ("gpu" if torch.device(dev).type == "cuda" else "cpu"))
     suites, modes = _names(args.suites, SUITES, "--suites"), _names(args.step_modes, STEP_MODES, "--step_modes")
     models = _names(args.models, tuple(m for m, _, _ in PRESETS[preset]["steps"]), "--models") or None
