@@ -12,7 +12,9 @@ CUDA (default): ViT shapes, batch 64 x heads 12, head_dim 64, N in 197, 577, 102
      torch.cuda.max_memory_allocated, reset before each one-off run.
   3. --ops: each fused op alone (the launcher functions the custom ops run: fwd, bwd, bwd-of-bwd),
      in the (B, H, N, d) and the packed-qkv layout (the model's), with the block configs the
-     autotuner chose for each of its kernels (the interpreter's fixed ones on CPU).
+     autotuner chose for each of its kernels (the interpreter's fixed ones on CPU); then, per N,
+     where one fwd+bwd chain's time goes: host time to issue it against its kernels' device time
+     (profiler), fused in both layouts and SDPA, with the host's costliest ops.
 --cpu-small: tiny shapes through the Triton interpreter (correctness + timings labelled CPU).
 
 Writes <out>/gpu_check.csv ('#' header lines: device, versions, git commit, date) and prints a
@@ -369,6 +371,61 @@ def ops_alone(n, dtype):
                 ms=f"{ms:.4f}", tflops=f"{flop / ms / 1e9:.4g}", note=chosen_configs(op))
 
 
+CHAIN_CALLS = 20  # chains per host-time measurement (few enough that the launch queue never fills)
+
+
+def chain_host_device(n, dtype):
+    """Where one fwd+bwd chain's time goes (the attention table's fwd+bwd, through autograd): host
+    ms per chain = wall time to issue CHAIN_CALLS chains without waiting for the device, divided by
+    CHAIN_CALLS; device ms per chain = the CUDA kernels' summed durations in a profile of as many
+    chains (none on CPU, where the interpreter runs the kernels on the host). Host above device
+    means the chain is host-bound there. The note names the host's costliest ops (self time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    scale = HEAD_D ** -0.5
+    shape = (BATCH, HEADS, n, HEAD_D)
+    q, k, v = (randn(shape, dtype, 500 + i).requires_grad_() for i in range(3))
+    do = randn(shape, dtype, 503)
+    qkv = randn((BATCH, n, 3, HEADS, HEAD_D), dtype, 504).requires_grad_()
+    pdo = randn((BATCH, n, HEADS, HEAD_D), dtype, 505)
+    chains = {"fused": lambda: torch.autograd.grad(EK.attention(q, k, v, scale=scale), (q, k, v), do),
+              "fused-packed": lambda: torch.autograd.grad(EK.attention_packed(qkv, scale=scale), qkv, pdo)}
+    backend, sdpa_name = sdpa_backend(dtype)
+    if backend is not None:
+        from torch.nn.attention import sdpa_kernel
+
+        def sdpa_chain():
+            with sdpa_kernel([backend]):
+                return torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, scale=scale), (q, k, v), do)
+        chains[sdpa_name] = sdpa_chain
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    for impl, chain in chains.items():
+        try:
+            for _ in range(3):
+                chain()
+            sync()
+            t = time.perf_counter()
+            for _ in range(CHAIN_CALLS):
+                chain()
+            host_ms = (time.perf_counter() - t) * 1e3 / CHAIN_CALLS
+            sync()
+            with profile(activities=acts) as prof:
+                for _ in range(CHAIN_CALLS):
+                    chain()
+                sync()
+            events = prof.events()
+            kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                       and not e.name.startswith(("Memcpy", "Memset"))]
+            device = (f"device {sum(e.device_time for e in kernels) / 1e3 / CHAIN_CALLS:.4f} ms in "
+                      f"{len(kernels) / CHAIN_CALLS:.0f} kernels per chain" if kernels else "device: no CUDA kernels")
+            top = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)[:5]
+            hosts = ", ".join(f"{a.key} {a.self_cpu_time_total / CHAIN_CALLS:.0f} us" for a in top)
+            row(kind="host", op="fwd+bwd", dtype=DNAME[dtype], batch=BATCH, heads=HEADS, n=n, head_dim=HEAD_D,
+                impl=impl, ms=f"{host_ms:.4f}", note=f"host ms per chain; {device}; host self time per chain: {hosts}")
+        except (RuntimeError, torch.OutOfMemoryError) as e:
+            row(kind="host", op="fwd+bwd", dtype=DNAME[dtype], n=n, impl=impl, note=f"error: {str(e)[:120]}")
+
+
 # ------------------------------------------------------------------------------------ main
 HEADER: dict = {}
 CSV_PATH: Path | None = None
@@ -412,7 +469,8 @@ def main():
     if not ARGS.no_timing:
         parts += [("timing", dt, n, timing) for dt in TIME_DTYPES for n in NS]
     if ARGS.ops:
-        parts += [("ops alone", dt, n, ops_alone) for dt in TIME_DTYPES for n in NS]
+        parts += [(what, dt, n, fn) for dt in TIME_DTYPES for n in NS
+                  for what, fn in (("ops alone", ops_alone), ("host vs device", chain_host_device))]
     for what, dtype, n, fn in parts:
         print(f"[{what}] {DNAME[dtype]} N={n}", flush=True)
         result = fn(n, dtype)

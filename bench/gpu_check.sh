@@ -14,7 +14,7 @@
 #   env          15  versions, packages, GPU; energyvit importable with energyvit.kernels
 #   attention   110  bench/gpu_check.py --ops: fwd, fwd+bwd, bwd-of-bwd at N = 197 and 1024 (B=64, H=12,
 #                    d=64): correctness vs float64 (fp32, bf16), timings fused vs eager math vs SDPA flash
-#                    (bf16), each op alone with the autotuner's configs
+#                    (bf16), each op alone with the autotuner's configs, host vs device time of a fwd+bwd chain
 #   graphs-test  70  pytest tests/test_cuda_graphs.py: replayed step and AdamW vs eager (fp32), compiled too
 #   bench       200  energyvit bench --preset gpu: AdamW step eager vs graphed; steps of ViT-Ti/S/B at 224 px,
 #                    batch 64, bf16 autocast, with their kernels per step: eager, fused, cuda-graphs and

@@ -58,6 +58,10 @@ def attention(out: Path) -> str:
     ops = [[r["dtype"], r["n"], r["op"], r["impl"], r["ms"], r["note"][:110]] for r in rows if r["kind"] == "op"]
     if ops:
         lines.append(table(["dtype", "N", "op alone", "layout", "ms", "autotuner's configs"], ops))
+    host = [[r["dtype"], r["n"], r["impl"], r["ms"], r["note"].split("; ")[1] if r["ms"] else r["note"][:60]]
+            for r in rows if r["kind"] == "host"]
+    if host:
+        lines.append(table(["dtype", "N", "fwd+bwd chain", "host ms", "device (profiler)"], host))
     return "\n".join(lines)
 
 
