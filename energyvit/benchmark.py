@@ -44,6 +44,7 @@ the total-energy counter over a separate timed loop, divided by the images proce
 """
 from __future__ import annotations
 
+import ast
 import collections
 import contextlib
 import csv
@@ -410,6 +411,20 @@ def _images(cfg, batch: int, device: torch.device):
     return clean.to(device), corrupted.to(device)
 
 
+def inductor_option(text: str) -> tuple[str, object]:
+    """'KEY=VALUE' -> (KEY, VALUE) for torch.compile(options=...): KEY an option of
+    torch._inductor.config (dotted for nested ones), VALUE a Python literal."""
+    import torch._inductor.config as inductor_config
+
+    key, sep, value = text.partition("=")
+    if not sep or key not in inductor_config.get_config_copy():
+        raise ValueError(f"expected KEY=VALUE with KEY an option of torch._inductor.config, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise ValueError(f"the value of {key} must be a Python literal (True, 0, 'name'), got {value!r}") from None
+
+
 class CompiledOnly(Exception):
     """Raised instead of running a step compiled by compile_only_backend."""
 
@@ -443,11 +458,13 @@ def _cache_note(before: collections.Counter) -> str:
 
 
 def step_case(mode: str, model_name: str, img_size, restore_steps: int, batch: int, device: torch.device,
-              amp: str | None, kernel_profile: bool = False, compile_only: bool = False) -> StepCase:
+              amp: str | None, kernel_profile: bool = False, compile_only: bool = False,
+              inductor: dict | None = None) -> StepCase:
     """The pretraining step of `mode` on random images (seeded; mim corruption), called once (a
     cuda-graphs mode: until its first replay). kernel_profile: compiled code records each of its
     CPU kernels for the profiler (torch._inductor.config.cpp.enable_kernel_profile). compile_only
-    (a compiled mode): compile the step, then raise CompiledOnly instead of running it."""
+    (a compiled mode): compile the step, then raise CompiledOnly instead of running it. inductor:
+    options for Inductor in the compiled modes (torch.compile's options)."""
     if mode == "mae":
         return mae_case(model_name, img_size, batch, device, amp)
     parts = set(mode.split("+"))
@@ -472,7 +489,7 @@ def step_case(mode: str, model_name: str, img_size, restore_steps: int, batch: i
     if "compiled" in parts:
         # our own gradient check against the eager step replaces the built-in one (whose
         # tolerance is for fp32, too tight under bf16 autocast); see grad_rel_err_vs_eager
-        patches = {"cpp.enable_kernel_profile": True} if kernel_profile else {}
+        patches = {**(inductor or {}), **({"cpp.enable_kernel_profile": True} if kernel_profile else {})}
         how = ({"backend": compile_only_backend(patches)} if compile_only
                else {"options": patches} if patches else {})
         stepper = compiled_train_step(model, opts, verify_first_step=False, **how)
@@ -746,6 +763,7 @@ class BenchConfig:
     step_modes: tuple = STEP_MODES
     models: tuple | None = None  # the preset's step models to run (None: all)
     ks: tuple | None = None  # the preset's restoration step counts to run (None: all)
+    inductor: dict = field(default_factory=dict)  # Inductor options of the compiled step modes
     extra: dict = field(default_factory=dict)
 
 
@@ -777,7 +795,8 @@ class Runner:
             "speedup_vs_eager": "eager ms / row ms, eager = math-eager (attention) or eager (step), same shape/op/dtype",
             "launches_vs_eager": "row launches / eager launches, same model, K, batch; CPU counts are a proxy of GPU "
                                  "kernel launches (see the module docstring)",
-            "mfu_reference": "", "command": " ".join(sys.argv), "loadavg_start": _loadavg(), **cfg.extra,
+            "mfu_reference": "", "command": " ".join(sys.argv), "loadavg_start": _loadavg(),
+            "inductor_options": ", ".join(f"{k}={v!r}" for k, v in cfg.inductor.items()) or "defaults", **cfg.extra,
         }
 
     # -- helpers
@@ -902,7 +921,7 @@ class Runner:
             before, t = _cache_counts(), time.perf_counter()
             try:
                 case = step_case(mode, name, img, K, batch, self.device, self.p["amp"],
-                                 kernel_profile=self.device.type == "cpu", compile_only=True)
+                                 kernel_profile=self.device.type == "cpu", compile_only=True, inductor=self.cfg.inductor)
             except CompiledOnly:
                 self.add(**base, status="ok", first_call_s=f"{time.perf_counter() - t:.2f}", note=_cache_note(before))
                 continue
@@ -928,7 +947,7 @@ class Runner:
                 continue
             try:
                 case = step_case(mode, name, img, K or 1, batch, self.device, amp,
-                                 kernel_profile=counted and self.device.type == "cpu")
+                                 kernel_profile=counted and self.device.type == "cpu", inductor=self.cfg.inductor)
             except Exception as e:  # noqa: BLE001  (recorded, never raised)
                 for suite in suites:
                     self.add(suite=suite, **base, **self.failed(e, mode in ("eager", "fused")))

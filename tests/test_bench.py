@@ -1,6 +1,7 @@
 """Smoke tests of `energyvit bench` (energyvit/benchmark.py) at the tiniest sizes. No timing is asserted."""
 import csv
 import json
+import os
 
 import pytest
 import torch
@@ -176,3 +177,48 @@ def test_cli_quick_attention_only(tmp_path, capsys):
     assert len(list(tmp_path.glob("bench-quick-cpu-*.csv"))) == 1
     assert main(["bench", "--suites", "nope", "--out", str(tmp_path)]) == 2
     assert main(["bench", "--step_modes", "eager,warp-speed", "--out", str(tmp_path)]) == 2
+    capsys.readouterr()
+    for bad in ("no_such_option=1", "combo_kernels", "combo_kernels=yes"):
+        assert main(["bench", "--inductor", bad, "--out", str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "--inductor" in err, err
+
+
+def test_inductor_options_reach_the_compiled_step(monkeypatch):
+    """--inductor's options go to torch.compile for the compiled modes, beside the kernel profile."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def record(model, opts, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(bench, "compiled_train_step", record)
+    assert bench.inductor_option("combo_kernels=True") == ("combo_kernels", True)
+    with pytest.raises(Stop):
+        bench.step_case("compiled", "vit_pico_patch2", None, 1, 2, torch.device("cpu"), None, kernel_profile=True,
+                        inductor={"split_reductions": False})
+    assert seen["options"] == {"split_reductions": False, "cpp.enable_kernel_profile": True}
+
+
+def test_triton_launch_proxy_counts_the_generated_wrapper(tmp_path):
+    """bench/triton_launch_proxy.py: Inductor's Triton codegen for a GPU, on the CPU, nothing run; the
+    tiny step's calls are counted from the wrapper (2 blocks: 20 mm, 18 bmm and 4 addmm each at K=1,
+    4 softmax kernels each) and nothing of it lands in the compile caches."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "proxy.json"
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+    subprocess.run([sys.executable, str(root / "bench" / "triton_launch_proxy.py"), "--model", "vit_pico_patch2",
+                    "--img", "8", "--batch", "2", "--amp", "fp32", "--out", str(out)], check=True, env=env,
+                   capture_output=True, timeout=600)
+    r = json.loads(out.read_text())
+    assert r["extern_calls"]["mm"] == 40 and r["extern_calls"]["bmm"] == 36 and r["extern_calls"]["addmm"] == 8
+    assert r["triton_by_kind"]["softmax"] == 8 and r["triton_launches"] > 50
+    assert r["gpu_estimate"] == r["triton_launches"] + r["extern_kernels"] + 5
+    assert not [f for f in (tmp_path / "cache").rglob("*") if "fxgraph" in f.parts or "aotautograd" in f.parts]

@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from energyvit.benchmark import (DEFAULT_SUITES, PRESETS, STEP_MODES, SUITES, BenchConfig, collect,
-                                 format_table)
+                                 format_table, inductor_option)
 from energyvit.commands.args import add, device_flag, non_negative_float, non_negative_int
 
 HELP = "benchmark attention backends and the training step"
@@ -31,7 +31,17 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add(p, "--no_compile", action="store_true", help="skip the torch.compile rows (recorded as skipped)")
     add(p, "--budget_s", type=non_negative_float, default=0.0, help="stop starting rows after this many seconds (0: no limit)")
     add(p, "--threads", type=non_negative_int, default=1, help="torch CPU threads (default 1: shared cores)")
+    add(p, "--inductor", type=_inductor_flag, action="append", default=[], metavar="KEY=VALUE",
+        help="an option of torch._inductor.config for the compiled step modes, a Python literal (e.g. "
+        "combo_kernels=True); repeatable; in the results' meta")
     add(p, "--tag", default="", help="extra tag in the result file names")
+
+
+def _inductor_flag(text: str) -> tuple[str, object]:
+    try:
+        return inductor_option(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _names(text: str, known: tuple, flag: str) -> tuple[str, ...]:
@@ -52,7 +62,7 @@ def run(args: argparse.Namespace) -> None:
     ks = tuple(int(k) for k in _names(args.ks, tuple(str(k) for k in PRESETS[preset]["ks"]), "--ks")) or None
     cfg = BenchConfig(preset=preset, device=dev, out=args.out, suites=suites, compile=not args.no_compile,
                       budget_s=args.budget_s, tag=args.tag or ("quick" if args.quick else ""), step_modes=modes,
-                      models=models, ks=ks)
+                      models=models, ks=ks, inductor=dict(args.inductor))
     rows, meta, paths = collect(cfg)
     print()
     print(format_table(rows))
