@@ -9,12 +9,13 @@ decide how reductions are split), stops before anything is compiled by Triton or
 driver is needed: Triton's compile is stubbed out, the wrapper code is only read), and counts the
 kernel calls in the generated wrapper: Triton launches by kind, and the extern calls (matmuls,
 convolutions, the project's attention ops). Checked against the H200 run of 2026-11-30 (ViT-Ti/16,
-224 px, batch 64, bf16 autocast, K=1, compiled, torch 2.11): 672 Triton launches here (torch 2.13,
-fp16 autocast on the CPU) against 689 measured there, layout-only 96 and softmax 48 in both.
+224 px, batch 64, bf16 autocast, K=1, compiled, torch 2.11): with torch 2.11 (its CPU wheel) and
+fp16 autocast here, 689 Triton launches, as many as the H200 ran (softmax 48, gelu 48 and
+layout-only 96 in both); torch 2.13 gives 672.
 
 GPU estimate per step = Triton launches + extern calls weighted by the kernels each launches
 (energyvit.benchmark.kernels_per_op: 1 per matmul, 1-2 per attention op) + the ops run outside
-the compiled graph (5). cuBLAS may launch more than one kernel per matmul (the H200 ran 612
+the compiled graph (6). cuBLAS may launch more than one kernel per matmul (the H200 ran 612
 cuBLAS kernels for 509 matmuls), so the estimate is a lower bound there.
 
 Inductor options (``--inductor KEY=VALUE``, e.g. ``split_reductions=False``, ``combo_kernels=True``)
@@ -56,7 +57,8 @@ from energyvit import benchmark as bench  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 H200 = dict(multi_processor_count=132, cc=90, major=9, regs_per_multiprocessor=65536,
             max_threads_per_multi_processor=2048, max_threads_per_block=1024, warp_size=32)
-OUTSIDE_GRAPH = 5  # ops the compiled step runs outside its graph (clones, ones_like, _foreach_mul, copy)
+OUTSIDE_GRAPH = 6  # aten ops the compiled step runs outside its graph (CPU proxy: 3 clones, ones_like,
+# _foreach_mul, copy_; on a GPU the foreach may take a few kernels)
 
 
 def parse_args(argv=None):
