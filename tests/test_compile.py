@@ -241,17 +241,23 @@ def test_compiled_inference_restoration_matches_eager(model):
 
 def test_compiled_step_with_fused_attention_matches_eager_fused():
     """The fused Triton custom ops (attn_fwd -> attn_bwd -> attn_bwdbwd) trace into the compiled
-    step: fp32 parameter gradients match the eager fused step, with no fallback to eager."""
+    step: fp32 parameter gradients match the eager fused step, with no fallback to eager, and the
+    float64 math step of the same weights (the kernels have no float64: fp32 against float64)."""
     pytest.importorskip("triton")
     model = tiny_model(dtype=torch.float32, attn_backend="fused")
     clean, c = corrupt(2)
-    clean, c = clean.float(), type(c)(c.image.float(), c.loss_mask.float(), c.update_mask.float())
+    clean32, c32 = clean.float(), type(c)(c.image.float(), c.loss_mask.float(), c.update_mask.float())
     opts = EnergyOptions()
-    expected = param_grads(model, task_loss(model, clean, c, opts))
+    expected = param_grads(model, task_loss(model, clean32, c32, opts))
     step = compiled.compiled_train_step(model, opts)
-    got = param_grads(model, step(clean, c))
+    got = param_grads(model, step(clean32, c32))
     assert step.mode == "compiled" and step.compiled_graphs() == 1  # no fallback to eager
     assert rel_err(got, expected) < 1e-5
+    reference = tiny_model(dtype=torch.float64, attn_backend="math")
+    reference.load_state_dict(model.state_dict())
+    in_float64 = param_grads(reference, task_loss(reference, clean, c, opts))
+    err = rel_err([None if g is None else g.double() for g in got], in_float64)
+    assert err < 1e-5, err
 
 
 def test_attached_gradients_follow_the_incoming_gradient():
