@@ -1,7 +1,7 @@
 """The short summary bench/gpu_check.sh prints last, from the files its parts wrote in OUT:
 parts.csv (each part's status and seconds), gpu_check.csv (attention), bench-*.csv (steps,
-launches, optimizer), precompile/bench-*.csv (the background compiles), test_cuda_graphs.xml
-(pytest) and pretrain_smoke/summary.json.
+launches, optimizer), precompile/bench-*.csv (the background compiles), combo/bench-*.csv
+(combo kernels), test_cuda_graphs.xml (pytest) and pretrain_smoke/summary.json.
 
     python bench/gpu_summary.py OUT
 """
@@ -74,24 +74,51 @@ def bench_rows(out: Path) -> list[dict]:
 
 def compiles(out: Path, rows: list[dict]) -> str:
     """The background precompile's graphs (seconds to compile, cache) beside the first call of the
-    bench's row of the same graph (which loads it from the cache when the precompile finished first)."""
-    pre = [r for r in bench_rows(out / "precompile") if r["suite"] == "compile"]
+    bench's row of the same graph (which loads it from the cache when the precompile finished first);
+    the graphs with combo kernels beside the combo part's rows."""
+    pre = [(r, "combo" in path.stem) for path in sorted((out / "precompile").glob("bench-*.csv"))
+           for r in csv.DictReader(path.open()) if r["suite"] == "compile"]
     if not pre:
         return ""
-    first = {(r["model"], r["restore_steps"], r["backend"]): r for r in rows if r["suite"] == "step"}
+    key = lambda r: (r["model"], r["restore_steps"], r["backend"])  # noqa: E731
+    first = {False: {key(r): r for r in rows if r["suite"] == "step"},
+             True: {key(r): r for r in bench_rows(out / "combo") if r["suite"] == "step"}}
 
-    def bench_cell(r):
-        b = first.get((r["model"], r["restore_steps"], r["backend"]))
+    def bench_cell(r, combo):
+        b = first[combo].get(key(r))
         if b is None or not b["first_call_s"]:
             return b["status"] if b else "no row"
         cache = [part for part in b["note"].split("; ") if part.startswith("Inductor cache")]
         return f"{b['first_call_s']} ({cache[0][len('Inductor cache: '):] if cache else 'no cache count'})"
 
-    return "compiled graphs: background precompile (compiled, not run) and the bench row's first call:\n" + table(
-        ["model", "K", "mode", "precompile", "s", "cache", "bench first call s (cache)"],
-        [[r["model"].replace("_patch16", ""), r["restore_steps"], r["backend"], r["status"], r["first_call_s"],
+    return "compiled graphs: background precompile (compiled, not run) and the first call of the row:\n" + table(
+        ["model", "K", "mode", "precompile", "s", "cache", "first call s (cache)"],
+        [[r["model"].replace("_patch16", ""), r["restore_steps"], r["backend"] + (" combo" if combo else ""),
+          r["status"], r["first_call_s"],
           r["note"][len("Inductor cache: "):] if r["note"].startswith("Inductor cache") else r["error"][:40],
-          bench_cell(r)] for r in pre])
+          bench_cell(r, combo)] for r, combo in pre])
+
+
+def combo(out: Path, rows: list[dict]) -> str:
+    """The combo part (Inductor's combo kernels) beside the bench's rows of the same model and mode."""
+    combo_rows = [r for r in bench_rows(out / "combo") if r["suite"] in ("step", "launches") and r["backend"] != "eager"]
+    if not combo_rows:
+        return ""
+    plain = {(r["suite"], r["model"], r["restore_steps"], r["backend"]): r for r in rows}
+
+    def value(r):
+        if r is None:
+            return "no row"
+        if r["status"] not in ("ok", "fallback-eager"):
+            return r["status"]
+        if r["suite"] == "step":
+            return f"{float(r['ms']):.1f} ms" + (f" ({float(r['speedup_vs_eager']):.2f}x)" if r["speedup_vs_eager"] else "")
+        return r["launches"] + (f" ({r['launches_vs_eager']})" if r["launches_vs_eager"] else "")
+
+    return "combo kernels (--inductor combo_kernels=True) against the defaults, same model and mode:\n" + table(
+        ["model", "K", "mode", "measure", "defaults", "combo kernels"],
+        [[r["model"].replace("_patch16", ""), r["restore_steps"], r["backend"], "ms" if r["suite"] == "step" else "launches",
+          value(plain.get((r["suite"], r["model"], r["restore_steps"], r["backend"]))), value(r)] for r in combo_rows])
 
 
 def steps(rows: list[dict]) -> str:
@@ -176,8 +203,8 @@ def smoke(out: Path) -> str:
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/local")
     rows = bench_rows(out)
-    sections = [parts(out), attention(out), steps(rows), compiles(out, rows), launches(rows), optimizer(rows),
-                graph_tests(out), smoke(out)]
+    sections = [parts(out), attention(out), steps(rows), compiles(out, rows), launches(rows), combo(out, rows),
+                optimizer(rows), graph_tests(out), smoke(out)]
     print("\n===== summary =====")
     for section in sections:
         if section:
