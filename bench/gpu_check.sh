@@ -89,11 +89,13 @@ fi
 
 # the background precompile off cores 0-1 (when there are 4 or more), which stay free for the
 # parts' timing loops; the parts may use every core (their own compile workers)
-NCPU="$(nproc 2>/dev/null || echo 1)"
+# (the cores this process may use, which need not be 0..N-1)
+CORES="$("$PY" -c 'import os; print(",".join(map(str, sorted(os.sched_getaffinity(0)))))' 2>/dev/null || echo 0)"
+NCPU=$(echo "$CORES" | tr ',' '\n' | wc -l)
 BG=() SETSID=()
 command -v setsid >/dev/null && SETSID=(setsid)
 if [ "$NCPU" -ge 4 ] && command -v taskset >/dev/null; then
-  BG=(taskset -c "2-$((NCPU - 1))")
+  BG=(taskset -c "$(echo "$CORES" | cut -d, -f3-)")
 fi
 
 limit_of() { local kv; for kv in "${LIMITS[@]}"; do [ "${kv%%=*}" = "$1" ] && echo "${kv#*=}"; done; }
