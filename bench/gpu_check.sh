@@ -87,9 +87,8 @@ if ! (cd / && "$PY" -c "import energyvit.kernels") >/dev/null 2>&1; then
   echo "energyvit is not installed: importing it from $ROOT through the overlay $OVERLAY"
 fi
 
-# the background precompile off cores 0-1 (when there are 4 or more), which stay free for the
-# parts' timing loops; the parts may use every core (their own compile workers)
-# (the cores this process may use, which need not be 0..N-1)
+# the background precompile off the first two of the cores this process may use (when it may use
+# 4 or more), which stay free for the parts' timing loops; the parts may use every core
 CORES="$("$PY" -c 'import os; print(",".join(map(str, sorted(os.sched_getaffinity(0)))))' 2>/dev/null || echo 0)"
 NCPU=$(echo "$CORES" | tr ',' '\n' | wc -l)
 BG=() SETSID=()
@@ -144,7 +143,7 @@ start_precompile() {
   local graphs; graphs=$(wc -l < "$OUT_DIR/precompile/graphs.txt")
   [ "$jobs" -gt "$graphs" ] && jobs=$graphs
   PRECOMPILE_T0=$(date +%s)
-  # shellcheck disable=SC2016  # $1.. expand in the job's shell: model, K, mode of one line
+  # shellcheck disable=SC2016  # $1.. expand in the job's shell: model, K, mode and (the combo graphs) $COMBO
   PRECOMPILE_DIR="$OUT_DIR" PRECOMPILE_PY="$PY" PRECOMPILE_PRESET="${BENCH_ARGS[1]}" PRECOMPILE_DEVICE="${BENCH_ARGS[3]}" \
   TORCHINDUCTOR_COMPILE_THREADS=$(( (NCPU - 2) / jobs > 1 ? (NCPU - 2) / jobs : 1 )) \
     ${SETSID[@]+"${SETSID[@]}"} ${BG[@]+"${BG[@]}"} xargs -P "$jobs" -L 1 -a "$OUT_DIR/precompile/graphs.txt" sh -c \
