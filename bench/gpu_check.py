@@ -416,7 +416,7 @@ def chain_host_device(n, dtype):
             events = prof.events()
             kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
                        and not e.name.startswith(("Memcpy", "Memset"))]
-            device = (f"device {sum(e.device_time for e in kernels) / 1e3 / CHAIN_CALLS:.4f} ms in "
+            device = (f"device {sum(e.time_range.elapsed_us() for e in kernels) / 1e3 / CHAIN_CALLS:.4f} ms in "
                       f"{len(kernels) / CHAIN_CALLS:.0f} kernels per chain" if kernels else "device: no CUDA kernels")
             top = sorted(prof.key_averages(), key=lambda a: a.self_cpu_time_total, reverse=True)[:5]
             hosts = ", ".join(f"{a.key} {a.self_cpu_time_total / CHAIN_CALLS:.0f} us" for a in top)
