@@ -235,6 +235,21 @@ class Rotate:
         return self.sets[self.i]
 
 
+def sdpa_attention(dtype, scale):
+    """(name, att(q, k, v)): SDPA pinned to the backend sdpa_backend picks (CPU: its default)."""
+    from torch.nn.attention import sdpa_kernel
+
+    backend, name = sdpa_backend(dtype)
+
+    def sdpa(q, k, v):
+        if backend is None:
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+    return name, sdpa
+
+
 def sdpa_backend(dtype):
     from torch.nn.attention import SDPBackend
 
@@ -246,22 +261,13 @@ def sdpa_backend(dtype):
 
 
 def timing(n, dtype):
-    from torch.nn.attention import sdpa_kernel
-
     shape = (BATCH, HEADS, n, HEAD_D)
     scale = HEAD_D ** -0.5
     fwd_flop = 4.0 * BATCH * HEADS * n * n * HEAD_D
     sets = [[randn(shape, dtype, 1000 + 10 * j + i).requires_grad_() for i in range(3)] + [randn(shape, dtype, 1000 + 10 * j + 3)]
             for j in range(2)]
     rot = Rotate(sets)
-    backend, sdpa_name = sdpa_backend(dtype)
-
-    def sdpa(q, k, v):
-        if backend is None:
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
-        with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
+    sdpa_name, sdpa = sdpa_attention(dtype, scale)
     impls = {"fused": lambda q, k, v: EK.attention(q, k, v, scale=scale),
              "eager-math": lambda q, k, v: math_attention(q, k, v, scale),
              sdpa_name: sdpa}
@@ -390,14 +396,9 @@ def chain_host_device(n, dtype):
     pdo = randn((BATCH, n, HEADS, HEAD_D), dtype, 505)
     chains = {"fused": lambda: torch.autograd.grad(EK.attention(q, k, v, scale=scale), (q, k, v), do),
               "fused-packed": lambda: torch.autograd.grad(EK.attention_packed(qkv, scale=scale), qkv, pdo)}
-    backend, sdpa_name = sdpa_backend(dtype)
-    if backend is not None:
-        from torch.nn.attention import sdpa_kernel
-
-        def sdpa_chain():
-            with sdpa_kernel([backend]):
-                return torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, scale=scale), (q, k, v), do)
-        chains[sdpa_name] = sdpa_chain
+    if DEVICE == "cuda":  # the GPU's SDPA backend for this dtype, the fused chain's reference
+        sdpa_name, sdpa = sdpa_attention(dtype, scale)
+        chains[sdpa_name] = lambda: torch.autograd.grad(sdpa(q, k, v), (q, k, v), do)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
     for impl, chain in chains.items():
         try:

@@ -55,20 +55,21 @@ if [ "$CPU_SMALL" = 1 ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
   TOTAL_S="${TOTAL_S:-2400}"
   LIMITS=(env=60 attention=300 graphs-test=300 bench=1200 smoke=600 combo=300)
-  BENCH_ARGS=(--preset smoke --device cpu) BENCH_BUDGET=()
+  BENCH_PRESET=smoke BENCH_DEVICE=cpu BENCH_BUDGET=()
   SMOKE_ARGS=(--cpu)
   GPU_CHECK_ARGS=(--cpu-small --ops)
   PRECOMPILE_MODELS=(vit_pico_patch2) PRECOMPILE_KS=(1) COMBO_MODELS=vit_pico_patch2
 else
   TOTAL_S="${TOTAL_S:-470}"
   LIMITS=(env=15 attention=110 graphs-test=70 bench=200 smoke=75 combo=45)
-  BENCH_ARGS=(--preset gpu --device cuda)
+  BENCH_PRESET=gpu BENCH_DEVICE=cuda
   BENCH_BUDGET=(--budget_s "${BENCH_BUDGET_S:-150}")
   SMOKE_ARGS=()
   GPU_CHECK_ARGS=(--ns 197,1024 --timing-dtypes bf16 --ops)
   PRECOMPILE_MODELS=(vit_tiny_patch16 vit_small_patch16 vit_base_patch16) PRECOMPILE_KS=(1 2)
   COMBO_MODELS=vit_tiny_patch16,vit_base_patch16
 fi
+BENCH_ARGS=(--preset "$BENCH_PRESET" --device "$BENCH_DEVICE")
 PRECOMPILE_MODES=(compiled fused+compiled)
 COMBO=combo_kernels=True  # the combo part: Inductor's combo kernels, untimed so far (docs/benchmarks.md)
 OPTIONAL_PART=combo  # runs in the time the others leave: skipped or stopped by the limit, it fails nothing
@@ -144,7 +145,7 @@ start_precompile() {
   [ "$jobs" -gt "$graphs" ] && jobs=$graphs
   PRECOMPILE_T0=$(date +%s)
   # shellcheck disable=SC2016  # $1.. expand in the job's shell: model, K, mode and (the combo graphs) $COMBO
-  PRECOMPILE_DIR="$OUT_DIR" PRECOMPILE_PY="$PY" PRECOMPILE_PRESET="${BENCH_ARGS[1]}" PRECOMPILE_DEVICE="${BENCH_ARGS[3]}" \
+  PRECOMPILE_DIR="$OUT_DIR" PRECOMPILE_PY="$PY" PRECOMPILE_PRESET="$BENCH_PRESET" PRECOMPILE_DEVICE="$BENCH_DEVICE" \
   TORCHINDUCTOR_COMPILE_THREADS=$(( (NCPU - 2) / jobs > 1 ? (NCPU - 2) / jobs : 1 )) \
     ${SETSID[@]+"${SETSID[@]}"} ${BG[@]+"${BG[@]}"} xargs -P "$jobs" -L 1 -a "$OUT_DIR/precompile/graphs.txt" sh -c \
     'cd "$PRECOMPILE_DIR" && "$PRECOMPILE_PY" -m energyvit.cli bench --preset "$PRECOMPILE_PRESET" --device "$PRECOMPILE_DEVICE" \

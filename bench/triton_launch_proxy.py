@@ -53,6 +53,7 @@ from torch._inductor import async_compile, codecache, scheduler  # noqa: E402
 from torch._inductor.runtime import hints  # noqa: E402
 
 from energyvit import benchmark as bench  # noqa: E402
+from energyvit.commands.args import flag_type  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 H200 = dict(multi_processor_count=132, cc=90, major=9, regs_per_multiprocessor=65536,
@@ -69,17 +70,11 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ks", type=int, default=1, help="restoration steps K")
     ap.add_argument("--amp", default="fp16", choices=["fp16", "fp32"], help="autocast dtype (fp32: none)")
-    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE", type=_inductor_flag,
+    ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
+                    type=flag_type(bench.inductor_option),
                     help="an option of torch._inductor.config (a Python literal), repeatable")
     ap.add_argument("--out", default="", help="also write the result as JSON here")
     return ap.parse_args(argv)
-
-
-def _inductor_flag(text: str) -> tuple[str, object]:
-    try:
-        return bench.inductor_option(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class GpuCodegen:

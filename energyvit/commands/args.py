@@ -53,7 +53,7 @@ def device_flag(text: str) -> str:
     return text
 
 
-def _flag_type(parse):
+def flag_type(parse):
     """A field's parse function as an argparse type: its ValueError message becomes argparse's."""
     if parse in (int, float, str):
         return parse
@@ -84,7 +84,7 @@ def add_options(parser: argparse.ArgumentParser, group: type, only: tuple[str, .
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
         else:
             parse = meta.get("parse") or type(default)
-            kwargs["type"] = _flag_type(parse)
+            kwargs["type"] = flag_type(parse)
             if meta.get("choices") is not None:
                 kwargs["choices"] = meta["choices"]
             if meta.get("metavar"):

@@ -8,7 +8,7 @@ import torch
 
 from energyvit.benchmark import (DEFAULT_SUITES, PRESETS, STEP_MODES, SUITES, BenchConfig, collect,
                                  format_table, inductor_option)
-from energyvit.commands.args import add, device_flag, non_negative_float, non_negative_int
+from energyvit.commands.args import add, device_flag, flag_type, non_negative_float, non_negative_int
 
 HELP = "benchmark attention backends and the training step"
 
@@ -31,17 +31,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add(p, "--no_compile", action="store_true", help="skip the torch.compile rows (recorded as skipped)")
     add(p, "--budget_s", type=non_negative_float, default=0.0, help="stop starting rows after this many seconds (0: no limit)")
     add(p, "--threads", type=non_negative_int, default=1, help="torch CPU threads (default 1: shared cores)")
-    add(p, "--inductor", type=_inductor_flag, action="append", default=[], metavar="KEY=VALUE",
+    add(p, "--inductor", type=flag_type(inductor_option), action="append", default=[], metavar="KEY=VALUE",
         help="an option of torch._inductor.config for the compiled step modes, a Python literal (e.g. "
         "combo_kernels=True); repeatable; in the results' meta")
     add(p, "--tag", default="", help="extra tag in the result file names")
-
-
-def _inductor_flag(text: str) -> tuple[str, object]:
-    try:
-        return inductor_option(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _names(text: str, known: tuple, flag: str) -> tuple[str, ...]:
