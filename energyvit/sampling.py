@@ -60,3 +60,20 @@ class EpochSampler:
 
     def __len__(self) -> int:
         return (self.steps - self.start_step) * self.images_per_step
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices rank, rank + world_size, ... of range(num_images): one rank's share of an evaluation
+    pass. Every image is read by exactly one rank and none twice (no padding, unlike
+    DistributedSampler), so sums and counts gathered over ranks are exact."""
+
+    def __init__(self, num_images: int, rank: int = 0, world_size: int = 1) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+        self.num_images, self.rank, self.world_size = num_images, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.num_images, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.num_images, self.world_size))

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from energyvit.data.pixels import to_float_pixels
 from energyvit.distributed import DistInfo, all_ranks_true, all_reduce_sum
 from energyvit.options import check_fields, non_negative, option, positive
 from energyvit.sampling import derive_seed
@@ -148,7 +149,7 @@ def train_one_epoch(
         losses = []
         for micro in range(plan.accum_iter):
             images, _, skipped = next(batch_iter)
-            images = images.to(device, non_blocking=True)
+            images = to_float_pixels(images, device)
             last = micro == plan.accum_iter - 1
             sync = ddp.no_sync() if ddp is not None and not last else nullcontext()  # all-reduce once per step
             with sync:

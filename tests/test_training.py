@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from energyvit.cli import main
+from energyvit.data.pixels import to_float_pixels
 from energyvit.training import EpochPlan, TrainingDiverged, train_one_epoch
-from energyvit.sampling import EpochSampler, derive_seed
+from energyvit.sampling import EpochSampler, ShardSampler, derive_seed
 from helpers import THREE_TASKS_K2, images, tiny_model
 
 TINY = ["pretrain", "--model", "vit_pico_patch2", "--batch_size", "100", "--warmup_epochs", "1", *THREE_TASKS_K2,
@@ -90,6 +91,23 @@ def test_sampler_is_a_pure_function_of_seed_epoch_and_step():
     assert full[0][1] == derive_seed(3, 2, full[0][0])
     with pytest.raises(ValueError, match="one optimizer step needs 120 images"):
         EpochSampler(100, 60, seed=0, epoch=0, world_size=2)
+
+
+def test_shard_sampler_reads_every_image_once_over_ranks():
+    shards = [list(ShardSampler(11, r, 3)) for r in range(3)]
+    assert sorted(sum(shards, [])) == list(range(11)) and [len(ShardSampler(11, r, 3)) for r in range(3)] == [4, 4, 3]
+    assert list(ShardSampler(2, 2, 3)) == [] and len(ShardSampler(2, 2, 3)) == 0  # more ranks than images
+    with pytest.raises(ValueError, match="rank 3 is outside 0..2"):
+        ShardSampler(5, 3, 3)
+
+
+def test_uint8_batches_become_float_pixels_on_the_device():
+    u = torch.tensor([[0, 51, 255]], dtype=torch.uint8)
+    torch.testing.assert_close(to_float_pixels(u, "cpu"), torch.tensor([[0.0, 0.2, 1.0]]), rtol=0, atol=1e-7)
+    f = torch.rand(2, 3)
+    assert to_float_pixels(f, "cpu") is f  # float batches are already pixels
+    with pytest.raises(TypeError, match="uint8 or floating point, got torch.int64"):
+        to_float_pixels(torch.zeros(2, dtype=torch.int64), "cpu")
 
 
 def weights(path):

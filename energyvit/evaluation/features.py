@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from energyvit.data.pixels import to_float_pixels
 from energyvit.data.splits import KeyedSubset
 from energyvit.model import EnergyViT
 
@@ -43,11 +44,12 @@ def features(models: list[EnergyViT], dataset: Dataset, limit: int, pools: tuple
     feats: dict[tuple[int, str], list[Tensor]] = {(i, p): [] for i in range(len(models)) for p in pools}
     pixels, labels = [], []
     for x, y, _ in loader:
+        x = to_float_pixels(x, device)
         for i, m in enumerate(models):
-            h = m.forward_features(x.to(device))
+            h = m.forward_features(x)
             for p in pools:
                 feats[(i, p)].append(pool_tokens(h, p).float().cpu())
-        pixels.append(raw_pixels(x))
+        pixels.append(raw_pixels(x).cpu())
         labels.append(y)
     return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(pixels), torch.cat(labels).long()
 

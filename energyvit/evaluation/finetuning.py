@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from energyvit.data.in_memory import ImageSplit, iterate_batches
+from energyvit.data.pixels import to_float_pixels
 from energyvit.data.splits import DataSplits
 from energyvit.evaluation.features import pool_tokens
 from energyvit.model import EnergyViT
@@ -104,7 +105,7 @@ def layer_id(name: str, depth: int) -> int:
 def accuracy(model: Classifier, split: ImageSplit, batch_size: int = 256) -> float:
     model.eval()
     device = model.head.weight.device
-    correct = sum((model(x.to(device)).argmax(1).cpu() == y).sum().item()
+    correct = sum((model(to_float_pixels(x, device)).argmax(1).cpu() == y).sum().item()
                   for x, y in iterate_batches(split, batch_size, drop_last=False))
     return correct / len(split.labels)
 
@@ -139,7 +140,7 @@ def finetune(encoder: EnergyViT, data: DataSplits, options: FinetuneOptions, dev
         for x, y, _ in loader:
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(lr, step, total, warmup) * group["lr_scale"]
-            loss = F.cross_entropy(model(x.to(device)), y.to(device), label_smoothing=options.smoothing)
+            loss = F.cross_entropy(model(to_float_pixels(x, device)), y.to(device), label_smoothing=options.smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
