@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from energyvit.data import files as datasets
 from energyvit.data.files import ArrayDataset, ImageFileDataset, detect_format, open_dataset
+from energyvit.data.splits import DataOptions, load_splits
 from energyvit.data.transforms import (EvalTransform, TrainTransform, estimate_channel_stats, random_hflip,
                                   random_resized_crop, random_resized_crop_params, resize_center_crop, to_tensor)
 
@@ -167,6 +168,16 @@ def test_flat_with_a_train_folder_uses_it_and_its_val(tmp_path):
     assert detect_format(str(tmp_path)) == "flat"
     assert len(open_dataset(str(tmp_path), "train", 8, None, True)) == 3
     assert len(open_dataset(str(tmp_path), "val", 8, None, False)) == 1
+
+
+def test_splits_stream_every_held_out_image_and_keep_a_capped_sample_in_memory(tmp_path):
+    make_imagefolder(tmp_path / "train", per_class=3)
+    make_imagefolder(tmp_path / "val", per_class=2)
+    data = load_splits(DataOptions(data_path=str(tmp_path), eval_images=3, num_workers=0), 8, None)
+    assert len(data.held_out_all) == 4 and len(data.held_out.labels) == 3  # the whole val split; a sample of it
+    assert sorted(int(data.held_out_all[i][1]) for i in range(4)) == [0, 0, 1, 1]
+    digits = load_splits(DataOptions(eval_images=100), 16, None)
+    assert len(digits.held_out_all) == 297 and len(digits.held_out.labels) == 297  # the digits' split is in memory
 
 
 # ---------------------------------------------------------------------------------------------

@@ -61,7 +61,8 @@ class KeyedSubset(Dataset):
 class DataSplits:
     train: Dataset  # augmented; keys (index, seed); items (image, label, skipped files)
     train_plain: Dataset  # the same images without augmentation, for probe features
-    held_out: ImageSplit  # in memory; labels are -1 when the data has none
+    held_out: ImageSplit  # up to --eval_images of held_out_all in memory (restoration metrics, pictures)
+    held_out_all: Dataset  # every held-out image, unaugmented, streamed; items as train's; labels -1 if none
     in_chans: int
     labeled: bool
     num_classes: int  # 0 when unlabeled
@@ -89,7 +90,8 @@ def load_splits(options: DataOptions, img_size: int, channels: int | None, gray_
         if channels not in (None, 1) and not gray_to_rgb:
             raise ValueError(f"the embedded digits are grayscale; a {channels}-channel model cannot take them")
         train, held_out = load_digits_as(img_size, channels or 1)
-        return DataSplits(SplitDataset(train, options.shift), SplitDataset(train), held_out, train.images.shape[1],
+        return DataSplits(SplitDataset(train, options.shift), SplitDataset(train), held_out, SplitDataset(held_out),
+                          train.images.shape[1],
                           True, int(train.labels.max()) + 1, f"embedded digits: {len(train.labels)} train / {len(held_out.labels)} held-out images",
                           options.num_workers or 0, "tokens")
 
@@ -113,7 +115,7 @@ def load_splits(options: DataOptions, img_size: int, channels: int | None, gray_
     in_chans = held_out.images.shape[1]
     labeled = bool((held_out.labels >= 0).all())
     num_workers = options.num_workers if options.num_workers is not None else min(8, os.cpu_count() or 1)
-    return DataSplits(train, plain, held_out, in_chans, labeled, num_classes if labeled else 0,
+    return DataSplits(train, plain, held_out, val, in_chans, labeled, num_classes if labeled else 0,
                       f"{open_dataset_source(options.data_path, train)}: {len(train)} train images, {held_note}",
                       num_workers, "mean")
 
