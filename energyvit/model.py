@@ -120,7 +120,8 @@ class ModelOptions:
                                          parse=int, rule=positive)
     restore_steps: int = option(1, "K, gradient steps of restoration (1..8)", rule=in_range(1, 8), metavar="K")
     step_size_init: float = option(1.0, "initial step size a_k (a_k = exp(learned log step))", rule=positive)
-    fused: bool = option(False, "fused Triton attention (needs triton and a CUDA GPU, or TRITON_INTERPRET=1 on CPU)")
+    fused: bool = option(False, "fused Triton attention (needs triton and a CUDA GPU, or TRITON_INTERPRET=1 on CPU)",
+                         resumable=True)
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -33,10 +33,10 @@ class DataOptions:
                                    "embedded digits)", parse=str, metavar="DIR")
     shift: int = option(0, "digits augmentation: random translation by up to this many pixels", rule=non_negative)
     num_workers: int | None = option(None, "DataLoader worker processes (default: 0 for the embedded digits, else "
-                                     "min(8, CPUs))", parse=int, rule=non_negative)
+                                     "min(8, CPUs))", parse=int, rule=non_negative, resumable=True)
     eval_images: int = option(512, "held-out images (at most)", rule=positive)
     max_image_pixels: int = option(Image.MAX_IMAGE_PIXELS, "image files with more pixels are skipped (Pillow's guard "
-                                   "against decompression bombs)", rule=positive)
+                                   "against decompression bombs)", rule=positive, resumable=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
