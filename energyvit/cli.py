@@ -6,12 +6,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from energyvit.commands import bench, export, finetune, pretrain, probe, restore, shapes
+from energyvit.commands import bench, export, finetune, pretrain, probe, restore, score, shapes
 from energyvit.commands.args import CliError, OneLineParser, config_argv, given_dests
 from energyvit.training import TrainingDiverged
 
 COMMANDS = {"pretrain": pretrain, "export": export, "restore": restore, "probe": probe, "finetune": finetune,
-            "bench": bench, "shapes": shapes}
+            "score": score, "bench": bench, "shapes": shapes}
 
 
 def build_parser() -> OneLineParser:
