@@ -249,7 +249,7 @@ def test_training_loop_with_graphs_matches_the_ordinary_loop(fp32_cuda):
         if graphs:
             method.step_fn = cg.graphed_training(model, OPTS, None, opt, warmup_steps=2)
         x = images(24, dtype=torch.float32)
-        batches = [(x[i: i + 4], None, torch.zeros(4)) for i in range(0, 24, 4)]
+        batches = [(x[i: i + 4], torch.zeros(4, dtype=torch.long), torch.zeros(4)) for i in range(0, 24, 4)]
         plan = EpochPlan(epoch=0, steps=6, start_step=0, global_step=0, clip_grad=1.0, seed=5)
         stats = train_one_epoch(model, method.step_loss(), batches, opt, plan, lambda s: 1e-3 * (1 - s / 6),
                                 method.task_names)

@@ -37,7 +37,7 @@ def model_and_ddp(distributed: bool):
 
 
 def step_loss_for(model, ddp=None):
-    def step_loss(clean, seed):
+    def step_loss(clean, labels, seed):
         energy_fn = ddp_energy_fn(ddp, model) if ddp is not None else None
         return "mim", task_loss(model, clean, fixed_corruption(clean), EnergyOptions(), energy_fn=energy_fn)
     return step_loss
@@ -66,7 +66,7 @@ def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         model, ddp = model_and_ddp(True)
         x = images(BATCH)
         share = x[rank * BATCH // world : (rank + 1) * BATCH // world]
-        step_loss_for(model, ddp)(share, 0)[1].backward()
+        step_loss_for(model, ddp)(share, None, 0)[1].backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         # one optimizer step through train_one_epoch, 2 micro-batches per rank (no_sync on the first)
         model, ddp = model_and_ddp(True)
@@ -80,7 +80,7 @@ def test_ddp_gradients_and_accumulated_step_equal_one_process(tmp_path):
     mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     model, _ = model_and_ddp(False)
     x = images(BATCH)
-    step_loss_for(model)(x, 0)[1].backward()
+    step_loss_for(model)(x, None, 0)[1].backward()
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     expected_after = one_sgd_step(model_and_ddp(False)[0], None, x, BATCH, 1)
     assert "restore_log_step" in expected and "blocks.0.attn.qkv.weight" in expected

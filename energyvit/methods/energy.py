@@ -42,7 +42,7 @@ class EnergyMethod:
         if step_fn is not None and ddp is not None:
             raise ValueError("the compiled step runs in a single process")
 
-        def step_loss(images: Tensor, seed: int) -> tuple[str, Tensor]:
+        def step_loss(images: Tensor, labels: Tensor, seed: int) -> tuple[str, Tensor]:
             name = mixture.sample(seeded_generator(seed))
             generator = seeded_generator(derive_seed(seed, 1), images.device)
             corrupted = mixture.tasks[name](images, generator)
