@@ -30,3 +30,18 @@ def tiny_checkpoint(path, seed: int = 0, **overrides):
     model = tiny_model(dtype=torch.float32, seed=seed, **overrides)
     save_checkpoint(path, {"model": model.state_dict(), "model_config": config_to_dict(model.cfg), "epoch": 0})
     return model
+
+
+def eager_replay_step(*args, **kwargs):
+    """A cuda_graphs.GraphedLossStep whose 'graph' runs what it would capture eagerly at each replay:
+    everything around the CUDA graph (static inputs and gradients, accumulation over micro-batches,
+    the loss weight, an all-reduce between replay and optimizer) runs on the CPU."""
+    from types import SimpleNamespace
+
+    from energyvit.cuda_graphs import GraphedLossStep
+
+    class EagerReplayStep(GraphedLossStep):
+        def _record(self, params):
+            return SimpleNamespace(replay=self._forward_backward, pool=lambda: None)
+
+    return EagerReplayStep(*args, **kwargs)
