@@ -9,7 +9,6 @@ mixture with Langevin noise, through the training loop (also accumulating over m
 with the gradient all-reduce of a one-process group between the two graphs), compiled, and the
 fallbacks after a capture error and for a batch of another shape.
 """
-import socket
 import warnings
 
 import pytest
@@ -19,7 +18,7 @@ import energyvit.cuda_graphs as cg
 from energyvit.cli import main
 from energyvit.objective import EnergyOptions, task_loss
 from energyvit.tasks import build_task
-from helpers import eager_replay_step, images, tiny_model
+from helpers import eager_replay_step, free_port, images, tiny_model
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
@@ -331,10 +330,7 @@ def test_graphs_with_the_gradient_all_reduce_of_a_process_group(fp32_cuda):
 
     from energyvit.distributed import AllReduceGradients
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("nccl" if dist.is_nccl_available() else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+    dist.init_process_group("nccl" if dist.is_nccl_available() else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                             rank=0, world_size=1)
     try:
         got = train_with_graphs(fp32_cuda, True, accum=2, warmup=3, grad_sync=AllReduceGradients)

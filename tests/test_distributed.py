@@ -5,7 +5,6 @@ so does the explicit gradient all-reduce that the compiled and the CUDA-graphed 
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -14,23 +13,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from energyvit.distributed import AllReduceGradients, DDPGradients, DistInfo, LocalGradients, broadcast_parameters, \
-    coalesced, ddp_energy_fn, wrap_ddp
+from energyvit.distributed import AllReduceGradients, DDPGradients, DistInfo, broadcast_parameters, coalesced, \
+    ddp_energy_fn, wrap_ddp
 from energyvit.objective import EnergyOptions, task_loss
-from energyvit.training import EpochPlan, train_one_epoch
-from energyvit.tasks import Corrupted
-from helpers import THREE_TASKS_K2, eager_replay_step, images, tiny_model
+from helpers import THREE_TASKS_K2, eager_replay_step, fixed_corruption, free_port, images, rank_share, sgd_steps, \
+    tiny_model
 
 BATCH = 8
-
-
-def fixed_corruption(x: torch.Tensor) -> Corrupted:
-    """Every other 2x2 patch replaced by 0.5: the same masked area in every image, so the mean over
-    the global batch equals the mean of per-rank means."""
-    mask = torch.zeros(1, 1, 4, 4, dtype=x.dtype)
-    mask.view(-1)[::2] = 1
-    mask = mask.repeat_interleave(2, 2).repeat_interleave(2, 3).expand(len(x), 1, 8, 8)
-    return Corrupted(x * (1 - mask) + 0.5 * mask, mask, mask)
 
 
 def model_and_ddp(distributed: bool, seed: int = 0):
@@ -53,27 +42,6 @@ def graphed_step_loss(model, accum):
     return lambda clean, seed: ("mim", step(clean, fixed_corruption(clean))), step
 
 
-def sgd_steps(model, x, batch_size, accum, info=DistInfo(), grad_sync=LocalGradients(), step_loss=None, steps=1):
-    """`steps` SGD steps of train_one_epoch over x, in order; the weights after them."""
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    loader = [(x[i : i + batch_size], torch.zeros(batch_size), torch.zeros(batch_size)) for i in range(0, len(x), batch_size)]
-    train_one_epoch(model, step_loss or step_loss_for(model), loader, opt, EpochPlan(0, steps, 0, 0, accum_iter=accum),
-                    lambda s: 0.05, ["mim"], info, grad_sync)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def rank_share(x, rank, world, steps):
-    """This rank's part of each optimizer step's global batch (x holds `steps` of them, in order)."""
-    per_step, per_rank = len(x) // steps, len(x) // steps // world
-    return torch.cat([x[s * per_step + rank * per_rank : s * per_step + (rank + 1) * per_rank] for s in range(steps)])
-
-
 def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -88,17 +56,18 @@ def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         # one optimizer step through train_one_epoch, 2 micro-batches per rank (no_sync on the first)
         model, ddp = model_and_ddp(True)
-        after = sgd_steps(model, share, BATCH // world // 2, 2, info, DDPGradients(ddp), step_loss_for(model, ddp))
+        after = sgd_steps(model, step_loss_for(model, ddp), share, BATCH // world // 2, 2, info, DDPGradients(ddp))
         # the same without DDP: each rank starts from its own seed until rank 0's weights are broadcast
         model, _ = model_and_ddp(False, seed=rank)
         broadcast_parameters(model)
         start = {n: p.detach().clone() for n, p in model.named_parameters()}
-        after_explicit = sgd_steps(model, share, BATCH // world // 2, 2, info, AllReduceGradients(model))
+        after_explicit = sgd_steps(model, step_loss_for(model), share, BATCH // world // 2, 2, info,
+                                   AllReduceGradients(model))
         # the graphed step's bookkeeping, accumulating over 2 micro-batches, then the all-reduce, 2 steps
         model, _ = model_and_ddp(False)
         step_loss, step = graphed_step_loss(model, 2)
-        after_graphed = sgd_steps(model, rank_share(images(2 * BATCH), rank, world, 2), BATCH // world // 2, 2, info,
-                                  AllReduceGradients(model), step_loss, steps=2)
+        after_graphed = sgd_steps(model, step_loss, rank_share(images(2 * BATCH), rank, world, 2), BATCH // world // 2,
+                                  2, info, AllReduceGradients(model), steps=2)
         assert step.mode == "graph" and all(p.grad is g for p, g in zip(step._params(), step.static_grads))
         torch.save({"grads": grads, "after": after, "start": start, "after_explicit": after_explicit,
                     "after_graphed": after_graphed}, f"{out}/rank{rank}.pt")
@@ -118,8 +87,10 @@ def test_ddp_and_the_explicit_all_reduce_equal_one_process(tmp_path):
     step_loss_for(model)(x, 0)[1].backward()
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     initial = {n: p.detach().clone() for n, p in model_and_ddp(False)[0].named_parameters()}
-    expected_after = sgd_steps(model_and_ddp(False)[0], x, BATCH, 1)
-    expected_two_steps = sgd_steps(model_and_ddp(False)[0], images(2 * BATCH), BATCH, 1, steps=2)
+    model = model_and_ddp(False)[0]
+    expected_after = sgd_steps(model, step_loss_for(model), x, BATCH, 1)
+    model = model_and_ddp(False)[0]
+    expected_two_steps = sgd_steps(model, step_loss_for(model), images(2 * BATCH), BATCH, 1, steps=2)
     assert "restore_log_step" in expected and "blocks.0.attn.qkv.weight" in expected
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
