@@ -115,15 +115,15 @@ def test_warmup_must_be_at_least_one_step():
         cg.GraphedLossStep(tiny_model(), OPTS, accum_iter=0)
 
 
-def train_loop(model, step_fn, optimizer, accum, steps=4, batch=3, grad_sync=None, seed=5):
-    """train_one_epoch over `steps` optimizer steps of a task mixture (mim, denoise; Langevin noise),
-    `accum` micro-batches each, gradients clipped; step_fn None: the ordinary step."""
+def train_loop(model, step_fn, optimizer, accum, steps=4, batch=3, grad_sync=None, seed=5, opts=OPTS):
+    """train_one_epoch over `steps` optimizer steps of a task mixture (mim, denoise; by default with
+    Langevin noise), `accum` micro-batches each, gradients clipped; step_fn None: the ordinary step."""
     from energyvit.distributed import LocalGradients
     from energyvit.methods.energy import EnergyMethod
     from energyvit.tasks import build_mixture
     from energyvit.training import EpochPlan, train_one_epoch
 
-    method = EnergyMethod(model, build_mixture("mim:0.5,denoise:0.5", 2, 1), OPTS)
+    method = EnergyMethod(model, build_mixture("mim:0.5,denoise:0.5", 2, 1), opts)
     method.step_fn = step_fn
     x = images(steps * accum * batch, dtype=next(model.parameters()).dtype)
     batches = [(x[i: i + batch], None, torch.zeros(batch)) for i in range(0, len(x), batch)]
@@ -149,6 +149,26 @@ def test_replays_accumulate_micro_batches_as_the_ordinary_loop(accum, warmup):
     for (name, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=name)
     assert not torch.equal(ref.blocks[0].attn.qkv.weight, tiny_model().blocks[0].attn.qkv.weight)
+
+
+def test_replays_of_the_compiled_step_accumulate_too():
+    """The compiled step inside the graph (its gradients handed out by the backward of its loss)
+    adds into the static gradients like the eager one: 2 micro-batches per step against the
+    ordinary loop, float64, 1e-10 relative (aot_eager backend: the bookkeeping, not Inductor)."""
+    from energyvit.compiled import compile_support, compiled_train_step
+
+    if not compile_support()[0]:
+        pytest.skip(compile_support()[1])
+    opts = EnergyOptions()  # no Langevin noise: the compiled step under a graph draws none (cuda_graph_support)
+    ref = tiny_model()
+    train_loop(ref, None, torch.optim.SGD(ref.parameters(), lr=0.1), 2, steps=3, opts=opts)
+    model = tiny_model()
+    inner = compiled_train_step(model, opts, backend="aot_eager")
+    step = eager_replay_step(model, opts, inner, warmup_steps=1, accum_iter=2)
+    train_loop(model, step, torch.optim.SGD(model.parameters(), lr=0.1), 2, steps=3, opts=opts)
+    assert step.mode == "graph" and inner.mode == "compiled"
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-13, msg=name)
 
 
 def test_a_replayed_loss_backpropagated_with_another_weight_is_refused():
