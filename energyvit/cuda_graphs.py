@@ -9,7 +9,8 @@ two graphs are captured:
 
 - graph A, `GraphedLossStep` (the energy method's `step_fn`): the K restoration steps with
   create_graph, the loss, and the backward of loss / accum_iter, which adds into static gradient
-  tensors that are the parameters' `.grad` from then on. The eager step, or a compiled one
+  tensors that are the parameters' `.grad` from then on (a parameter the backward never reaches
+  keeps None, as in the ordinary step). The eager step, or a compiled one
   (`energyvit.compiled`), is captured as it is. Before each replay the step's inputs
   are copied into static tensors: the clean and corrupted images, the update mask (all ones for a
   task without one: `delta * 1` is exact), the loss region and the Langevin noise. The corruption
@@ -138,7 +139,7 @@ class GraphedLossStep:
         self._stream: torch.cuda.Stream | None = None
         self.static_inputs: tuple[Tensor, ...] = ()
         self.static_loss: Tensor | None = None
-        self.static_grads: list[Tensor] = []
+        self.static_grads: list[Tensor | None] = []
         self._weight_checked = False
 
     def _params(self) -> list[Tensor]:
@@ -183,12 +184,11 @@ class GraphedLossStep:
             self.static_loss.copy_(loss.detach())
 
     def _capture(self, inputs: tuple[Tensor, ...]) -> None:
-        """Graph A, over static inputs and static gradients (zeros; the replays add into them). The
-        call may come in the middle of an optimizer step: p.grad is left as it was."""
+        """Graph A, over static inputs and static gradients (the replays add into them). The call
+        may come in the middle of an optimizer step: p.grad is left as it was."""
         params = self._params()
         carried = [p.grad for p in params]
         self.static_inputs = tuple(t.detach().clone() for t in inputs)
-        self.static_grads = [torch.zeros_like(p) for p in params]
         try:
             self.graph = self._record(params)
         finally:
@@ -203,13 +203,11 @@ class GraphedLossStep:
             raise RuntimeError("CUDA graphs need the model and the batch on a CUDA device")
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        for p in params:
-            p.grad = None
-        with torch.cuda.stream(stream):  # one step on the capture stream first: its lazy set-up stays out of the graph
-            self._forward_backward()  # (its gradients are dropped)
+        with torch.cuda.stream(stream):
+            self._first_run(params)
         torch.cuda.current_stream().wait_stream(stream)
         for p, g in zip(params, self.static_grads):
-            p.grad = g  # defined .grad: the captured backward adds into it in place
+            p.grad = g  # a defined .grad: the captured backward adds into it in place
         graph = torch.cuda.CUDAGraph()
         try:  # thread_local: only this thread is checked (a DataLoader's pin-memory thread may allocate meanwhile)
             with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
@@ -220,14 +218,25 @@ class GraphedLossStep:
         self._stream = stream
         return graph
 
+    def _first_run(self, params: list[Tensor]) -> None:
+        """One step before the capture, on the capture stream, its gradients dropped: its lazy
+        set-up (the static loss; an autotuner's or a compiler's state) stays out of the graph, and
+        it shows which parameters the backward reaches. Those get a static gradient (zeros); the
+        others keep None, as in the ordinary step (AdamW skips them)."""
+        for p in params:
+            p.grad = None
+        self._forward_backward()
+        self.static_grads = [None if p.grad is None else torch.zeros_like(p) for p in params]
+
     def _use_static_grads(self, params: list[Tensor]) -> None:
         """Make each p.grad its static tensor, holding what p.grad held: zeros where it was None (an
         optimizer step's first micro-batch), else the sum so far (copied in unless it is the static
         tensor already: an ordinary step's gradients after a warm-up or fallback call)."""
-        unset = [g for p, g in zip(params, self.static_grads) if p.grad is None]
+        pairs = [(p, g) for p, g in zip(params, self.static_grads) if g is not None]
+        unset = [g for p, g in pairs if p.grad is None]
         if unset:
             torch._foreach_zero_(unset)
-        for p, g in zip(params, self.static_grads):
+        for p, g in pairs:
             if p.grad is not None and p.grad is not g:
                 g.copy_(p.grad)
             p.grad = g

@@ -2,8 +2,9 @@
 
 Runs as one process or under torchrun (one process per device: DistributedDataParallel, or for
 the compiled and the CUDA-graphed step, whose gradients DDP's hooks never see, an explicit
-all-reduce after each step's backward). Only rank 0 writes files and prints. `run(PretrainOptions(...))` is the whole job; the `energyvit
-pretrain` command builds the options from its flags.
+all-reduce after each step's backward). Only rank 0 writes files and prints.
+`run(PretrainOptions(...))` is the whole job; the `energyvit pretrain` command builds the options
+from its flags.
 """
 from __future__ import annotations
 

@@ -45,6 +45,7 @@ def eager_replay_step(*args, **kwargs):
 
     class EagerReplayStep(GraphedLossStep):
         def _record(self, params):
+            self._first_run(params)  # as the CUDA capture does, then the replay runs what it would capture
             return SimpleNamespace(replay=self._forward_backward, pool=lambda: None)
 
     return EagerReplayStep(*args, **kwargs)

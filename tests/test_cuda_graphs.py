@@ -171,6 +171,22 @@ def test_replays_of_the_compiled_step_accumulate_too():
         torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-13, msg=name)
 
 
+def test_replays_give_the_eager_gradients_and_none_where_the_step_never_reaches():
+    """Replayed calls (graph replaced by running its function) give the eager step's gradients,
+    float64, and a parameter the backward never reaches (the final norm, under the `norm`
+    readout) keeps no gradient, as in the eager step: a zero one would let AdamW decay it."""
+    model = tiny_model()
+    x = images(3)
+    step = eager_replay_step(model, OPTS, warmup_steps=1)
+    for seed in range(3):
+        c = tasks(x * (0.5 + 0.1 * seed))[seed % 2]
+        loss, grads = run_step(step, model, x, c, seed)
+        ref_loss, ref = eager_step(model, x, c, seed)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-13)
+        assert_grads_close(grads, ref, 1e-12)  # the same parameters without a gradient, too
+    assert step.mode == "graph" and model.norm.weight.grad is None and model.norm.weight.requires_grad
+
+
 def test_a_replayed_loss_backpropagated_with_another_weight_is_refused():
     """The replay has already added the gradients of loss / accum_iter: a caller that backpropagates
     the loss with another weight (a step built for another accum_iter) gets an error, not gradients
@@ -314,6 +330,8 @@ def train_with_graphs(device, graphs: bool, accum: int = 1, warmup: int = 2, gra
     from energyvit.training import param_groups
 
     model = tiny_model(dtype=torch.float32).to(device)
+    for p in model.unused_parameters():  # frozen as EnergyMethod will, before the optimizer and grad_sync see them
+        p.requires_grad_(False)
     cls = cg.GraphedAdamW if graphs else torch.optim.AdamW
     opt = cls(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.95), eps=1e-2)
     step = cg.graphed_training(model, OPTS, None, opt, warmup_steps=warmup, accum_iter=accum) if graphs else None
