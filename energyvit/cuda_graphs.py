@@ -80,10 +80,12 @@ def cuda_graph_support(device: torch.device, compiled: bool = False, langevin_st
     return True, ""
 
 
-def cuda_graphs_usable(device: torch.device, compiled: bool = False, langevin_std: float = 0.0) -> bool:
-    """cuda_graph_support's answer, with one warning when it is no."""
+def cuda_graphs_usable(device: torch.device, compiled: bool = False, langevin_std: float = 0.0,
+                       warn: bool = True) -> bool:
+    """cuda_graph_support's answer, with one warning when it is no (warn: this process says it;
+    under torchrun only rank 0 does, every rank decides the same)."""
     ok, reason = cuda_graph_support(device, compiled, langevin_std)
-    if not ok:
+    if not ok and warn:
         _warn_once("support", f"energyvit CUDA graphs: {reason}; training runs the ordinary step")
     return ok
 

@@ -236,7 +236,8 @@ def setup(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -
     method = build_method(options, model, data)
     method.module.to(device)
     lr = train_opts.lr_for(dist_info.world_size)
-    graphed = run_opts.cuda_graphs and cuda_graphs_usable(device, run_opts.compile, options.energy.langevin_std)
+    graphed = run_opts.cuda_graphs and cuda_graphs_usable(device, run_opts.compile, options.energy.langevin_std,
+                                                          warn=dist_info.is_main)
     optimizer_cls = GraphedAdamW if graphed else torch.optim.AdamW
     optimizer = optimizer_cls(param_groups(method.module, train_opts.weight_decay), lr=lr, betas=(0.9, 0.95))
     if graphed:  # --cuda_graphs: the energy step's backward and the AdamW update replayed from CUDA graphs

@@ -144,13 +144,17 @@ def test_all_reduce_refuses_a_parameter_without_gradient():
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun is not on PATH")
 def test_torchrun_pretrain_two_cpu_processes(tmp_path):
+    """DDP under torchrun; --cuda_graphs on the CPU falls back to it with one warning (rank 0's)."""
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "energyvit", "pretrain",
            "--model", "vit_pico_patch2", "--batch_size", "125", "--accum_iter", "2", "--epochs", "2", "--warmup_epochs", "1",
-           *THREE_TASKS_K2, "--num_threads", "1", "--grid_rows", "2", "--output_dir", str(tmp_path), "--device", "cpu"]
+           *THREE_TASKS_K2, "--num_threads", "1", "--grid_rows", "2", "--output_dir", str(tmp_path), "--device", "cpu",
+           "--cuda_graphs"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("energyvit CUDA graphs: CUDA graphs need a CUDA device") == 1, done.stderr[-3000:]
+    assert "CUDA graphs" not in done.stdout and "all-reduced" not in done.stdout  # DDP, as without the flag
     # lr = blr x 125 x 2 accum x 2 processes / 256; only rank 0 prints
     assert "batch 125 x 2 accum x 2 processes, lr 7.81e-03" in done.stdout, done.stdout
     assert done.stdout.count("energyvit pretrain:") == 1
