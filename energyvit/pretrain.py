@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from energyvit.checkpoint import load_pretrain_checkpoint, load_weights, save_checkpoint, save_json
 from energyvit.cuda_graphs import GraphedAdamW, cuda_graphs_usable, graphed_training
 from energyvit.data.splits import DataOptions, DataSplits, load_splits
-from energyvit.distributed import DistInfo, all_ranks_true, barrier, init_distributed, shutdown, wrap_ddp
+from energyvit.distributed import DistInfo, all_ranks_true, barrier, init_distributed, run_on_main, shutdown, \
+    wrap_ddp
 from energyvit.evaluation.features import POOLINGS
 from energyvit.evaluation.probes import probe_accuracies
 from energyvit.metrics import MetricsLogger
@@ -33,7 +34,7 @@ from energyvit.options import OptionError, check_fields, device, non_negative, o
 from energyvit.progress import Progress
 from energyvit.sampling import EpochSampler
 from energyvit.tasks import TaskOptions, build_mixture
-from energyvit.training import EpochPlan, LossTrend, StepLoss, TrainingDiverged, TrainOptions, cosine_lr, \
+from energyvit.training import EpochPlan, LossTrend, StepLoss, TrainingDiverged, TrainOptions, amp_dtype, cosine_lr, \
     param_groups, train_one_epoch
 from energyvit.visualize import save_restoration_grid
 
@@ -91,13 +92,6 @@ class PretrainOptions:
     def flat(self) -> dict:
         """Every option by its flag name, as checkpoints keep them ("args")."""
         return {k: v for group in asdict(self).values() for k, v in group.items()}
-
-
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default, full fp32 on the CPU unless asked."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -269,12 +263,14 @@ def _run(options: PretrainOptions, dist_info: DistInfo, device: torch.device) ->
               f"{', CUDA graphs' if isinstance(t.optimizer, GraphedAdamW) else ''}",
               flush=True)
     train(t, dist_info, device, out)
-    summary = None
-    if dist_info.is_main:
-        summary = final_evaluation(t)
-        save_json(out / "summary.json", summary)
-        print_summary(summary)
-    barrier(dist_info)
+    # rank 0 alone evaluates; the others wait for it without a timeout an evaluation could outlast
+    return run_on_main(dist_info, lambda: write_summary(t, out))
+
+
+def write_summary(t: Training, out: Path) -> dict:
+    summary = final_evaluation(t)
+    save_json(out / "summary.json", summary)
+    print_summary(summary)
     return summary
 
 
