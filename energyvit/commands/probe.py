@@ -55,7 +55,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_options(p, MAEProbeOptions, helps={
         "seed": "seed of the --random_init weights, and of --protocol mae's data order, augmentation and head init"})
     add(p, "--output", default=None, help="JSON file (default: probe-POOL.json, or probe-mae-POOL.json, beside the "
-                                         "checkpoint)")
+                                         "checkpoint); --protocol mae also writes its head and optimizer after every "
+                                         "epoch to the same name ending in .pth")
+    add(p, "--resume", default="", metavar="STATE",
+        help="the .pth state of a stopped --protocol mae run to continue (the same flags and checkpoint)")
     add(p, "--device", type=device_flag, default=None,
         help="cpu, cuda or cuda:N (default: cuda if available, else cpu; under torchrun cuda:LOCAL_RANK)")
     add(p, "--num_threads", type=non_negative_int, default=0, help="torch CPU threads (0: torch's default)")
@@ -69,6 +72,8 @@ def check_protocol_flags(args: argparse.Namespace, options: MAEProbeOptions, dat
         for name in MAE_ONLY:
             if given[name] != defaults[name]:
                 raise CliError(f"{PROG}: error: argument --{name}: applies to --protocol mae only")
+        if args.resume:
+            raise CliError(f"{PROG}: error: argument --resume: applies to --protocol mae only")
     elif args.probe_images != PROBE_IMAGES:
         raise CliError(f"{PROG}: error: argument --probe_images: applies to --protocol lbfgs only (mae trains on "
                        "every training image)")
@@ -100,17 +105,21 @@ def _run(args: argparse.Namespace, options: MAEProbeOptions, data_options: DataO
     pool = args.pool or data.default_probe_pool
     result = {"checkpoint": str(args.checkpoint), "random_init": args.random_init, "data": args.data_path or "digits",
               "protocol": args.protocol}
+    name = f"probe-{'mae-' if args.protocol == 'mae' else ''}{pool}{'-random-init' if args.random_init else ''}.json"
+    output = Path(args.output) if args.output else Path(args.checkpoint).with_name(name)
+    if output.suffix == ".pth":
+        raise ValueError(f"--output {output}: the results are JSON, and the .pth name is the probe's state")
     if args.protocol == "mae":
         say(f"{PROG}: MAE linear probe of {pool} features, {data.description}, {options.epochs} epochs, "
             f"{options.optimizer.upper()}, effective batch {options.batch_size * dist_info.world_size} "
-            f"({dist_info.world_size} process(es)), lr {options.lr_for(dist_info.world_size):.3g}, on {device}")
-        mae = train_mae_probe(model, pool, data, options, dist_info, device, log=say)
+            f"({dist_info.world_size} process(es)), lr {options.lr_for(dist_info.world_size):.3g}, on {device}; "
+            f"state after each epoch: {output.with_suffix('.pth')}")
+        mae = train_mae_probe(model, pool, data, options, dist_info, device, log=say,
+                              save_to=output.with_suffix(".pth"), resume_from=args.resume or None)
         result.update(linear_probe_acc=mae["top1"], linear_probe_top5=mae["top5"],
                       mae_probe={k: mae[k] for k in ("lr", "effective_batch", "steps", "history")})
     result.update(frozen_scores(model, pool, args.knn_k, args.knn_t, data, args.probe_images, dist_info, device,
                                 options.batch_size, options.precision, linear=args.protocol == "lbfgs"))
-    name = f"probe-{'mae-' if args.protocol == 'mae' else ''}{pool}{'-random-init' if args.random_init else ''}.json"
-    output = Path(args.output) if args.output else Path(args.checkpoint).with_name(name)
     if dist_info.is_main:
         save_json(output, result)
     fit = (f"MAE, {options.epochs} epochs" if args.protocol == "mae"

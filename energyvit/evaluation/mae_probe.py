@@ -21,19 +21,24 @@ probe --protocol mae`: for any amount of data, on the device, under torchrun on 
 - bf16 autocast on CUDA for the encoder (features and head in float32).
 - Scored once at the end on every held-out image (classify_split); the result is the last epoch's
   (no selection on held-out images).
+- Rank 0 saves the head and optimizer after every epoch (`save_to`); a run stopped between two
+  saves continues from the last (`resume_from`) exactly as if it had not stopped: the data order,
+  augmentation and lr are functions of the seed, the epoch and the step.
 """
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from energyvit.checkpoint import load_checkpoint, load_weights, save_checkpoint
 from energyvit.data.pixels import to_float_pixels
 from energyvit.data.splits import DataSplits
 from energyvit.distributed import DistInfo, all_ranks_true, all_reduce_sum, sum_over_ranks, wrap_ddp
@@ -156,11 +161,33 @@ def make_optimizer(head: nn.Module, options: MAEProbeOptions, lr: float) -> torc
                             {"params": vectors, "weight_decay": 0.0}], lr=lr, momentum=options.momentum)
 
 
+def probe_setup(encoder: EnergyViT, pool: str, data: DataSplits, options: MAEProbeOptions, dist: DistInfo) -> dict:
+    """What a resumed probe must share with the run it continues: every option but the precision,
+    the pooling, the effective batch, the training set's size and the encoder's weights (their
+    float64 sum and sum of squares)."""
+    weights = [t.detach().double().cpu() for t in encoder.state_dict().values() if t.is_floating_point()]
+    return {**{k: v for k, v in asdict(options).items() if k != "precision"}, "pool": pool,
+            "effective_batch": options.batch_size * dist.world_size, "num_train": data.num_train,
+            "encoder": [sum(w.sum().item() for w in weights), sum(w.square().sum().item() for w in weights)]}
+
+
+def resume_state(path: str | Path, setup: dict) -> dict:
+    state = load_checkpoint(path)
+    if not {"head", "optimizer", "epoch", "history", "setup"} <= set(state):
+        raise ValueError(f"{path} is not a probe state of `energyvit probe --protocol mae`")
+    changed = [f"{k} {state['setup'].get(k)!r} (now {v!r})" for k, v in setup.items() if state["setup"].get(k) != v]
+    if changed:
+        raise ValueError(f"{path} is the probe of other settings, it cannot be continued here: {'; '.join(changed)}")
+    return state
+
+
 def train_mae_probe(encoder: EnergyViT, pool: str, data: DataSplits, options: MAEProbeOptions,
                     dist: DistInfo = DistInfo(), device: torch.device | str = "cpu",
-                    log: Callable[[str], None] = print) -> dict:
+                    log: Callable[[str], None] = print, save_to: str | Path | None = None,
+                    resume_from: str | Path | None = None) -> dict:
     """Train MAE's linear probe on the frozen `encoder` over every training image of `data` for
     options.epochs and score it on every held-out image. Under torchrun every rank calls this.
+    save_to: the state file rank 0 writes after every epoch; resume_from: one to continue.
     Returns held-out top-1/top-5, the lr, per-epoch history, and the trained head under "head"."""
     if not data.labeled:
         raise ValueError(f"the linear probe needs labels, and {data.description} has none")
@@ -179,8 +206,16 @@ def train_mae_probe(encoder: EnergyViT, pool: str, data: DataSplits, options: MA
     total, warmup = options.epochs * steps_per_epoch, options.warmup_epochs * steps_per_epoch
     dtype = amp_dtype(options.precision, device)
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else nullcontext
-    history, step = [], 0
-    for epoch in range(options.epochs):
+    setup = probe_setup(encoder, pool, data, options, dist)
+    history, start = [], 0
+    if resume_from:
+        state = resume_state(resume_from, setup)
+        load_weights(head, state["head"], resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        history, start = state["history"], state["epoch"]
+        log(f"continuing {resume_from} after epoch {start}")
+    step = start * steps_per_epoch
+    for epoch in range(start, options.epochs):
         t0 = time.perf_counter()
         head.train()
         sampler = EpochSampler(data.num_train, options.batch_size, options.seed, epoch, dist.rank, dist.world_size)
@@ -203,6 +238,9 @@ def train_mae_probe(encoder: EnergyViT, pool: str, data: DataSplits, options: MA
         mean_loss = (all_reduce_sum(loss_sum, dist) / (steps_per_epoch * dist.world_size)).item()
         history.append({"epoch": epoch, "loss": mean_loss, "lr": optimizer.param_groups[0]["lr"],
                         "epoch_s": time.perf_counter() - t0})
+        if save_to and dist.is_main:
+            save_checkpoint(save_to, {"head": head.state_dict(), "optimizer": optimizer.state_dict(),
+                                      "epoch": epoch + 1, "history": history, "setup": setup})
         log(f"epoch {epoch + 1}/{options.epochs}  loss {mean_loss:.4f}  lr {history[-1]['lr']:.3g}  "
             f"{history[-1]['epoch_s']:.1f} s")
     scored = classify_split(model, data.held_out_all, options.batch_size, dist, device,
