@@ -34,7 +34,9 @@ class DataOptions:
     shift: int = option(0, "digits augmentation: random translation by up to this many pixels", rule=non_negative)
     num_workers: int | None = option(None, "DataLoader worker processes (default: 0 for the embedded digits, else "
                                      "min(8, CPUs))", parse=int, rule=non_negative)
-    eval_images: int = option(512, "held-out images (at most)", rule=positive)
+    eval_images: int = option(512, "held-out images: at most this many are taken out of the training images when "
+                              "the data has no validation split, and held in memory (restoration metrics, "
+                              "fine-tuning's accuracy); the probes score every held-out image", rule=positive)
     max_image_pixels: int = option(Image.MAX_IMAGE_PIXELS, "image files with more pixels are skipped (Pillow's guard "
                                    "against decompression bombs)", rule=positive)
 
