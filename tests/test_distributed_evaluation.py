@@ -56,7 +56,7 @@ def image_split(n: int, seed: int) -> ImageSplit:
 def splits() -> DataSplits:
     train, held = image_split(48, 1), image_split(13, 2)  # 13: the ranks' shares differ in size
     return DataSplits(SplitDataset(train, max_shift=1), SplitDataset(train), held, SplitDataset(held), 1, True, 3,
-                      "synthetic", 0, "mean")
+                      "synthetic", 0, "mean", ["a", "b", "c"])
 
 
 class Logits(nn.Module):

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from energyvit.checkpoint import load_model, save_json
-from energyvit.commands.args import CliError, add, add_options, build_options, device_flag, non_negative_int, \
-    positive_float, positive_int
+from energyvit.commands.args import CliError, add, add_config, add_options, build_options, device_flag, \
+    non_negative_int, positive_float, positive_int
 from energyvit.data.splits import DataOptions, load_splits
 from energyvit.distributed import DistInfo, init_distributed, shutdown
 from energyvit.evaluation.features import POOLINGS
@@ -33,6 +33,7 @@ MAE_ONLY = ("epochs", "warmup_epochs", "blr", "lr", "optimizer", "momentum", "we
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint-last.pth of `energyvit pretrain` or an `export` file")
+    add_config(p)
     add(p, "--protocol", choices=PROTOCOLS, default="lbfgs",
         help="linear probe: lbfgs: logistic regression fit by L-BFGS on the features of up to --probe_images "
              "training images, held in memory (fast; for small data); mae: MAE's (BatchNorm and linear head "

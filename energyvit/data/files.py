@@ -141,6 +141,11 @@ class ImageFileDataset(_KeyedDataset):
     def label(self, index: int) -> int:
         return int(self._labels[index])
 
+    @property
+    def targets(self) -> np.ndarray:
+        """Every image's label (-1 when unlabeled), read from the file list: nothing is decoded."""
+        return self._labels
+
     def _decode(self, index: int) -> Image.Image:
         return convert_mode(read_image(self.path(index)), self.channels)
 
@@ -190,6 +195,11 @@ class ArrayDataset(_KeyedDataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Every image's label (-1 when unlabeled)."""
+        return np.full(len(self.images), -1, dtype=np.int64) if self.labels is None else self.labels
 
     def __getitem__(self, key: SampleKey) -> Sample:
         index, seed = self._key(key)
