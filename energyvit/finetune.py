@@ -31,7 +31,8 @@ from energyvit.data.mixup import Mixup, soft_target_cross_entropy
 from energyvit.data.randaugment import DEFAULT_SPEC, RandAugment, parse_spec
 from energyvit.data.random_erasing import random_erase
 from energyvit.data.splits import DataOptions, DataSplits, load_splits
-from energyvit.distributed import DistInfo, all_ranks_true, barrier, init_distributed, shutdown, wrap_ddp
+from energyvit.distributed import DDPGradients, DistInfo, LocalGradients, all_ranks_true, barrier, init_distributed, \
+    shutdown, wrap_ddp
 from energyvit.evaluation.finetuning import HEAD_POOLINGS, Classifier, add_drop_path, layer_id
 from energyvit.evaluation.streaming import classify_split
 from energyvit.metrics import MetricsLogger, require_wandb
@@ -409,7 +410,8 @@ def train(t: Finetuning, dist_info: DistInfo, dev: torch.device, out: Path) -> N
                                  train_opts.clip_grad, t.autocast_dtype, train_opts.seed)
                 stats = train_one_epoch(t.model, t.step_loss(), loader, t.optimizer, plan,
                                         lambda s: cosine_lr(t.lr, s, total, warmup, train_opts.min_lr), [LOSS_NAME],
-                                        dist_info, t.ddp, should_stop=stop_everywhere, on_step=on_step)
+                                        dist_info, DDPGradients(t.ddp) if t.ddp is not None else LocalGradients(),
+                                        should_stop=stop_everywhere, on_step=on_step)
                 global_step += stats["steps"]
                 step_in_epoch += stats["steps"]
                 if stats["stopped"] and step_in_epoch < t.steps_per_epoch:

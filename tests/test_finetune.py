@@ -116,7 +116,7 @@ def test_streamed_top1_and_top5_by_hand():
 
 def test_unlabeled_images_are_refused_by_the_evaluation():
     split = ImageSplit(torch.zeros(2, 1, 2, 2), torch.tensor([0, -1]))
-    with pytest.raises(ValueError, match="1 image\\(s\\) without a label"):
+    with pytest.raises(ValueError, match="1 held-out image\\(s\\) have no label"):
         classify_split(FixedLogits(torch.zeros(1, 3)), SplitDataset(split))
 
 

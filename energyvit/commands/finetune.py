@@ -18,8 +18,6 @@ from energyvit.options import OptionError
 from energyvit.resume import AUTO, resolve_resume, resumed_values
 
 HELP = "fine-tune a pretrained encoder end to end as a classifier"
-HELPS = {"eval_images": "held-out images taken from the training images when the data has no validation split (at "
-                        "most; a validation split is scored whole)"}
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -28,7 +26,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_config(p)
     for group in GROUP_TYPES.values():
         add_options(p, group, only=tuple(f.name for f in fields(group) if f.name != "checkpoint"),
-                    defaults=DATA_DEFAULTS, helps=HELPS)
+                    defaults=DATA_DEFAULTS)
 
 
 def options_from(args: argparse.Namespace, say=print) -> FinetuneOptions:

@@ -35,7 +35,9 @@ class DataOptions:
     shift: int = option(0, "digits augmentation: random translation by up to this many pixels", rule=non_negative)
     num_workers: int | None = option(None, "DataLoader worker processes (default: 0 for the embedded digits, else "
                                      "min(8, CPUs))", parse=int, rule=non_negative, resumable=True)
-    eval_images: int = option(512, "held-out images (at most)", rule=positive)
+    eval_images: int = option(512, "held-out images: at most this many are taken out of the training images when "
+                              "the data has no validation split, and held in memory (restoration metrics); the "
+                              "probes and fine-tuning score every held-out image", rule=positive)
     one_class: str | None = option(None, "keep only this class (its folder name or index) of a labeled dataset, in "
                                    "training and held-out images: the one-class anomaly protocol of `energyvit score`",
                                    parse=str, metavar="CLASS")
