@@ -48,10 +48,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add_options(p, DataOptions, only=("data_path", "one_class", "num_workers", "max_image_pixels"),
                 helps={"one_class": "score the held-out images of --data_path (default: the embedded digits) with "
                                     "this class (name or index) in-distribution and the others out"})
-    add(p, "--in", dest="in_set", default=None, metavar="SET", help="in-distribution images: a folder, or digits")
-    add(p, "--out", dest="out_set", default=None, metavar="SET", help="out-of-distribution images: a folder, or digits")
-    add(p, "--reference", default=None, metavar="SET", help="training images of the feature baselines (a folder, or "
-        "digits; default with --one_class: class C's training images; otherwise none, and no baselines)")
+    add(p, "--in", dest="in_set", default=None, metavar="SET", help="in-distribution images: a folder, or digits (their "
+        "held-out images)")
+    add(p, "--out", dest="out_set", default=None, metavar="SET", help="out-of-distribution images: a folder, or digits "
+        "(their held-out images)")
+    add(p, "--reference", default=None, metavar="SET", help="training images of the feature baselines and the energy "
+        "typicality (a folder, or digits: their training images; default with --one_class: class C's training "
+        "images; otherwise none, and no baselines)")
     add(p, "--mae", default=None, metavar="CHECKPOINT", help="a `pretrain --method mae` checkpoint: add MAE's "
         "reconstruction error as a score")
     add_options(p, ScoreOptions)
@@ -73,7 +76,7 @@ def _sets(args: argparse.Namespace, size: int, channels: int, data_options: Data
     if sum(given) != 1:
         raise CliError(f"{PROG}: error: give one of: PATH..., --in SET --out SET, --data_path DIR (its held-out "
                        "images), or --one_class C (of --data_path DIR, or of the embedded digits)")
-    reference = named_set(args.reference, size, channels) if args.reference else None
+    reference = named_set(args.reference, size, channels, split="train") if args.reference else None
     if args.paths:
         return {"": files_set(args.paths, size, channels)}, reference
     if not args.data_path and not one_class:

@@ -61,10 +61,11 @@ def files_set(paths: list[str], size: int, channels: int) -> ScoreSet:
     return ScoreSet(files, lambda i: transform(read_image(files[i])))
 
 
-def digits_set(size: int, channels: int) -> ScoreSet:
-    held_out = load_digits_as(size, channels)[1]
-    return ScoreSet([f"{DIGITS}/{i}" for i in range(len(held_out.labels))], lambda i: held_out.images[i],
-                    held_out.labels.tolist())
+def digits_set(size: int, channels: int, split: str = "held_out") -> ScoreSet:
+    """The embedded digits' held-out images, or their training images (split "train")."""
+    images = load_digits_as(size, channels)[split == "held_out"]
+    return ScoreSet([f"{DIGITS}/{split}/{i}" for i in range(len(images.labels))], lambda i: images.images[i],
+                    images.labels.tolist())
 
 
 def dataset_set(dataset: Dataset, name: str) -> ScoreSet:
@@ -79,9 +80,9 @@ def dataset_set(dataset: Dataset, name: str) -> ScoreSet:
     return ScoreSet([f"{name}[{j}]" for j in indices], lambda i: base[indices[i]][0], labels)
 
 
-def named_set(spec: str, size: int, channels: int) -> ScoreSet:
-    """`digits`, or an image file or folder."""
-    return digits_set(size, channels) if spec == DIGITS else files_set([spec], size, channels)
+def named_set(spec: str, size: int, channels: int, split: str = "held_out") -> ScoreSet:
+    """`digits` (their `split`), or an image file or folder."""
+    return digits_set(size, channels, split) if spec == DIGITS else files_set([spec], size, channels)
 
 
 def _readable(batch: list[tuple[Tensor | None, int]]) -> tuple[Tensor | None, list[int], int]:
