@@ -24,7 +24,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint-last.pth of `energyvit pretrain` or an `export` file")
     add(p, "--pool", choices=POOLINGS, default="tokens",
         help="features: all patch tokens concatenated, their mean, or the class token")
-    add_options(p, DataOptions, only=("data_path", "eval_images", "num_workers", "max_image_pixels"))
+    add_options(p, DataOptions, only=("data_path", "eval_images", "num_workers", "jpeg_draft", "max_image_pixels"))
     add(p, "--knn_k", type=positive_int, default=200, help="neighbours of the kNN vote (at most the training images)")
     add(p, "--knn_t", type=positive_float, default=0.1, help="temperature of the kNN vote weights")
     add(p, "--random_init", action="store_true",

@@ -8,7 +8,6 @@ fine-tuning all open their data here, so they see the same split.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from energyvit.data.digits import load_digits_as
 from energyvit.data.files import open_dataset
 from energyvit.data.in_memory import ImageSplit, SplitDataset, channel_stats
+from energyvit.data.loader import default_num_workers
+from energyvit.data.pixels import to_float_pixels
 from energyvit.data.transforms import estimate_channel_stats
 from energyvit.options import check_fields, non_negative, option, positive
 
@@ -29,11 +30,18 @@ class DataOptions:
     """Which images a run reads and how many it holds out."""
 
     data_path: str | None = option(None, "image data: ImageFolder tree (with train/ and val/, or class folders), flat "
-                                   "folder, CIFAR-10/100 python batches or MNIST-style idx files (default: the "
-                                   "embedded digits)", parse=str, metavar="DIR")
+                                   "folder, WebDataset .tar shards (a folder, with train/ and val/ or not, or a "
+                                   "brace pattern such as 'DIR/shard-{000..146}.tar'), CIFAR-10/100 python batches "
+                                   "or MNIST-style idx files (default: the embedded digits)", parse=str, metavar="DIR")
     shift: int = option(0, "digits augmentation: random translation by up to this many pixels", rule=non_negative)
-    num_workers: int | None = option(None, "DataLoader worker processes (default: 0 for the embedded digits, else "
-                                     "min(8, CPUs))", parse=int, rule=non_negative)
+    num_workers: int | None = option(None, "DataLoader worker processes per process (default: 0 for the embedded "
+                                     "digits, else min(8, usable CPUs // LOCAL_WORLD_SIZE), at least 1: the CPUs "
+                                     "of this process's affinity shared among torchrun's processes on the machine)",
+                                     parse=int, rule=non_negative)
+    jpeg_draft: bool = option(True, "decode JPEGs at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling) where the crop "
+                              "or resize still gets at least the input size from it: the same crops, about 2x "
+                              "faster decoding of ImageNet-sized files, pixels within a few levels of a full-size "
+                              "decode (docs/benchmarks.md)")
     eval_images: int = option(512, "held-out images (at most)", rule=positive)
     max_image_pixels: int = option(Image.MAX_IMAGE_PIXELS, "image files with more pixels are skipped (Pillow's guard "
                                    "against decompression bombs)", rule=positive)
@@ -76,7 +84,8 @@ class DataSplits:
 
     def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std for a new model's input normalization: over all training digits,
-        or over up to 1000 unaugmented training images (decoded here, so only when needed)."""
+        or over a fixed random sample of up to 1000 unaugmented images from the whole training set
+        (decoded here, so only when needed)."""
         if isinstance(self.train_plain, SplitDataset):
             return channel_stats(self.train_plain.split.images)
         return estimate_channel_stats(self.train_plain)
@@ -96,10 +105,10 @@ def load_splits(options: DataOptions, img_size: int, channels: int | None, gray_
                           options.num_workers or 0, "tokens")
 
     Image.MAX_IMAGE_PIXELS = options.max_image_pixels  # Pillow's own global; DataLoader workers inherit it
-    train = open_dataset(options.data_path, "train", img_size, channels, augment=True)
+    train = open_dataset(options.data_path, "train", img_size, channels, augment=True, jpeg_draft=options.jpeg_draft)
     plain = train.unaugmented()
     num_classes = train.num_classes
-    val = open_dataset(options.data_path, "val", img_size, channels, augment=False)
+    val = open_dataset(options.data_path, "val", img_size, channels, augment=False, jpeg_draft=options.jpeg_draft)
     n = len(train)
     if val is None:  # hold out a fixed part of the training images
         order = torch.randperm(n, generator=torch.Generator().manual_seed(HOLD_OUT_SEED)).tolist()
@@ -114,7 +123,7 @@ def load_splits(options: DataOptions, img_size: int, channels: int | None, gray_
     held_out = load_images(val, options.eval_images)
     in_chans = held_out.images.shape[1]
     labeled = bool((held_out.labels >= 0).all())
-    num_workers = options.num_workers if options.num_workers is not None else min(8, os.cpu_count() or 1)
+    num_workers = options.num_workers if options.num_workers is not None else default_num_workers()
     return DataSplits(train, plain, held_out, val, in_chans, labeled, num_classes if labeled else 0,
                       f"{open_dataset_source(options.data_path, train)}: {len(train)} train images, {held_note}",
                       num_workers, "mean")
@@ -126,10 +135,11 @@ def open_dataset_source(path: str, dataset: Dataset) -> str:
 
 
 def load_images(dataset: Dataset, limit: int, batch_size: int = 256) -> ImageSplit:
-    """Up to `limit` images of `dataset` in memory: a fixed random subset (HOLD_OUT_SEED), so a
-    class-sorted folder still gives every class."""
+    """Up to `limit` images of `dataset` in memory as float [0, 1] (the restoration metrics and
+    pictures read them): a fixed random subset (HOLD_OUT_SEED), so a class-sorted folder still
+    gives every class."""
     n = len(dataset)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(HOLD_OUT_SEED))[: min(n, limit)].tolist()
     loader = DataLoader(KeyedSubset(dataset, order), batch_size=batch_size)
-    images, labels = zip(*((x, y) for x, y, _ in loader))
+    images, labels = zip(*((to_float_pixels(x, "cpu"), y) for x, y, _ in loader))
     return ImageSplit(torch.cat(images), torch.cat(labels).long())
