@@ -272,8 +272,8 @@ def test_reduced_decode_takes_the_largest_scale_that_keeps_the_region(tmp_path):
                                   lambda draft: EvalTransform(48, 3, jpeg_draft=draft)], ids=["train", "eval"])
 def test_jpeg_draft_keeps_the_crops_and_stays_close_to_the_full_decode(tmp_path, make):
     """Same draws from the generator (so exact resume and the seeded crops are unchanged), and
-    pixels within 1.5 levels of 255 on average of the full-size decode's: a crop misplaced by 4
-    pixels of the 640x480 original differs by 6.5 levels or more on these images."""
+    pixels within 2.5 levels of 255 on average of the full-size decode's (1.1 to 1.4 measured): a
+    crop misplaced by 4 pixels of the 640x480 original differs by 7 levels or more on these images."""
     from energyvit.data.files import open_image
     from energyvit.data.throughput import write_jpegs
 
@@ -287,7 +287,7 @@ def test_jpeg_draft_keeps_the_crops_and_stays_close_to_the_full_decode(tmp_path,
             reduced += img.size != (640, 480)  # decoded at a reduced size
         assert torch.equal(full_gen.get_state(), draft_gen.get_state())
         assert drafted.shape == full.shape == (3, 48, 48) and drafted.dtype == torch.uint8
-        assert (drafted.float() - full.float()).abs().mean() < 1.5, i
+        assert (drafted.float() - full.float()).abs().mean() < 2.5, i
     assert reduced == 6
     with open_image(path) as img:  # with the option off, nothing is reduced
         make(False)(img, torch.Generator())

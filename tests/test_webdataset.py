@@ -76,11 +76,18 @@ def test_index_order_labels_and_ignored_members(tmp_path):
         add(tar, "s1.webp", encoded(1, "WEBP"))
         add(tar, "s1.cls", b" 0 ")
         add(tar, ".hidden.png", encoded(5))  # hidden files: ignored
+    with tarfile.open(tmp_path / "c.tar", "w", format=tarfile.GNU_FORMAT) as tar:
+        sparse = tarfile.TarInfo("s4.png")  # a sparse file's data is not one run of bytes: not read
+        sparse.type, sparse.size = tarfile.GNUTYPE_SPARSE, 3
+        tar.addfile(sparse, io.BytesIO(b"abc"))
+        add(tar, "s4.cls", b"0")
+        add(tar, "s5.png", encoded(5))
+        add(tar, "s5.cls", b"1")
     (tmp_path / "notes.txt").write_text("not a shard")
     assert detect_format(str(tmp_path)) == "webdataset"
     ds = open_dataset(str(tmp_path), "train", 12, None, augment=False)
-    assert isinstance(ds, ShardDataset) and len(ds) == 4 and ds.classes == ["0", "1", "2"]
-    assert [ds[i][1] for i in range(4)] == [1, 0, 0, 2]  # shards by name, members in order
+    assert isinstance(ds, ShardDataset) and len(ds) == 5 and ds.classes == ["0", "1", "2"]
+    assert [ds[i][1] for i in range(5)] == [1, 0, 0, 2, 1]  # shards by name, members in order
     assert torch.equal(ds[0][0], torch.from_numpy(pixels(0)).permute(2, 0, 1))  # PNG: exact pixels
     assert ds[1][0].shape == (3, 12, 12) and ds[1][0].dtype == torch.uint8  # WebP, lossy
     assert torch.equal(ds[3][0], torch.from_numpy(pixels(3)).permute(2, 0, 1))

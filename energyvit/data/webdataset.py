@@ -162,7 +162,8 @@ def _scan_shard(path: str) -> tuple[list[tuple[int, int, int, bool]], int, str, 
         damage = ""
         try:
             while (info := tar.next()) is not None:
-                split = _key_and_extension(info.name) if info.isreg() else None
+                # links, folders and sparse files (data not in one run of bytes) are not samples
+                split = _key_and_extension(info.name) if info.isreg() and not info.issparse() else None
                 if split is None:
                     continue
                 if split[0] != key:
@@ -205,7 +206,7 @@ def scan_shards(shards: list[str]) -> ShardIndex:
 @functools.lru_cache(maxsize=4)  # the train split is scanned again when the val split checks its labels
 def _scan_cached(stats: tuple[tuple[str, int, int], ...]) -> ShardIndex:
     shards = [s for s, _, _ in stats]
-    shard_ids, rows, problems = [], [], []
+    tables, problems = [], []  # per shard: (n, 5) int64 rows of shard, offset, size, label, has label
     skipped = bad = 0
     for i, path in enumerate(shards):
         samples, dropped, problem, is_tar = _scan_shard(path)
@@ -213,18 +214,16 @@ def _scan_cached(stats: tuple[tuple[str, int, int], ...]) -> ShardIndex:
             problems.append(problem)
         bad += not is_tar
         skipped += dropped
-        rows += samples
-        shard_ids += [i] * len(samples)
-    labeled = any(has for _, _, _, has in rows)
-    if labeled:  # in a labeled set a sample without a label cannot be used (every image has one class)
-        keep = [j for j, (_, _, _, has) in enumerate(rows) if has]
-        if len(keep) < len(rows):
-            problems.append(f"{len(rows) - len(keep)} samples without a .cls label in a labeled dataset")
-            skipped += len(rows) - len(keep)
-            rows, shard_ids = [rows[j] for j in keep], [shard_ids[j] for j in keep]
-    table = np.array([r[:3] for r in rows], dtype=np.int64).reshape(-1, 3)
-    return ShardIndex(shards, np.array(shard_ids, dtype=np.int32), table[:, 0].copy(), table[:, 1].copy(),
-                      table[:, 2].copy(), labeled, skipped, bad, problems)
+        tables.append(np.array([(i, *sample) for sample in samples], dtype=np.int64).reshape(-1, 5))
+    table = np.concatenate(tables) if tables else np.zeros((0, 5), dtype=np.int64)
+    labeled = bool(table[:, 4].any())
+    if labeled and not table[:, 4].all():  # in a labeled set every image needs its class
+        missing = int((table[:, 4] == 0).sum())
+        problems.append(f"{missing} samples without a .cls label in a labeled dataset")
+        skipped += missing
+        table = table[table[:, 4] == 1]
+    return ShardIndex(shards, table[:, 0].astype(np.int32), table[:, 1].copy(), table[:, 2].copy(),
+                      table[:, 3].copy(), labeled, skipped, bad, problems)
 
 
 def read_member(index: ShardIndex, i: int) -> bytes:
