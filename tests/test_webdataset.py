@@ -204,6 +204,26 @@ def test_unreadable_shards_are_skipped_and_only_unreadable_ones_are_one_error(tm
     assert len(err) == 1 and "no readable samples" in err[0] and str(tmp_path) in err[0], err
 
 
+@pytest.mark.parametrize("case", ["missing_shard", "val_class", "empty_val", "no_images"])
+def test_bad_shard_layouts_are_one_line_exit_2(tmp_path, capsys, case):
+    write_shard(tmp_path / "train" / "s-0.tar", labeled([("a", 0, 0), ("b", 1, 1)] * 6))
+    path, needle = str(tmp_path), ""
+    if case == "missing_shard":
+        path, needle = str(tmp_path / "train" / "s-{0..1}.tar"), "1 of its 2 shards not found"
+    elif case == "val_class":
+        write_shard(tmp_path / "val" / "v.tar", labeled([("c", 2, 7)]))
+        needle = "has class 7, which the training split"
+    elif case == "empty_val":
+        (tmp_path / "val").mkdir()
+        needle = "no .tar shards in"
+    else:
+        write_shard(tmp_path / "train" / "s-0.tar", [("a", {"txt": b"hello"})])
+        needle = "no readable samples in the 1 shard(s)"
+    assert main(BASE + ["--data_path", path, "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+
+
 def test_absurd_sizes_and_bad_labels_drop_their_samples(tmp_path, monkeypatch):
     monkeypatch.setattr(webdataset, "MAX_MEMBER_BYTES", 2000)
     samples = labeled([("ok0", 0, 0), ("big", 1, 1), ("text", 2, 0), ("neg", 3, 0), ("huge", 4, 0),
