@@ -26,6 +26,7 @@ setup(
         "pillow",
         "scikit-learn",  # ships the embedded default dataset (8x8 digits); no download
         "safetensors",  # `energyvit export` writes timm-loadable .safetensors files
+        "pyyaml",  # --config recipes (read with yaml.safe_load)
     ],
     extras_require={
         "triton": ["triton>=3.6"],

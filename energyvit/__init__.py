@@ -10,6 +10,7 @@ gradient descent on that energy (its backward pass). Public API:
     r = restore(model, c.image, c.update_mask, create_graph=True)  # training mode
     loss = restoration_loss(r.restored, images, c.loss_mask)
     loss.backward()
+    s = score(model, images)                                 # s.energy, s.restoration, per-patch maps
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import Tensor
 from energyvit.losses import restoration_loss
 from energyvit.model import MODEL_ARCHS, EnergyViT, EnergyViTConfig, create_model, model_config
 from energyvit.restore import Restoration, restore
+from energyvit.scoring import Scores, score
 from energyvit.tasks import TASK_NAMES, Corrupted, TaskOptions, build_mixture, build_task
 
 __version__ = "0.1.0"
@@ -34,6 +36,6 @@ def corrupt(images: Tensor, task: str, patch_size: int = 16, generator: torch.Ge
 
 
 __all__ = [
-    "MODEL_ARCHS", "TASK_NAMES", "Corrupted", "EnergyViT", "EnergyViTConfig", "Restoration", "TaskOptions", "build_mixture",
-    "build_task", "corrupt", "create_model", "model_config", "restoration_loss", "restore",
+    "MODEL_ARCHS", "TASK_NAMES", "Corrupted", "EnergyViT", "EnergyViTConfig", "Restoration", "Scores", "TaskOptions",
+    "build_mixture", "build_task", "corrupt", "create_model", "model_config", "restoration_loss", "restore", "score",
 ]

@@ -50,16 +50,18 @@ def save_json(path: str | Path, obj) -> None:
     atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     """A checkpoint's contents, read weights-only: tensors and plain data (dicts, lists, numbers,
-    strings) load, anything else is refused before it is built, so no code in the file runs."""
+    strings) load, anything else is refused before it is built, so no code in the file runs.
+    mmap: map the tensors from the file instead of reading them (cheap when only the plain
+    entries, such as "args", are needed)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not path.is_file():
         raise ValueError(f"checkpoint {path} is not a file")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         blocked = re.search(r"GLOBAL (\S+)", str(e))
         if blocked:
@@ -78,9 +80,9 @@ PRETRAIN_KEYS = {"model": dict, "model_config": dict, "optimizer": dict, "epoch"
                  "steps_per_epoch": int, "global_step": int, "args": dict}
 
 
-def load_pretrain_checkpoint(path: str | Path) -> dict:
+def load_pretrain_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     """A `pretrain` checkpoint to resume from: weights-only, with every entry resuming needs."""
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, mmap)
     wrong = [f"'{k}' ({t.__name__})" for k, t in PRETRAIN_KEYS.items() if not isinstance(state.get(k), t)]
     if not wrong and not isinstance(state["args"].get("model"), str):
         wrong = ["the model name in 'args'"]

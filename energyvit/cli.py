@@ -3,14 +3,15 @@ values, files and data end in one line (exit status 2); a bug in the project sti
 traceback."""
 from __future__ import annotations
 
+import argparse
 import sys
 
-from energyvit.commands import bench, export, finetune, pretrain, probe, restore, shapes
-from energyvit.commands.args import CliError, OneLineParser
+from energyvit.commands import bench, export, finetune, pretrain, probe, restore, score, shapes
+from energyvit.commands.args import CliError, OneLineParser, config_argv, given_dests
 from energyvit.training import TrainingDiverged
 
 COMMANDS = {"pretrain": pretrain, "export": export, "restore": restore, "probe": probe, "finetune": finetune,
-            "bench": bench, "shapes": shapes}
+            "score": score, "bench": bench, "shapes": shapes}
 
 
 def build_parser() -> OneLineParser:
@@ -31,9 +32,23 @@ def one_line(e: BaseException) -> str:
     return " ".join(lines)
 
 
+def parse(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line, with the flags of its --config file placed before it (so the
+    command line wins) and `given`: the flags set explicitly by either."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+    sub_argv = argv[argv.index(args.command) + 1:]
+    if getattr(args, "config", None):
+        sub_argv = config_argv(args.config, sub) + sub_argv
+        args = parser.parse_args([args.command, *sub_argv])
+    args.given = given_dests(sub, sub_argv)
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = parse(list(sys.argv[1:] if argv is None else argv))
         COMMANDS[args.command].run(args)
         return 0
     except CliError as e:

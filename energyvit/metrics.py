@@ -1,4 +1,5 @@
-"""Training metrics: a JSON-lines log, and TensorBoard scalars when tensorboard is installed.
+"""Training metrics: a JSON-lines log, TensorBoard scalars when tensorboard is installed, and
+Weights & Biases when asked (`--wandb`) and wandb is installed.
 
 `log.jsonl` in the output folder gets one JSON object per `MetricsLogger.log` call, flushed at
 once, so a crash loses nothing already logged; the file is opened for appending, so a resumed run
@@ -10,6 +11,10 @@ With TensorBoard on, every numeric leaf of a record is a scalar tagged by its '/
 the given global step: {"tasks": {"mim": {"psnr": 20.1}}, "step_sizes": [0.1, 0.2]} gives
 "tasks/mim/psnr", "step_sizes/0" and "step_sizes/1". Event files go to the output folder itself,
 so `tensorboard --logdir <output_dir>` shows the run.
+
+With Weights & Biases on, the same scalars (and the restoration pictures) go to one W&B run per
+output folder: its id is kept in `wandb-run-id` there, so a resumed or requeued run continues
+the same W&B run.
 """
 from __future__ import annotations
 
@@ -23,6 +28,16 @@ import torch
 from PIL import Image
 
 LOG_NAME = "log.jsonl"
+WANDB_ID_NAME = "wandb-run-id"
+
+
+def require_wandb() -> None:
+    """Raise ImportError (one line) when --wandb was asked for and wandb is not installed: said
+    before training starts, not after its first epoch."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ImportError("--wandb: the wandb package is not installed (pip install wandb), or drop the flag") from None
 
 
 def _json_safe(value: Any) -> Any:
@@ -66,7 +81,8 @@ class MetricsLogger:
     interrupted run wrote past its last checkpoint.
     """
 
-    def __init__(self, output_dir: Path, tensorboard: bool = True, purge_step: int | None = None) -> None:
+    def __init__(self, output_dir: Path, tensorboard: bool = True, purge_step: int | None = None,
+                 wandb: dict | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / LOG_NAME
@@ -84,6 +100,17 @@ class MetricsLogger:
                 self.tensorboard_note = f"TensorBoard logging off ({type(e).__name__}: {e}); `pip install tensorboard` turns it on"
             else:
                 self._writer = SummaryWriter(log_dir=str(self.output_dir), purge_step=purge_step)
+        self._wandb = self._start_wandb(wandb) if wandb is not None else None
+
+    def _start_wandb(self, settings: dict):
+        """A W&B run (settings: wandb.init's project and config), resumed if this folder had one."""
+        import wandb
+
+        id_file = self.output_dir / WANDB_ID_NAME
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run = wandb.init(id=run_id, resume="allow", dir=str(self.output_dir), name=self.output_dir.name, **settings)
+        id_file.write_text(run_id + "\n")
+        return run
 
     @property
     def tensorboard_active(self) -> bool:
@@ -97,10 +124,13 @@ class MetricsLogger:
             for tag, value in scalar_leaves(record):
                 self._writer.add_scalar(tag, value, step)
             self._writer.flush()
+        if self._wandb is not None:
+            self._wandb.log(dict(scalar_leaves(record)), step=step)
 
     def add_image(self, tag: str, image: str | Path | torch.Tensor | np.ndarray, step: int) -> None:
-        """Log an image to TensorBoard (no-op without it): a PNG path, or uint8 (H, W, C) with C 1 or 3."""
-        if self._writer is None:
+        """Log an image to TensorBoard and W&B (no-op without them): a PNG path, or uint8 (H, W, C)
+        with C 1 or 3."""
+        if self._writer is None and self._wandb is None:
             return
         if isinstance(image, (str, Path)):
             with Image.open(image) as img:
@@ -109,8 +139,13 @@ class MetricsLogger:
             array = image.numpy(force=True) if isinstance(image, torch.Tensor) else np.asarray(image)
         if array.ndim == 2:
             array = array[:, :, None]
-        self._writer.add_image(tag, array, step, dataformats="HWC")
-        self._writer.flush()
+        if self._writer is not None:
+            self._writer.add_image(tag, array, step, dataformats="HWC")
+            self._writer.flush()
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({tag: wandb.Image(array)}, step=step)
 
     def close(self) -> None:
         """Close the log file and the TensorBoard writer; safe to call twice."""
@@ -119,6 +154,9 @@ class MetricsLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> MetricsLogger:
         return self

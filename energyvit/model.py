@@ -120,7 +120,8 @@ class ModelOptions:
                                          parse=int, rule=positive)
     restore_steps: int = option(1, "K, gradient steps of restoration (1..8)", rule=in_range(1, 8), metavar="K")
     step_size_init: float = option(1.0, "initial step size a_k (a_k = exp(learned log step))", rule=positive)
-    fused: bool = option(False, "fused Triton attention (needs triton and a CUDA GPU, or TRITON_INTERPRET=1 on CPU)")
+    fused: bool = option(False, "fused Triton attention (needs triton and a CUDA GPU, or TRITON_INTERPRET=1 on CPU)",
+                         resumable=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -325,20 +326,36 @@ class EnergyViT(nn.Module):
         With an energy head, its blocks first map the normalized features norm(z), and the readout
         takes their residual stream instead.
         """
+        z = self._readout_stream(z)
+        if self.cfg.energy == "cls":
+            return 0.5 * z[:, 0].pow(2).sum(dim=1) * (z.shape[1] - 1) / z.shape[-1]
+        return self._patch_terms(z).sum(dim=1)
+
+    def _readout_stream(self, z: Tensor) -> Tensor:
+        """The tokens the readout reads: the encoder's residual stream, or the energy head's."""
         if self.energy_blocks is not None:
             z = self.energy_embed(self.norm(z)) + self.energy_pos_embed
             for block in self.energy_blocks:
                 z = block(z)
-        D = z.shape[-1]
+        return z
+
+    def _patch_terms(self, z: Tensor) -> Tensor:
+        """(B, num_patches): the `norm` or `linear` readout's term of each patch token."""
         if self.cfg.energy == "norm":
-            return 0.5 * z[:, 1:].pow(2).sum(dim=(1, 2)) / D
-        if self.cfg.energy == "cls":
-            return 0.5 * z[:, 0].pow(2).sum(dim=1) * (z.shape[1] - 1) / D
-        return self.energy_head(self.norm(z[:, 1:])).sum(dim=(1, 2))
+            return 0.5 * z[:, 1:].pow(2).sum(dim=2) / z.shape[-1]
+        return self.energy_head(self.norm(z[:, 1:])).squeeze(-1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Energy E(x), shape (batch,)."""
         return self.energy_from_tokens(self.forward_tokens(x))
+
+    def patch_energies(self, x: Tensor) -> Tensor:
+        """E(x) split over the patches, (batch, num_patches), row sums = forward(x): the `norm` and
+        `linear` readouts are sums of one term per patch token. The `cls` readout reads one global
+        token and has no such split (ValueError)."""
+        if self.cfg.energy == "cls":
+            raise ValueError("the cls energy readout has no per-patch energies (one global token carries it)")
+        return self._patch_terms(self._readout_stream(self.forward_tokens(x)))
 
 
 def create_model(name: str = "vit_nano_patch4", **overrides) -> EnergyViT:

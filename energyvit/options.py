@@ -29,12 +29,19 @@ class OptionError(ValueError):
 
 
 def option(default: Any = MISSING, help: str = "", *, rule: Rule | None = None, parse: Callable | None = None,
-           choices: tuple | None = None, metavar: str | None = None) -> Field:
+           choices: tuple | None = None, metavar: str | None = None, resumable: bool = False) -> Field:
     """A dataclass field that is also a flag. parse: how the flag's text becomes a value (default:
     the type of the default value); choices: the allowed values, checked by the flag parser and
-    by check_fields."""
-    meta = {"help": help, "rule": rule, "parse": parse, "choices": choices, "metavar": metavar}
+    by check_fields. resumable: the value may change when a run resumes (where and how it runs,
+    what it logs, how long: never what it computes); every other option is the checkpoint's."""
+    meta = {"help": help, "rule": rule, "parse": parse, "choices": choices, "metavar": metavar,
+            "resumable": resumable}
     return field(default=default, metadata=meta)
+
+
+def resumable_fields(*groups: type) -> frozenset[str]:
+    """The names of the fields of these option groups that may change when a run resumes."""
+    return frozenset(f.name for g in groups for f in fields(g) if f.metadata.get("resumable"))
 
 
 def check_fields(obj) -> None:

@@ -10,7 +10,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -22,22 +22,22 @@ from energyvit.data.splits import DataOptions, DataSplits, load_splits
 from energyvit.distributed import DistInfo, all_ranks_true, barrier, init_distributed, shutdown, wrap_ddp
 from energyvit.evaluation.features import POOLINGS
 from energyvit.evaluation.probes import probe_accuracies
-from energyvit.metrics import MetricsLogger
+from energyvit.metrics import MetricsLogger, require_wandb
 from energyvit.methods import METHODS
 from energyvit.methods.base import PretrainingMethod
 from energyvit.methods.energy import EnergyMethod
 from energyvit.methods.mae import MAEMethod, MAEOptions
-from energyvit.model import EnergyViT, EnergyViTConfig, ModelOptions, config_from_dict, config_to_dict, model_config
+from energyvit.model import EnergyViT, ModelOptions, config_from_dict, config_to_dict, model_config
 from energyvit.objective import EnergyOptions
-from energyvit.options import OptionError, check_fields, device, non_negative, option, positive
+from energyvit.options import OptionError, check_fields, device, non_negative, option, positive, resumable_fields
 from energyvit.progress import Progress
+from energyvit.resume import LAST_CHECKPOINT, conflicts, resolve_resume
 from energyvit.sampling import EpochSampler
 from energyvit.tasks import TaskOptions, build_mixture
 from energyvit.training import EpochPlan, LossTrend, StepLoss, TrainingDiverged, TrainOptions, cosine_lr, \
     param_groups, train_one_epoch
 from energyvit.visualize import save_restoration_grid
 
-CHECKPOINT_NAME = "checkpoint-last.pth"
 EPOCH_EVAL_IMAGES = 128  # held-out images behind each epoch's restoration metrics and pictures
 
 
@@ -48,22 +48,31 @@ class RunOptions:
     method: str = option("energy", "energy: this project's method; mae: the MAE baseline on the same encoder",
                          choices=METHODS)
     compile: bool = option(False, "torch.compile the whole training step (exact second-order gradients; eager "
-                           "fallback with a warning)")
+                           "fallback with a warning)", resumable=True)
     cuda_graphs: bool = option(False, "replay the energy step and the AdamW step from CUDA graphs after 3 warm-up "
-                               "steps (one CUDA process, --accum_iter 1; otherwise the ordinary step, with a warning)")
+                               "steps (one CUDA process, --accum_iter 1; otherwise the ordinary step, with a warning)",
+                               resumable=True)
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available, else cpu)", parse=str,
-                                rule=device)
-    output_dir: str = option("./output_dir", "where checkpoints, logs, pictures and summary.json go", metavar="DIR")
-    resume: str = option("", "checkpoint to continue from", metavar="CHECKPOINT")
-    save_every: int = option(0, "also keep checkpoint-NNNN.pth every this many epochs (0: off)", rule=non_negative)
+                                rule=device, resumable=True)
+    output_dir: str = option("./output_dir", "where checkpoints, logs, pictures and summary.json go", metavar="DIR",
+                             resumable=True)
+    resume: str = option("", "checkpoint to continue from, with its options (only those said to change at "
+                         "--resume may); auto: OUTPUT_DIR/checkpoint-last.pth if it exists, else a new run",
+                         metavar="CHECKPOINT", resumable=True)
+    save_every: int = option(0, "also keep checkpoint-NNNN.pth every this many epochs (0: off)", rule=non_negative,
+                             resumable=True)
     checkpoint_minutes: float = option(30.0, "mid-epoch checkpoint-last.pth at most this many minutes apart "
-                                       "(0: only at epoch ends)", rule=non_negative)
-    grid_rows: int = option(8, "images per PNG restoration grid each epoch (0: none)", rule=non_negative)
-    tensorboard: bool = option(True, "TensorBoard event files when tensorboard is installed")
+                                       "(0: only at epoch ends)", rule=non_negative, resumable=True)
+    grid_rows: int = option(8, "images per PNG restoration grid each epoch (0: none)", rule=non_negative,
+                            resumable=True)
+    tensorboard: bool = option(True, "TensorBoard event files when tensorboard is installed", resumable=True)
     probe_pool: str | None = option(None, "features of the final linear probe (default: tokens on the digits, mean "
-                                    "otherwise)", parse=str, choices=POOLINGS)
-    probe_images: int = option(10000, "training images the final probe fits on", rule=positive)
-    num_threads: int = option(0, "torch CPU threads (0: torch's default)", rule=non_negative)
+                                    "otherwise)", parse=str, choices=POOLINGS, resumable=True)
+    probe_images: int = option(10000, "training images the final probe fits on", rule=positive, resumable=True)
+    num_threads: int = option(0, "torch CPU threads (0: torch's default)", rule=non_negative, resumable=True)
+    wandb: bool = option(False, "also log to Weights & Biases (needs the wandb package; one W&B run per output "
+                         "folder, continued on resume)", resumable=True)
+    wandb_project: str = option("energyvit", "the W&B project of --wandb", resumable=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -91,6 +100,23 @@ class PretrainOptions:
     def flat(self) -> dict:
         """Every option by its flag name, as checkpoints keep them ("args")."""
         return {k: v for group in asdict(self).values() for k, v in group.items()}
+
+    @classmethod
+    def from_flat(cls, values: dict) -> PretrainOptions:
+        """The options of a flat {flag name: value} dict, such as a checkpoint's "args" (names
+        that no group has are ignored; missing ones take their defaults). To resume a run from
+        Python: `PretrainOptions.from_flat({**checkpoint["args"], "epochs": 400})`."""
+        return cls(**{name: group(**{f.name: values[f.name] for f in fields(group) if f.name in values})
+                      for name, group in GROUP_TYPES.items()})
+
+    @staticmethod
+    def resumable() -> frozenset[str]:
+        """The options that may change when a run resumes (energyvit.resume)."""
+        return resumable_fields(*GROUP_TYPES.values())
+
+
+GROUP_TYPES = {"data": DataOptions, "model": ModelOptions, "tasks": TaskOptions, "energy": EnergyOptions,
+               "mae": MAEOptions, "train": TrainOptions, "run": RunOptions}
 
 
 def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -168,20 +194,6 @@ class Training:
                 "method": self.method.name, "data": self.data.description, **self.method.checkpoint_extra()}
 
 
-def warn_ignored_model_flags(model_opts: ModelOptions, name: str, arch: EnergyViTConfig, path: str) -> None:
-    """A resumed run takes its architecture from the checkpoint: say so for model flags that were
-    changed from their defaults to something else."""
-    saved = {"model": name, "input_size": arch.img_size, "energy": arch.energy, "restore_steps": arch.restore_steps,
-             "step_size_init": arch.step_size_init, "energy_head_depth": arch.energy_head_depth,
-             "energy_head_dim": arch.energy_head_dim}
-    defaults = ModelOptions()
-    ignored = [f"--{k} {getattr(model_opts, k)}" for k, v in saved.items()
-               if getattr(model_opts, k) != getattr(defaults, k) and getattr(model_opts, k) != v]
-    if ignored:
-        print(f"energyvit pretrain: warning: {', '.join(ignored)} ignored: a resumed run keeps the architecture of "
-              f"{path} ({name}, {arch.img_size}px, energy {arch.energy}, K={arch.restore_steps})", file=sys.stderr)
-
-
 def build_method(options: PretrainOptions, model: EnergyViT, data: DataSplits) -> PretrainingMethod:
     if options.run.method == "energy":
         mixture = build_mixture(options.tasks, model.cfg.patch_size, data.in_chans)
@@ -193,26 +205,30 @@ def setup(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -
     """Data, method, optimizer and the position to start from (a resumed run: the checkpoint's,
     with its architecture); DDP when asked."""
     run_opts, train_opts = options.run, options.train
-    resume_state = load_pretrain_checkpoint(run_opts.resume) if run_opts.resume else None
+    resume_path = resolve_resume(run_opts.resume, run_opts.output_dir)
+    resume_state = load_pretrain_checkpoint(resume_path) if resume_path is not None else None
     if resume_state is not None:
+        changed = conflicts(resume_state["args"], options.flat(), PretrainOptions.resumable())
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: a resumed run keeps the options of {resume_path} (build them "
+                             "with PretrainOptions.from_flat(checkpoint['args']))")
         model_name = resume_state["args"]["model"]
         try:  # the attention backend is how it runs, not what it is: --fused decides
             arch = replace(config_from_dict(resume_state["model_config"]),
                            attn_backend="fused" if options.model.fused else "math")
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{run_opts.resume} has an unusable model config: {e}") from None
-        warn_ignored_model_flags(options.model, model_name, arch, run_opts.resume)
+            raise ValueError(f"{resume_path} has an unusable model config: {e}") from None
     else:
         model_name, arch = options.model.model, model_config(options.model.model, img_size=options.model.input_size)
     data = load_splits(options.data, arch.img_size, arch.in_chans if resume_state is not None else None)
-    method_name = resume_state.get("method", "energy") if resume_state is not None else run_opts.method
     if resume_state is None:
         arch = options.model.config(data.in_chans, *data.pixel_stats())
-        if method_name == "mae":  # MAE never reads the energy: no blocks for it to carry untrained
+        if run_opts.method == "mae":  # MAE never reads the energy: no blocks for it to carry untrained
             arch = replace(arch, energy_head_depth=0, energy_head_dim=0)
     model = EnergyViT(arch)
-    if method_name != run_opts.method:
-        raise ValueError(f"{run_opts.resume} was pretrained with --method {method_name}, not {run_opts.method}")
+    trained_as = resume_state.get("method", "energy") if resume_state is not None else run_opts.method
+    if trained_as != run_opts.method:  # the checkpoint's own record, also where its "args" lack the method
+        raise ValueError(f"{resume_path} was pretrained with --method {trained_as}, not {run_opts.method}")
     method = build_method(options, model, data)
     method.module.to(device)
     lr = train_opts.lr_for(dist_info.world_size)
@@ -226,15 +242,15 @@ def setup(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -
     steps_per_epoch = EpochSampler(data.num_train, per_step, train_opts.seed, 0, 0, dist_info.world_size).steps
     epoch, step_in_epoch, global_step = 0, 0, 0
     if resume_state is not None:
-        load_weights(method.encoder, resume_state["model"], run_opts.resume)
+        load_weights(method.encoder, resume_state["model"], resume_path)
         method.load_extra(resume_state)
         try:
             optimizer.load_state_dict(resume_state["optimizer"])
         except (KeyError, ValueError) as e:
-            raise ValueError(f"{run_opts.resume}: its optimizer state does not fit this run ({e})") from None
+            raise ValueError(f"{resume_path}: its optimizer state does not fit this run ({e})") from None
         epoch, step_in_epoch, global_step = (resume_state[k] for k in ("epoch", "step_in_epoch", "global_step"))
         if resume_state["steps_per_epoch"] != steps_per_epoch and step_in_epoch not in (0, resume_state["steps_per_epoch"]):
-            raise ValueError(f"{run_opts.resume} stopped mid-epoch at {resume_state['steps_per_epoch']} steps per "
+            raise ValueError(f"{resume_path} stopped mid-epoch at {resume_state['steps_per_epoch']} steps per "
                              f"epoch; this run has {steps_per_epoch} (change of data, batch size, accum_iter or "
                              "processes)")
         if step_in_epoch >= resume_state["steps_per_epoch"]:
@@ -250,6 +266,8 @@ def setup(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -
 
 
 def _run(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -> dict | None:
+    if options.run.wandb and dist_info.is_main:
+        require_wandb()
     torch.manual_seed(options.train.seed)
     if options.run.num_threads:
         torch.set_num_threads(options.run.num_threads)
@@ -286,9 +304,10 @@ def train(t: Training, dist_info: DistInfo, device: torch.device, out: Path) -> 
     train_opts, run_opts = t.options.train, t.options.run
     main = dist_info.is_main
     say = print if main else (lambda *a, **k: None)
-    ckpt_path = out / CHECKPOINT_NAME
+    ckpt_path = out / LAST_CHECKPOINT
     total, warmup = train_opts.epochs * t.steps_per_epoch, train_opts.warmup_epochs * t.steps_per_epoch
-    logger = MetricsLogger(out, run_opts.tensorboard, purge_step=t.global_step or None) if main else None
+    wandb = {"project": run_opts.wandb_project, "config": t.options.flat()} if run_opts.wandb else None
+    logger = MetricsLogger(out, run_opts.tensorboard, t.global_step or None, wandb) if main else None
     if logger is not None and logger.tensorboard_note:
         say(f"energyvit pretrain: {logger.tensorboard_note}")
     progress = Progress(total, first_step=t.global_step, desc="pretrain") if main else None

@@ -29,7 +29,7 @@ class TrainOptions:
     batch_size: int = option(64, "images per process per micro-batch", rule=positive)
     accum_iter: int = option(1, "micro-batches per optimizer step (effective batch = batch_size x accum_iter x "
                              "processes)", rule=positive)
-    epochs: int = option(200, "training epochs", rule=positive)
+    epochs: int = option(200, "training epochs", rule=positive, resumable=True)
     warmup_epochs: int = option(2, "epochs of linear lr warmup", rule=non_negative)
     blr: float = option(4e-3, "base lr: lr = blr * effective batch / 256", rule=positive)
     lr: float | None = option(None, "absolute lr (overrides --blr)", parse=float, rule=positive)

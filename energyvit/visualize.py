@@ -80,3 +80,29 @@ def save_restoration_grid(
     grid = restoration_grid(corrupted, steps, clean, max_rows=max_rows)
     save_png(grid, path)
     return grid
+
+
+def hot_colors(values: Tensor) -> Tensor:
+    """uint8 (..., 3) colors of values in [0, 1] on the 'hot' scale: black, red, yellow, white."""
+    v = values.clamp(0, 1)
+    rgb = torch.stack([(3 * v).clamp(0, 1), (3 * v - 1).clamp(0, 1), (3 * v - 2).clamp(0, 1)], dim=-1)
+    return (rgb * 255).round().to(torch.uint8)
+
+
+def heatmap_strip(image: Tensor, maps: list[Tensor], scales: list[float], pad: int = 2, min_cell: int = 128) -> Tensor:
+    """uint8 (H, W, 3) strip: the image (C, H, W) in [0, 1], then each per-patch map (grid, grid)
+    divided by its scale (values at or above it are white), every cell enlarged alike (nearest
+    neighbour, so patches stay visible) and separated by mid-gray."""
+    c, h, w = image.shape
+    scale = max(1, math.ceil(min_cell / min(h, w)))
+    ch, cw = h * scale, w * scale
+    cells = [(image.detach().float().cpu().clamp(0, 1).expand(3, h, w) * 255).round().to(torch.uint8).permute(1, 2, 0)
+             .repeat_interleave(scale, 0).repeat_interleave(scale, 1)]
+    for m, s in zip(maps, scales):
+        colored = hot_colors(m.detach().float().cpu() / max(s, 1e-12))
+        cells.append(colored.repeat_interleave(ch // m.shape[0], 0).repeat_interleave(cw // m.shape[1], 1))
+    strip = torch.full((ch + 2 * pad, len(cells) * cw + (len(cells) + 1) * pad, 3), BORDER_VALUE, dtype=torch.uint8)
+    for j, cell in enumerate(cells):
+        left = pad + j * (cw + pad)
+        strip[pad: pad + ch, left: left + cw] = cell
+    return strip

@@ -271,15 +271,16 @@ def test_an_interrupt_during_setup_names_no_checkpoint(tmp_path, capsys, monkeyp
     assert err == "energyvit: interrupted" and not list(tmp_path.iterdir())
 
 
-def test_model_flags_given_with_resume_are_warned_about(tmp_path, capsys, one_thread):
+def test_flags_that_would_change_a_resumed_run_are_refused(tmp_path, capsys, one_thread):
     out = tmp_path / "o"
     assert main(["pretrain", *PICO, "--epochs", "1", "--grid_rows", "0", "--output_dir", str(out)]) == 0
     capsys.readouterr()
-    assert main(["pretrain", "--model", "vit_micro_patch4", "--restore_steps", "3", "--epochs", "1", "--batch_size",
-                 "250", "--num_threads", "1", "--no-tensorboard", "--output_dir", str(out),
-                 "--resume", str(out / "checkpoint-last.pth")]) == 0
+    assert main(["pretrain", "--model", "vit_micro_patch4", "--restore_steps", "3", "--epochs", "2", "--num_threads",
+                 "1", "--output_dir", str(out), "--resume", str(out / "checkpoint-last.pth")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "warning: --model vit_micro_patch4, --restore_steps 3 ignored" in err, err
+    assert len(err.splitlines()) == 1, err
+    assert "--model vit_micro_patch4 (the checkpoint's: vit_pico_patch2), --restore_steps 3 (the checkpoint's: 1)" in err
+    assert "a resumed run keeps the options of" in err and "--epochs" in err  # says which may change
 
 
 def test_written_files_follow_the_umask(tmp_path):

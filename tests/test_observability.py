@@ -314,3 +314,58 @@ def test_grid_of_a_real_restoration(tmp_path, one_thread):
     grid = save_restoration_grid(tmp_path / "r.png", corrupted, result.steps, clean, max_rows=2)
     K = model.cfg.restore_steps
     assert grid.shape == (2 * 64 + 3 * 2, (K + 2) * 64 + (K + 3) * 2, 1)
+
+
+# ---------------------------------------------------------------- Weights & Biases
+class FakeWandb:
+    """What pretrain asks of the wandb package, recorded: init, log (scalars and images), finish."""
+
+    def __init__(self) -> None:
+        self.inits, self.logs, self.finished = [], [], 0
+        self.util = type("util", (), {"generate_id": staticmethod(lambda: f"id{len(self.inits)}")})
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, values: dict, step: int) -> None:
+        self.logs.append((step, values))
+
+    def finish(self) -> None:
+        self.finished += 1
+
+    @staticmethod
+    def Image(array):  # noqa: N802 (wandb's name)
+        return ("image", array.shape)
+
+
+WANDB_RUN = ["pretrain", "--model", "vit_pico_patch2", "--batch_size", "250", "--num_threads", "1", "--no-tensorboard",
+             "--grid_rows", "2", "--probe_images", "100", "--wandb", "--wandb_project", "proj"]
+
+
+def test_wandb_gets_the_scalars_and_pictures_and_a_resumed_run_continues_its_run(tmp_path, monkeypatch, one_thread):
+    from energyvit.cli import main
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    out = tmp_path / "run"
+    assert main(WANDB_RUN + ["--epochs", "1", "--output_dir", str(out)]) == 0
+    init = fake.inits[0]
+    assert init["project"] == "proj" and init["id"] == "id0" and init["resume"] == "allow"
+    assert init["config"]["model"] == "vit_pico_patch2" and init["config"]["wandb"] is True
+    scalars = [v for _, v in fake.logs if "loss" in v]
+    assert [s for s, v in fake.logs if "loss" in v] == [6] and math.isfinite(scalars[0]["tasks/mim/psnr_restored"])
+    assert any(v.get("restoration/mim", (None,))[0] == "image" for _, v in fake.logs) and fake.finished == 1
+    assert (out / "wandb-run-id").read_text() == "id0\n"
+    assert main(WANDB_RUN + ["--epochs", "2", "--output_dir", str(out), "--resume", "auto"]) == 0
+    assert fake.inits[1]["id"] == "id0" and [s for s, v in fake.logs if "loss" in v] == [6, 12]
+
+
+def test_wandb_without_the_package_is_one_line_before_training(tmp_path, monkeypatch, capsys):
+    from energyvit.cli import main
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    assert main(WANDB_RUN + ["--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "energyvit: error: --wandb: the wandb package is not installed (pip install wandb), or drop the flag"
+    assert not (tmp_path / "run" / "checkpoint-last.pth").exists()

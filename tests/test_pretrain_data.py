@@ -122,9 +122,13 @@ def test_mae_baseline_pretrains_and_its_encoder_probes(image_folder, tmp_path, c
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(img)
     assert main(["restore", str(out / "checkpoint-last.pth"), str(img), "--task", "denoise", "-o", str(tmp_path / "r.png")]) == 2
     assert "pretrained with --method mae" in capsys.readouterr().err
-    # resuming as the other method is refused
-    assert main(BASE + ["--data_path", str(image_folder), "--output_dir", str(out), "--resume",
+    # a resumed run is MAE again without saying so; asking for the other method is refused
+    assert main(BASE + ["--method", "energy", "--data_path", str(image_folder), "--output_dir", str(out), "--resume",
                         str(out / "checkpoint-last.pth")]) == 2
+    assert "--method energy (the checkpoint's: mae)" in capsys.readouterr().err
+    assert main(BASE + ["--epochs", "3", "--data_path", str(image_folder), "--output_dir", str(out), "--resume",
+                        str(out / "checkpoint-last.pth")]) == 0
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["method"] == "mae"
 
 
 @pytest.mark.parametrize("make,needle", [

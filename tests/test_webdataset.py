@@ -142,6 +142,19 @@ def test_corrupt_member_is_skipped_counted_and_logged_once(tmp_path, caplog):
     assert len(warnings) == 1 and "s.tar (member at byte" in warnings[0]
 
 
+def test_scoring_names_each_shard_member_and_never_replaces_a_corrupt_one(tmp_path):
+    from energyvit.data.image_sets import dataset_set
+
+    samples = labeled([("a", 0, 0), ("b", 1, 1), ("c", 2, 0)])
+    samples[1][1]["png"] = b"broken"
+    write_shard(tmp_path / "s.tar", samples)
+    ds = open_dataset(str(tmp_path), "train", 12, None, augment=False)
+    scored = dataset_set(ds, "shards")
+    assert scored.labels == [0, 1, 0] and all("s.tar (member at byte" in n for n in scored.names)
+    assert scored[1] == (None, 1)  # unreadable: skipped and counted by the scorer, not its neighbour's image
+    assert torch.equal(scored[2][0], ds[2][0])
+
+
 def test_a_member_of_another_format_is_not_decoded(tmp_path):
     """Shard bytes only reach the JPEG, PNG and WebP decoders, whatever the member claims."""
     gif = io.BytesIO()

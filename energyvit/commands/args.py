@@ -80,6 +80,8 @@ def add_options(parser: argparse.ArgumentParser, group: type, only: tuple[str, .
         meta = f.metadata
         default = defaults.get(f.name, f.default if f.default is not MISSING else None)
         kwargs = {"default": default, "help": (helps or {}).get(f.name, meta.get("help"))}
+        if meta.get("resumable") and f.name != "resume":
+            kwargs["help"] += " (may change at --resume)"
         if isinstance(default, bool):
             kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
         else:
@@ -101,3 +103,84 @@ def build_options(group: type, args: argparse.Namespace, prog: str, **fixed):
     except OptionError as e:
         flag = f"--{e.name}" + (f"/--{e.name.replace('_', '-')}" if "_" in e.name else "")
         raise CliError(f"{prog}: error: argument {flag}: must be {e.requirement}, got {e.value}") from None
+
+
+# ------------------------------------------------------------------------------ --config and given flags
+CONFIG_HELP = ("YAML file of flags (keys: flag names, e.g. batch_size: 64; true/false for switches); flags on the "
+               "command line win")
+
+
+def add_config(parser: argparse.ArgumentParser) -> None:
+    add(parser, "--config", default=None, metavar="FILE", help=CONFIG_HELP)
+
+
+def _config_tokens(key: str, value, action: argparse.Action, where: str) -> list[str]:
+    """The command-line tokens that set `action` to a YAML value, checked as the flag's text is."""
+    flag = action.option_strings[0]
+    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction)):
+        if not isinstance(value, bool):
+            raise CliError(f"{where}: {key}: must be true or false, got {value!r}")
+        if isinstance(action, argparse._StoreTrueAction):
+            return [flag] if value else []
+        return [flag if value else f"--no-{flag[2:]}"]
+    if isinstance(value, (dict, list, bool)) or value is None:
+        raise CliError(f"{where}: {key}: must be a single number or string, got {value!r}")
+    text = repr(value) if isinstance(value, float) else str(value)
+    try:  # the flag's own parse and choices, so a recipe is refused with the command line's words
+        parsed = action.type(text) if action.type is not None else text
+    except argparse.ArgumentTypeError as e:
+        raise CliError(f"{where}: {key}: {e}") from None
+    except (TypeError, ValueError):  # a plain int or float: argparse's own words
+        raise CliError(f"{where}: {key}: invalid {getattr(action.type, '__name__', 'value')} value: {text!r}") from None
+    if action.choices is not None and parsed not in action.choices:
+        raise CliError(f"{where}: {key}: must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return [flag, text]
+
+
+def config_argv(path: str, parser: argparse.ArgumentParser) -> list[str]:
+    """The flags of the YAML file at `path` as command-line tokens of `parser`'s command (to be
+    placed before the real command line, which then wins). Keys are flag names (snake or kebab
+    case); a key that is no flag of the command, a value of the wrong kind or a file that is
+    not a YAML mapping is a CliError naming the file and the key. Read with yaml.safe_load: no
+    tag in the file can build a Python object."""
+    where = f"{parser.prog}: error: --config {path}"
+    try:
+        import yaml
+    except ImportError:
+        raise CliError(f"{where}: reading YAML needs PyYAML (pip install pyyaml)") from None
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f)
+    except OSError as e:
+        raise CliError(f"{where}: cannot read it ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise CliError(f"{where}: not valid YAML{at} ({getattr(e, 'problem', None) or type(e).__name__})") from None
+    if values is None:
+        return []
+    if not isinstance(values, dict):
+        raise CliError(f"{where}: must hold a mapping of flag names to values, not a {type(values).__name__}")
+    actions = {s: a for a in parser._actions for s in a.option_strings}
+    tokens = []
+    for key, value in values.items():
+        action = actions.get(f"--{key}")
+        if action is None or not isinstance(key, str) or key in ("config", "help"):
+            raise CliError(f"{where}: unknown key {key!r}: not a flag of {parser.prog}")
+        if value is not None:  # null: the flag's default
+            tokens += _config_tokens(key, value, action, where)
+    return tokens
+
+
+def given_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations that `argv` sets explicitly (whatever their values), as opposed to those
+    left at their defaults: a resumed run refuses given flags that would change it."""
+    saved = [(a, a.default) for a in parser._actions]
+    try:
+        for a, _ in saved:
+            a.default = argparse.SUPPRESS
+        namespace, _ = parser.parse_known_args(argv)
+    finally:
+        for a, default in saved:
+            a.default = default
+    return set(vars(namespace))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from energyvit.checkpoint import atomic_write, load_model, save_checkpoint, save_json
-from energyvit.commands.args import add, add_options, build_options, device_flag, non_negative_int
+from energyvit.commands.args import add, add_config, add_options, build_options, device_flag, non_negative_int
 from energyvit.data.splits import DataOptions, load_splits
 from energyvit.evaluation.finetuning import FinetuneOptions, finetune
 from energyvit.model import EnergyViT, config_to_dict
@@ -21,6 +21,7 @@ PROG = "energyvit finetune"
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint-last.pth of `energyvit pretrain` or an `export` file")
+    add_config(p)
     add_options(p, FinetuneOptions)
     add_options(p, DataOptions, defaults={"shift": 1})
     add(p, "--random_init", action="store_true",

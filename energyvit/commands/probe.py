@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from energyvit.checkpoint import load_model, save_json
-from energyvit.commands.args import add, add_options, build_options, device_flag, non_negative_int, positive_float, \
+from energyvit.commands.args import add, add_config, add_options, build_options, device_flag, non_negative_int, positive_float, \
     positive_int
 from energyvit.data.splits import DataOptions, load_splits
 from energyvit.evaluation.features import POOLINGS
@@ -22,6 +22,7 @@ PROG = "energyvit probe"
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="checkpoint-last.pth of `energyvit pretrain` or an `export` file")
+    add_config(p)
     add(p, "--pool", choices=POOLINGS, default="tokens",
         help="features: all patch tokens concatenated, their mean, or the class token")
     add_options(p, DataOptions, only=("data_path", "eval_images", "num_workers", "jpeg_draft", "max_image_pixels"))

@@ -40,8 +40,8 @@ from energyvit.data import webdataset
 from energyvit.data.transforms import EvalTransform, TrainTransform
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "FORMATS", "MAX_DECODE_TRIES", "ImageFileDataset", "ShardDataset", "ArrayDataset",
-    "detect_format", "open_dataset",
+    "IMAGE_EXTENSIONS", "FORMATS", "MAX_DECODE_TRIES", "DecodingDataset", "ImageFileDataset", "ShardDataset",
+    "ArrayDataset", "detect_format", "open_dataset",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class _KeyedDataset(Dataset):
         return plain
 
 
-class _DecodingDataset(_KeyedDataset):
+class DecodingDataset(_KeyedDataset):
     """Images decoded on access (files or shard members): an unreadable one is logged (once per
     image and process) and replaced by the next readable one, index (i + 1) % n, (i + 2) % n, ...;
     after MAX_DECODE_TRIES failures in a row the sample raises UnreadableImages naming them."""
@@ -154,14 +154,19 @@ class _DecodingDataset(_KeyedDataset):
         else:
             log.warning("skipping unreadable image %s (%s: %s)", self.where(index), type(exc).__name__, exc)
 
+    def decode(self, index: int, seed: int = 0) -> Tensor:
+        """Image `index` through the transform, its random draws seeded by `seed`; one of
+        DECODE_ERRORS when it is unreadable (no replacement: for callers that name each image)."""
+        with self._open(index) as img:
+            return self.transform(img, torch.Generator().manual_seed(seed))
+
     def __getitem__(self, key: SampleKey) -> Sample:
         index, seed = self._key(key)
         failed: list[int] = []
         for attempt in range(min(MAX_DECODE_TRIES, len(self))):
             i = (index + attempt) % len(self)
             try:
-                with self._open(i) as img:
-                    image = self.transform(img, torch.Generator().manual_seed(seed))
+                image = self.decode(i, seed)
             except DECODE_ERRORS as exc:
                 self._warn_once(i, exc)
                 failed.append(i)
@@ -173,7 +178,7 @@ class _DecodingDataset(_KeyedDataset):
                                f"{self.source or 'the dataset'} (corrupt or not images): {listed}")
 
 
-class ImageFileDataset(_DecodingDataset):
+class ImageFileDataset(DecodingDataset):
     """Image files decoded with Pillow. `samples` lists (path, label), label -1 when unlabeled."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Transform, channels: int,
@@ -197,11 +202,16 @@ class ImageFileDataset(_DecodingDataset):
     def label(self, index: int) -> int:
         return int(self._labels[index])
 
+    @property
+    def targets(self) -> np.ndarray:
+        """Every image's label (-1 when unlabeled), read from the file list: nothing is decoded."""
+        return self._labels
+
     def _open(self, index: int) -> Image.Image:
         return open_image(self.path(index))
 
 
-class ShardDataset(_DecodingDataset):
+class ShardDataset(DecodingDataset):
     """The samples of WebDataset tar shards (energyvit.data.webdataset.ShardIndex), each image
     read with one pread and decoded as JPEG, PNG or WebP only (whatever its bytes claim)."""
 
@@ -220,6 +230,11 @@ class ShardDataset(_DecodingDataset):
 
     def label(self, index: int) -> int:
         return int(self.index.label[index])
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Every sample's label (-1 when unlabeled), from the index: nothing is read."""
+        return self.index.label
 
     def _open(self, index: int) -> Image.Image:
         return open_image(io.BytesIO(webdataset.read_member(self.index, index)), formats=webdataset.PIL_FORMATS)
@@ -243,6 +258,11 @@ class ArrayDataset(_KeyedDataset):
 
     def __len__(self) -> int:
         return len(self.images)
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Every image's label (-1 when unlabeled)."""
+        return np.full(len(self.images), -1, dtype=np.int64) if self.labels is None else self.labels
 
     def __getitem__(self, key: SampleKey) -> Sample:
         index, seed = self._key(key)

@@ -8,8 +8,9 @@ fine-tuning all open their data here, so they see the same split.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
@@ -37,15 +38,18 @@ class DataOptions:
     num_workers: int | None = option(None, "DataLoader worker processes per process (default: 0 for the embedded "
                                      "digits, else min(8, usable CPUs // LOCAL_WORLD_SIZE), at least 1: the CPUs "
                                      "of this process's affinity shared among torchrun's processes on the machine)",
-                                     parse=int, rule=non_negative)
+                                     parse=int, rule=non_negative, resumable=True)
     jpeg_draft: bool = option(True, "decode a JPEG at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling) when its crop "
                               "or resize still gets at least the input size from that: the same crops; 1.5x (train) "
                               "and 1.7x (eval) the images per core on 1200x900 files at 224 px, no change where no "
                               "reduction fits (500x375 files at 224 px); pixels 1.4 to 1.7 levels of 255 from a "
                               "full decode on average (docs/benchmarks.md)")
     eval_images: int = option(512, "held-out images (at most)", rule=positive)
+    one_class: str | None = option(None, "keep only this class (its folder name or index) of a labeled dataset, in "
+                                   "training and held-out images: the one-class anomaly protocol of `energyvit score`",
+                                   parse=str, metavar="CLASS")
     max_image_pixels: int = option(Image.MAX_IMAGE_PIXELS, "image files with more pixels are skipped (Pillow's guard "
-                                   "against decompression bombs)", rule=positive)
+                                   "against decompression bombs)", rule=positive, resumable=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -65,6 +69,17 @@ class KeyedSubset(Dataset):
             return self.dataset[(self.indices[key[0]], key[1])]
         return self.dataset[self.indices[key]]
 
+    @property
+    def targets(self) -> np.ndarray:
+        return dataset_targets(self.dataset)[self.indices]
+
+
+def dataset_targets(dataset: Dataset) -> np.ndarray:
+    """Every image's label (-1 when unlabeled) without decoding any: the datasets of this package."""
+    if isinstance(dataset, SplitDataset):
+        return dataset.split.labels.numpy()
+    return dataset.targets
+
 
 @dataclass
 class DataSplits:
@@ -78,6 +93,7 @@ class DataSplits:
     description: str
     num_workers: int
     default_probe_pool: str  # all patch tokens for the small digits, their mean for real images
+    classes: list[str]  # class names by label; empty when unlabeled
 
     @property
     def num_train(self) -> int:
@@ -100,10 +116,11 @@ def load_splits(options: DataOptions, img_size: int, channels: int | None, gray_
         if channels not in (None, 1) and not gray_to_rgb:
             raise ValueError(f"the embedded digits are grayscale; a {channels}-channel model cannot take them")
         train, held_out = load_digits_as(img_size, channels or 1)
-        return DataSplits(SplitDataset(train, options.shift), SplitDataset(train), held_out, SplitDataset(held_out),
+        data = DataSplits(SplitDataset(train, options.shift), SplitDataset(train), held_out, SplitDataset(held_out),
                           train.images.shape[1],
                           True, int(train.labels.max()) + 1, f"embedded digits: {len(train.labels)} train / {len(held_out.labels)} held-out images",
-                          options.num_workers or 0, "tokens")
+                          options.num_workers or 0, "tokens", [str(c) for c in range(int(train.labels.max()) + 1)])
+        return keep_class(data, options.one_class) if options.one_class is not None else data
 
     Image.MAX_IMAGE_PIXELS = options.max_image_pixels  # Pillow's own global; DataLoader workers inherit it
     train = open_dataset(options.data_path, "train", img_size, channels, augment=True, jpeg_draft=options.jpeg_draft)
@@ -125,14 +142,48 @@ def load_splits(options: DataOptions, img_size: int, channels: int | None, gray_
     in_chans = held_out.images.shape[1]
     labeled = bool((held_out.labels >= 0).all())
     num_workers = options.num_workers if options.num_workers is not None else default_num_workers()
-    return DataSplits(train, plain, held_out, val, in_chans, labeled, num_classes if labeled else 0,
+    classes = list(open_dataset_base(train).classes or []) if labeled else []
+    data = DataSplits(train, plain, held_out, val, in_chans, labeled, num_classes if labeled else 0,
                       f"{open_dataset_source(options.data_path, train)}: {len(train)} train images, {held_note}",
-                      num_workers, "mean")
+                      num_workers, "mean", classes)
+    return keep_class(data, options.one_class) if options.one_class is not None else data
+
+
+def class_label(data: DataSplits, name: str) -> int:
+    """The label of class `name` (a class name, or its index) of labeled data; ValueError otherwise."""
+    if not data.labeled:
+        raise ValueError(f"{data.description} has no labels: a class cannot be chosen")
+    if name in data.classes:
+        return data.classes.index(name)
+    if name.isdigit() and int(name) < len(data.classes):
+        return int(name)
+    shown = ", ".join(data.classes[:20]) + (", ..." if len(data.classes) > 20 else "")
+    raise ValueError(f"no class {name!r} in {data.description} (classes: {shown}; or an index 0..{len(data.classes) - 1})")
+
+
+def keep_class(data: DataSplits, name: str) -> DataSplits:
+    """`data` with only the training and held-out images of class `name` (the one-class protocol)."""
+    label = class_label(data, name)
+
+    def only(dataset: Dataset) -> KeyedSubset:
+        return KeyedSubset(dataset, np.flatnonzero(dataset_targets(dataset) == label).tolist())
+
+    train, plain, held_all = only(data.train), only(data.train_plain), only(data.held_out_all)
+    keep = data.held_out.labels == label
+    if len(train) == 0 or len(held_all) == 0:
+        raise ValueError(f"class {data.classes[label]!r} of {data.description} has {len(train)} training and "
+                         f"{len(held_all)} held-out images; the one-class protocol needs both")
+    return replace(data, train=train, train_plain=plain, held_out=ImageSplit(data.held_out.images[keep],
+                   data.held_out.labels[keep]), held_out_all=held_all,
+                   description=f"{data.description}, class {data.classes[label]!r} only ({len(train)} train images)")
+
+
+def open_dataset_base(dataset: Dataset) -> Dataset:
+    return dataset.dataset if isinstance(dataset, KeyedSubset) else dataset
 
 
 def open_dataset_source(path: str, dataset: Dataset) -> str:
-    base = dataset.dataset if isinstance(dataset, KeyedSubset) else dataset
-    return getattr(base, "source", path)
+    return getattr(open_dataset_base(dataset), "source", path)
 
 
 def load_images(dataset: Dataset, limit: int, batch_size: int = 256) -> ImageSplit:

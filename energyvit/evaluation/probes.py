@@ -100,9 +100,10 @@ def probe_accuracies(model: EnergyViT, data: DataSplits, pool: str, seed: int, p
     architecture at random init (seeded), and of the raw pixels, each fit on (up to probe_images)
     unaugmented training images. `pool` gives the headline numbers; on the embedded digits
     `probe_by_pool` also holds every pooling."""
-    if not data.labeled:
+    if not data.labeled or len(data.held_out.labels.unique()) < 2:
+        note = "the data has no labels" if not data.labeled else "the held-out images are of one class"
         return {"probe_acc": None, "probe_acc_random_init": None, "probe_acc_raw_pixels": None,
-                "probe_pool": pool, "probe_note": "the data has no labels"}
+                "probe_pool": pool, "probe_note": note}
     pools = POOLINGS if data.default_probe_pool == "tokens" else (pool,)  # every pooling is cheap at digit size
     torch.manual_seed(seed)
     random_model = EnergyViT(model.cfg).to(model.pixel_mean.device).eval()

@@ -23,9 +23,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from energyvit.checkpoint import load_checkpoint, load_weights
 from energyvit.losses import restoration_loss, with_psnr
 from energyvit.methods.base import Samples
-from energyvit.model import Block, EnergyViT, EnergyViTConfig, init_linear_and_norm, sincos_pos_embed
+from energyvit.model import Block, EnergyViT, EnergyViTConfig, config_from_dict, init_linear_and_norm, sincos_pos_embed
 from energyvit.options import check_fields, open_unit, option
 from energyvit.sampling import seeded_generator
 from energyvit.training import StepLoss
@@ -169,20 +170,24 @@ class MAEBaseline(nn.Module):
         Returns latent (B, 1 + num_visible, D) after the encoder's final norm (class token
         first), mask (B, L) with 1 on the hidden patches, and ids_restore (B, L).
         """
+        ids_shuffle, ids_restore = self.random_masking(images.shape[0], images.device, generator)
+        mask = images.new_ones(ids_shuffle.shape)
+        mask[:, : self.num_visible] = 0
+        mask = mask.gather(1, ids_restore)  # back to patch order
+        return self.encode_kept(images, ids_shuffle[:, : self.num_visible]), mask, ids_restore
+
+    def encode_kept(self, images: Tensor, ids_keep: Tensor) -> Tensor:
+        """The encoder's latent (B, 1 + V, D), after its final norm, of the V patches `ids_keep`
+        (B, V) of each image: what `decode` reads, whatever V is."""
         enc = self.encoder
         tokens = enc.embed_patches(images)  # checks the shape; position embedding already added
-        B, L, D = tokens.shape
-        ids_shuffle, ids_restore = self.random_masking(B, images.device, generator)
-        ids_keep = ids_shuffle[:, : self.num_visible]
+        B, _, D = tokens.shape
         x = tokens.gather(1, ids_keep[..., None].expand(-1, -1, D))
         cls = enc.cls_token + enc.pos_embed[:, :1]
         x = torch.cat([cls.expand(B, -1, -1), x], dim=1)
         for block in enc.blocks:
             x = block(x)
-        mask = images.new_ones(B, L)
-        mask[:, : self.num_visible] = 0
-        mask = mask.gather(1, ids_restore)  # back to patch order
-        return enc.norm(x), mask, ids_restore
+        return enc.norm(x)
 
     def decode(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
         """Predicted patches (B, L, p*p*C) in normalized pixel space from `encode_visible`'s latent."""
@@ -298,3 +303,20 @@ class MAEMethod:
 
     def load_extra(self, state: dict) -> None:
         self.module.load_state_dict(state["mae"])
+
+
+def load_mae(path) -> MAEBaseline:
+    """The whole MAE (encoder and decoder) of a `pretrain --method mae` checkpoint, weights-only,
+    in eval mode; ValueError naming the file for anything else."""
+    ckpt = load_checkpoint(path)
+    if ckpt.get("method") != "mae" or not isinstance(ckpt.get("mae"), dict) or \
+            not isinstance(ckpt.get("model_config"), dict):
+        raise ValueError(f"{path} is not a checkpoint of `energyvit pretrain --method mae` (it needs the decoder)")
+    args = ckpt["args"] if isinstance(ckpt.get("args"), dict) else {}
+    try:
+        mae = MAEBaseline(config_from_dict(ckpt["model_config"]), mask_ratio=float(args.get("mae_mask_ratio", 0.75)),
+                          norm_pix_loss=bool(args.get("norm_pix_loss", False)))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path} has an unusable model config: {e}") from None
+    load_weights(mae, ckpt["mae"], path)
+    return mae.eval()
