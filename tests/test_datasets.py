@@ -175,6 +175,9 @@ def test_splits_stream_every_held_out_image_and_keep_a_capped_sample_in_memory(t
     make_imagefolder(tmp_path / "val", per_class=2)
     data = load_splits(DataOptions(data_path=str(tmp_path), eval_images=3, num_workers=0), 8, None)
     assert len(data.held_out_all) == 4 and len(data.held_out.labels) == 3  # the whole val split; a sample of it
+    held = data.held_out.images  # float [0, 1] in memory for the restoration metrics; the datasets yield uint8
+    assert held.dtype == torch.float32 and 0 <= held.min() and held.max() <= 1 and held.max() > 0.5
+    assert any(torch.equal(held[0], data.held_out_all[i][0].float() / 255) for i in range(4))
     assert sorted(int(data.held_out_all[i][1]) for i in range(4)) == [0, 0, 1, 1]
     digits = load_splits(DataOptions(eval_images=100), 16, None)
     assert len(digits.held_out_all) == 297 and len(digits.held_out.labels) == 297  # the digits' split is in memory
