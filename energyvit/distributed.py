@@ -1,4 +1,5 @@
-"""Process groups for `torchrun`: one process per device, DDP over NCCL (GPU) or gloo (CPU).
+"""Process groups for `torchrun`: one process per device, DDP over NCCL (GPU) or gloo (CPU), and
+how the training loop shares gradients between processes (GradientSync).
 
 A plain `energyvit pretrain` is world size 1 and touches none of torch.distributed.
 """
@@ -6,10 +7,16 @@ from __future__ import annotations
 
 import inspect
 import os
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
+
+BUCKET_MIB = 25  # the most one collective of AllReduceGradients and broadcast_parameters carries (DDP's default)
 
 
 @dataclass(frozen=True)
@@ -92,3 +99,94 @@ def ddp_energy_fn(ddp: torch.nn.Module, module: torch.nn.Module):
         return (ddp if calls == 1 else module)(x)
 
     return energy
+
+
+def coalesced(tensors: list[Tensor], collective: Callable[[Tensor], None], bucket_mib: float = BUCKET_MIB) -> None:
+    """Run `collective` (in place) on the tensors packed into few flat buffers, one per run of one
+    device and dtype of at most bucket_mib (a larger tensor alone), and copy the results back."""
+    cap, bucket, size = bucket_mib * 2**20, [], 0
+
+    def flush() -> None:
+        if bucket:
+            flat = torch.cat([t.reshape(-1) for t in bucket])
+            collective(flat)
+            torch._foreach_copy_(bucket, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in bucket]), bucket)])
+
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if bucket and (t.device != bucket[0].device or t.dtype != bucket[0].dtype or size + nbytes > cap):
+            flush()
+            bucket, size = [], 0
+        bucket.append(t)
+        size += nbytes
+    flush()
+
+
+def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
+    """Every rank takes rank `src`'s parameters and buffers, as DDP does when it wraps a module."""
+    with torch.no_grad():
+        coalesced([t.detach() for t in (*module.parameters(), *module.buffers())], lambda flat: dist.broadcast(flat, src))
+
+
+class GradientSync(Protocol):
+    """How one optimizer step of the training loop shares its gradients between processes."""
+
+    def micro_batch(self, last: bool) -> AbstractContextManager:
+        """The context of one micro-batch's forward and backward (last: the step's final one)."""
+
+    def reduce(self) -> None:
+        """After the final micro-batch's backward: from here on p.grad holds the mean over ranks."""
+
+
+class LocalGradients:
+    """One process: nothing to share."""
+
+    def micro_batch(self, last: bool) -> AbstractContextManager:
+        return nullcontext()
+
+    def reduce(self) -> None:
+        pass
+
+
+class DDPGradients:
+    """DistributedDataParallel: its hooks all-reduce during the final micro-batch's backward (the
+    others run under no_sync, so the all-reduce happens once per optimizer step)."""
+
+    def __init__(self, ddp: torch.nn.parallel.DistributedDataParallel) -> None:
+        self.ddp = ddp
+
+    def micro_batch(self, last: bool) -> AbstractContextManager:
+        return nullcontext() if last else self.ddp.no_sync()
+
+    def reduce(self) -> None:
+        pass
+
+
+class AllReduceGradients:
+    """The mean over ranks of every trainable gradient, computed after the final micro-batch's
+    backward by a few bucketed all-reduces, for steps whose gradients DDP's hooks never see: the
+    compiled step (its gradients come out of the compiled graph) and the CUDA-graphed one (a replay
+    writes them). As in DDP, each gradient is divided by the world size and then summed over ranks,
+    and the gradient tensors stay the same objects (a CUDA graph's static tensors stay static).
+    The ranks must start from the same weights: broadcast_parameters, as DDP does."""
+
+    def __init__(self, module: torch.nn.Module, group: dist.ProcessGroup | None = None,
+                 bucket_mib: float = BUCKET_MIB) -> None:
+        self.params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+        self.group, self.bucket_mib = group, bucket_mib
+        self.world_size = dist.get_world_size(group)
+
+    def micro_batch(self, last: bool) -> AbstractContextManager:
+        return nullcontext()
+
+    def _mean(self, flat: Tensor) -> None:
+        flat.div_(self.world_size)
+        dist.all_reduce(flat, group=self.group)
+
+    def reduce(self) -> None:
+        # the same on every rank (the same model code), so every rank raises, none waits in a collective
+        missing = [n for n, p in self.params if p.grad is None]
+        if missing:
+            raise RuntimeError(f"no gradient for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}: the "
+                               "gradient all-reduce needs one for every trainable parameter (freeze unused ones)")
+        coalesced([p.grad for _, p in self.params], self._mean, self.bucket_mib)

@@ -1,8 +1,10 @@
 """The pretraining job: data, model, optimizer, epochs, checkpoints, logs, final evaluation.
 
-Runs as one process or under torchrun (one process per device, DistributedDataParallel). Only
-rank 0 writes files and prints. `run(PretrainOptions(...))` is the whole job; the `energyvit
-pretrain` command builds the options from its flags.
+Runs as one process or under torchrun (one process per device: DistributedDataParallel, or for
+the compiled and the CUDA-graphed step, whose gradients DDP's hooks never see, an explicit
+all-reduce after each step's backward). Only rank 0 writes files and prints.
+`run(PretrainOptions(...))` is the whole job; the `energyvit pretrain` command builds the options
+from its flags.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ from energyvit.checkpoint import load_pretrain_checkpoint, load_weights, save_ch
 from energyvit.cuda_graphs import GraphedAdamW, cuda_graphs_usable, graphed_training
 from energyvit.data.loader import training_loader
 from energyvit.data.splits import DataOptions, DataSplits, load_splits
-from energyvit.distributed import DistInfo, all_ranks_true, barrier, init_distributed, shutdown, wrap_ddp
+from energyvit.distributed import AllReduceGradients, DDPGradients, DistInfo, GradientSync, LocalGradients, \
+    all_ranks_true, barrier, broadcast_parameters, init_distributed, shutdown, wrap_ddp
 from energyvit.evaluation.features import POOLINGS
 from energyvit.evaluation.probes import probe_accuracies
 from energyvit.metrics import MetricsLogger, require_wandb
@@ -48,10 +51,11 @@ class RunOptions:
     method: str = option("energy", "energy: this project's method; mae: the MAE baseline on the same encoder",
                          choices=METHODS)
     compile: bool = option(False, "torch.compile the whole training step (exact second-order gradients; eager "
-                           "fallback with a warning)", resumable=True)
+                           "fallback with a warning; under torchrun the gradients are all-reduced after the step)",
+                           resumable=True)
     cuda_graphs: bool = option(False, "replay the energy step and the AdamW step from CUDA graphs after 3 warm-up "
-                               "steps (one CUDA process, --accum_iter 1; otherwise the ordinary step, with a warning)",
-                               resumable=True)
+                               "steps, also under torchrun and with --accum_iter (without CUDA, or with --compile and "
+                               "--langevin_std: the ordinary step, with a warning)", resumable=True)
     device: str | None = option(None, "cpu, cuda or cuda:N (default: cuda if available, else cpu)", parse=str,
                                 rule=device, resumable=True)
     output_dir: str = option("./output_dir", "where checkpoints, logs, pictures and summary.json go", metavar="DIR",
@@ -178,7 +182,7 @@ class Training:
     step_in_epoch: int  # the optimizer steps of it already done,
     global_step: int  # and the optimizer steps done in all
     step_loss: StepLoss
-    ddp: torch.nn.Module | None
+    grad_sync: GradientSync  # how ranks share gradients: DDP's hooks, an explicit all-reduce, or nothing
     autocast_dtype: torch.dtype | None
     model_name: str
 
@@ -203,7 +207,7 @@ def build_method(options: PretrainOptions, model: EnergyViT, data: DataSplits) -
 
 def setup(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -> Training:
     """Data, method, optimizer and the position to start from (a resumed run: the checkpoint's,
-    with its architecture); DDP when asked."""
+    with its architecture); under torchrun, DDP or (compiled or graphed step) the explicit all-reduce."""
     run_opts, train_opts = options.run, options.train
     resume_path = resolve_resume(run_opts.resume, run_opts.output_dir)
     resume_state = load_pretrain_checkpoint(resume_path) if resume_path is not None else None
@@ -232,12 +236,13 @@ def setup(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -
     method = build_method(options, model, data)
     method.module.to(device)
     lr = train_opts.lr_for(dist_info.world_size)
-    graphed = run_opts.cuda_graphs and cuda_graphs_usable(device, dist_info.enabled, train_opts.accum_iter,
-                                                          run_opts.compile, options.energy.langevin_std)
+    graphed = run_opts.cuda_graphs and cuda_graphs_usable(device, run_opts.compile, options.energy.langevin_std,
+                                                          warn=dist_info.is_main)
     optimizer_cls = GraphedAdamW if graphed else torch.optim.AdamW
     optimizer = optimizer_cls(param_groups(method.module, train_opts.weight_decay), lr=lr, betas=(0.9, 0.95))
     if graphed:  # --cuda_graphs: the energy step's backward and the AdamW update replayed from CUDA graphs
-        method.step_fn = graphed_training(method.encoder, options.energy, method.step_fn, optimizer)
+        method.step_fn = graphed_training(method.encoder, options.energy, method.step_fn, optimizer,
+                                          accum_iter=train_opts.accum_iter)
     per_step = train_opts.batch_size * train_opts.accum_iter
     steps_per_epoch = EpochSampler(data.num_train, per_step, train_opts.seed, 0, 0, dist_info.world_size).steps
     epoch, step_in_epoch, global_step = 0, 0, 0
@@ -256,13 +261,15 @@ def setup(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -
         if step_in_epoch >= resume_state["steps_per_epoch"]:
             epoch, step_in_epoch = epoch + 1, 0
 
-    ddp = None
-    if dist_info.enabled:
-        if run_opts.compile:
-            raise ValueError("--compile runs in a single process for now; drop it under torchrun")
+    ddp, grad_sync = None, LocalGradients()
+    if dist_info.enabled and (run_opts.compile or graphed):  # gradients made outside DDP's autograd hooks
+        broadcast_parameters(method.module)  # one starting point on every rank, as DDP makes it
+        grad_sync = AllReduceGradients(method.module)
+    elif dist_info.enabled:
         ddp = wrap_ddp(method.module, device)
+        grad_sync = DDPGradients(ddp)
     return Training(options, method, data, optimizer, lr, steps_per_epoch, epoch, step_in_epoch, global_step,
-                    method.step_loss(ddp), ddp, amp_dtype(train_opts.precision, device), model_name)
+                    method.step_loss(ddp), grad_sync, amp_dtype(train_opts.precision, device), model_name)
 
 
 def _run(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -> dict | None:
@@ -284,7 +291,8 @@ def _run(options: PretrainOptions, dist_info: DistInfo, device: torch.device) ->
               f"{t.data.description} at {model.cfg.img_size}px, {what}, batch {train_opts.batch_size} x "
               f"{train_opts.accum_iter} accum x {dist_info.world_size} processes, lr {t.lr:.2e}, "
               f"{'bf16 autocast' if t.autocast_dtype else 'fp32'} on {device}{', compiled' if options.run.compile else ''}"
-              f"{', CUDA graphs' if isinstance(t.optimizer, GraphedAdamW) else ''}",
+              f"{', CUDA graphs' if isinstance(t.optimizer, GraphedAdamW) else ''}"
+              f"{', gradients all-reduced after each step' if isinstance(t.grad_sync, AllReduceGradients) else ''}",
               flush=True)
     train(t, dist_info, device, out)
     summary = None
@@ -342,7 +350,7 @@ def train(t: Training, dist_info: DistInfo, device: torch.device, out: Path) -> 
                                  train_opts.clip_grad, t.autocast_dtype, train_opts.seed)
                 stats = train_one_epoch(t.method.module, t.step_loss, loader, t.optimizer, plan,
                                         lambda s: cosine_lr(t.lr, s, total, warmup), t.method.task_names, dist_info,
-                                        t.ddp, should_stop=stop_everywhere, on_step=on_step)
+                                        t.grad_sync, should_stop=stop_everywhere, on_step=on_step)
                 global_step += stats["steps"]
                 step_in_epoch += stats["steps"]
                 if stats["stopped"] and step_in_epoch < t.steps_per_epoch:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from energyvit.data.pixels import to_float_pixels
-from energyvit.distributed import DistInfo, all_ranks_true, all_reduce_sum
+from energyvit.distributed import DistInfo, GradientSync, LocalGradients, all_ranks_true, all_reduce_sum
 from energyvit.options import check_fields, non_negative, option, positive
 from energyvit.sampling import derive_seed
 
@@ -118,12 +118,13 @@ def train_one_epoch(
     lr_at_step: Callable[[int], float],
     task_names: list[str],
     dist: DistInfo = DistInfo(),
-    ddp: torch.nn.Module | None = None,
+    grad_sync: GradientSync = LocalGradients(),
     should_stop: Callable[[], bool] = lambda: False,
     on_step: Callable[[int, int, dict], None] | None = None,
 ) -> dict:
     """Optimizer steps of one epoch; each step accumulates gradients over plan.accum_iter
-    micro-batches from `batches` ((images, labels, skipped files) as the DataLoader yields them).
+    micro-batches from `batches` ((images, labels, skipped files) as the DataLoader yields them),
+    then shares them between ranks through `grad_sync` (DDP's hooks, or an explicit all-reduce).
 
     Every micro-batch's randomness comes from derive_seed(seed, global step, micro-batch, rank).
     A non-finite loss or gradient norm on any rank raises TrainingDiverged before the optimizer
@@ -150,14 +151,13 @@ def train_one_epoch(
         for micro in range(plan.accum_iter):
             images, _, skipped = next(batch_iter)
             images = to_float_pixels(images, device)
-            last = micro == plan.accum_iter - 1
-            sync = ddp.no_sync() if ddp is not None and not last else nullcontext()  # all-reduce once per step
-            with sync:
+            with grad_sync.micro_batch(last=micro == plan.accum_iter - 1):
                 with autocast:
                     name, loss = step_loss(images, derive_seed(plan.seed, global_step, micro, dist.rank))
                 (loss / plan.accum_iter).backward()
             losses.append((name, loss.detach().float()))
             sums[2 * n] += int(torch.as_tensor(skipped).sum())
+        grad_sync.reduce()  # the mean gradient over ranks: clipped and checked the same on every rank
         grad_norm = torch.nn.utils.clip_grad_norm_(params, plan.clip_grad or math.inf)
         finite = all(torch.isfinite(l).item() for _, l in losses) and math.isfinite(grad_norm.item())
         if not all_ranks_true(finite, dist, device):

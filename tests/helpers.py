@@ -1,9 +1,12 @@
-"""Shared test helpers: tiny models and inputs."""
+"""Shared test helpers: tiny models and inputs, pieces of the multi-process tests."""
 from __future__ import annotations
+
+import socket
 
 import torch
 
 from energyvit.model import EnergyViT, model_config
+from energyvit.tasks import Corrupted
 
 # `pretrain` flags for three tasks and two restoration steps, so tests of the training loop cover a
 # task mixture and steps after the first whatever the defaults are
@@ -30,3 +33,52 @@ def tiny_checkpoint(path, seed: int = 0, **overrides):
     model = tiny_model(dtype=torch.float32, seed=seed, **overrides)
     save_checkpoint(path, {"model": model.state_dict(), "model_config": config_to_dict(model.cfg), "epoch": 0})
     return model
+
+
+def eager_replay_step(*args, **kwargs):
+    """A cuda_graphs.GraphedLossStep whose 'graph' runs what it would capture eagerly at each replay:
+    everything around the CUDA graph (static inputs and gradients, accumulation over micro-batches,
+    the loss weight, an all-reduce between replay and optimizer) runs on the CPU."""
+    from types import SimpleNamespace
+
+    from energyvit.cuda_graphs import GraphedLossStep
+
+    class EagerReplayStep(GraphedLossStep):
+        def _record(self, params):
+            self._first_run(params)  # as the CUDA capture does, then the replay runs what it would capture
+            return SimpleNamespace(replay=self._forward_backward, pool=lambda: None)
+
+    return EagerReplayStep(*args, **kwargs)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fixed_corruption(x: torch.Tensor) -> Corrupted:
+    """Every other 2x2 patch of an 8x8 image replaced by 0.5: the same masked area in every image,
+    so the mean over the global batch equals the mean of per-rank (and per-micro-batch) means."""
+    mask = torch.zeros(1, 1, 4, 4, dtype=x.dtype)
+    mask.view(-1)[::2] = 1
+    mask = mask.repeat_interleave(2, 2).repeat_interleave(2, 3).expand(len(x), 1, 8, 8)
+    return Corrupted(x * (1 - mask) + 0.5 * mask, mask, mask)
+
+
+def rank_share(x: torch.Tensor, rank: int, world: int, steps: int) -> torch.Tensor:
+    """This rank's part of each optimizer step's global batch (x holds `steps` of them, in order)."""
+    per_step, per_rank = len(x) // steps, len(x) // steps // world
+    return torch.cat([x[s * per_step + rank * per_rank : s * per_step + (rank + 1) * per_rank] for s in range(steps)])
+
+
+def sgd_steps(model, step_loss, x: torch.Tensor, batch_size: int, accum: int, info=None, grad_sync=None, steps: int = 1):
+    """`steps` SGD steps (lr 0.05) of train_one_epoch over x, in order; the weights after them."""
+    from energyvit.distributed import DistInfo, LocalGradients
+    from energyvit.training import EpochPlan, train_one_epoch
+
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    loader = [(x[i : i + batch_size], torch.zeros(batch_size), torch.zeros(batch_size)) for i in range(0, len(x), batch_size)]
+    train_one_epoch(model, step_loss, loader, opt, EpochPlan(0, steps, 0, 0, accum_iter=accum), lambda s: 0.05, ["mim"],
+                    info or DistInfo(), grad_sync or LocalGradients())
+    return {n: p.detach().clone() for n, p in model.named_parameters()}

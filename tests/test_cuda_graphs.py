@@ -1,10 +1,13 @@
 """CUDA graphs for the training step (energyvit.cuda_graphs, `pretrain --cuda_graphs`).
 
 On the CPU: the support checks, the fallbacks (one warning, the ordinary step's exact results),
-the captured loss function against the eager step, and the optimizer's state dict. With CUDA
-(bench/gpu_check.sh runs this file there): replayed gradients and optimizer updates against the
-eager step and AdamW, in a task mixture with Langevin noise, through the training loop, compiled,
-and the fallbacks after a capture error and for a batch of another shape.
+the captured loss function against the eager step, the optimizer's state dict, and everything
+around the graph with the graph replaced by running its function eagerly (helpers.eager_replay_step):
+accumulation over micro-batches and the loss weight check. With CUDA (bench/gpu_check.sh runs this
+file there): replayed gradients and optimizer updates against the eager step and AdamW, in a task
+mixture with Langevin noise, through the training loop (also accumulating over micro-batches, and
+with the gradient all-reduce of a one-process group between the two graphs), compiled, and the
+fallbacks after a capture error and for a batch of another shape.
 """
 import warnings
 
@@ -15,7 +18,7 @@ import energyvit.cuda_graphs as cg
 from energyvit.cli import main
 from energyvit.objective import EnergyOptions, task_loss
 from energyvit.tasks import build_task
-from helpers import images, tiny_model
+from helpers import eager_replay_step, free_port, images, tiny_model
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
@@ -63,10 +66,9 @@ def tasks(x):
 def test_support_says_why_not():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert "CUDA device" in cg.cuda_graph_support(cpu)[1]
-    assert "DistributedDataParallel" in cg.cuda_graph_support(cuda, distributed=True)[1]
-    assert "--accum_iter 2" in cg.cuda_graph_support(cuda, accum_iter=2)[1]
     assert "Langevin" in cg.cuda_graph_support(cuda, compiled=True, langevin_std=0.1)[1]
     assert cg.cuda_graph_support(cuda) == (True, "")
+    assert cg.cuda_graph_support(cuda, compiled=True) == (True, "")
     with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
         assert not cg.cuda_graphs_usable(cpu)
 
@@ -109,6 +111,95 @@ def test_capture_failure_warns_once_and_runs_the_ordinary_step():
 def test_warmup_must_be_at_least_one_step():
     with pytest.raises(ValueError, match="warmup_steps must be >= 1"):
         cg.GraphedLossStep(tiny_model(), OPTS, warmup_steps=0)
+    with pytest.raises(ValueError, match="accum_iter must be >= 1"):
+        cg.GraphedLossStep(tiny_model(), OPTS, accum_iter=0)
+
+
+def train_loop(model, step_fn, optimizer, accum, steps=4, batch=3, grad_sync=None, seed=5, opts=OPTS):
+    """train_one_epoch over `steps` optimizer steps of a task mixture (mim, denoise; by default with
+    Langevin noise), `accum` micro-batches each, gradients clipped; step_fn None: the ordinary step."""
+    from energyvit.distributed import LocalGradients
+    from energyvit.methods.energy import EnergyMethod
+    from energyvit.tasks import build_mixture
+    from energyvit.training import EpochPlan, train_one_epoch
+
+    method = EnergyMethod(model, build_mixture("mim:0.5,denoise:0.5", 2, 1), opts)
+    method.step_fn = step_fn
+    x = images(steps * accum * batch, dtype=next(model.parameters()).dtype)
+    batches = [(x[i: i + batch], None, torch.zeros(batch)) for i in range(0, len(x), batch)]
+    plan = EpochPlan(epoch=0, steps=steps, start_step=0, global_step=0, accum_iter=accum, clip_grad=1.0, seed=seed)
+    stats = train_one_epoch(model, method.step_loss(), batches, optimizer, plan, lambda s: 1e-3 * (1 - s / steps),
+                            method.task_names, grad_sync=grad_sync or LocalGradients())
+    return stats
+
+
+@pytest.mark.parametrize("accum,warmup", [(1, 2), (2, 3), (3, 2)])
+def test_replays_accumulate_micro_batches_as_the_ordinary_loop(accum, warmup):
+    """Everything around the graph (static gradients zeroed at each optimizer step's start, the
+    replays adding d(loss / accum)/d theta into them, a capture in the middle of an optimizer step
+    taking over the gradients of its earlier micro-batches) gives the ordinary loop's weights after
+    4 optimizer steps, float64, 1e-12 relative; the graph itself replaced by running its function."""
+    ref = tiny_model()
+    train_loop(ref, None, torch.optim.SGD(ref.parameters(), lr=0.1), accum)
+    model = tiny_model()
+    step = eager_replay_step(model, OPTS, warmup_steps=warmup, accum_iter=accum)
+    train_loop(model, step, torch.optim.SGD(model.parameters(), lr=0.1), accum)
+    assert step.mode == "graph" and step.calls == 4 * accum
+    assert all(p.grad is g for p, g in zip(step._params(), step.static_grads))
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=name)
+    assert not torch.equal(ref.blocks[0].attn.qkv.weight, tiny_model().blocks[0].attn.qkv.weight)
+
+
+def test_replays_of_the_compiled_step_accumulate_too():
+    """The compiled step inside the graph (its gradients handed out by the backward of its loss)
+    adds into the static gradients like the eager one: 2 micro-batches per step against the
+    ordinary loop, float64, 1e-10 relative (aot_eager backend: the bookkeeping, not Inductor)."""
+    from energyvit.compiled import compile_support, compiled_train_step
+
+    if not compile_support()[0]:
+        pytest.skip(compile_support()[1])
+    opts = EnergyOptions()  # no Langevin noise: the compiled step under a graph draws none (cuda_graph_support)
+    ref = tiny_model()
+    train_loop(ref, None, torch.optim.SGD(ref.parameters(), lr=0.1), 2, steps=3, opts=opts)
+    model = tiny_model()
+    inner = compiled_train_step(model, opts, backend="aot_eager")
+    step = eager_replay_step(model, opts, inner, warmup_steps=1, accum_iter=2)
+    train_loop(model, step, torch.optim.SGD(model.parameters(), lr=0.1), 2, steps=3, opts=opts)
+    assert step.mode == "graph" and inner.mode == "compiled"
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-13, msg=name)
+
+
+def test_replays_give_the_eager_gradients_and_none_where_the_step_never_reaches():
+    """Replayed calls (graph replaced by running its function) give the eager step's gradients,
+    float64, and a parameter the backward never reaches (the final norm, under the `norm`
+    readout) keeps no gradient, as in the eager step: a zero one would let AdamW decay it."""
+    model = tiny_model()
+    x = images(3)
+    step = eager_replay_step(model, OPTS, warmup_steps=1)
+    for seed in range(3):
+        c = tasks(x * (0.5 + 0.1 * seed))[seed % 2]
+        loss, grads = run_step(step, model, x, c, seed)
+        ref_loss, ref = eager_step(model, x, c, seed)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-13)
+        assert_grads_close(grads, ref, 1e-12)  # the same parameters without a gradient, too
+    assert step.mode == "graph" and model.norm.weight.grad is None and model.norm.weight.requires_grad
+
+
+def test_a_replayed_loss_backpropagated_with_another_weight_is_refused():
+    """The replay has already added the gradients of loss / accum_iter: a caller that backpropagates
+    the loss with another weight (a step built for another accum_iter) gets an error, not gradients
+    off by that factor."""
+    model = tiny_model()
+    x = images(3)
+    step = eager_replay_step(model, OPTS, warmup_steps=1, accum_iter=2)
+    c = tasks(x)[0]
+    (step(x, c, torch.Generator().manual_seed(0)) / 2).backward()  # warm-up: the ordinary step
+    loss = step(x, c, torch.Generator().manual_seed(1))
+    assert step.mode == "graph"
+    with pytest.raises(RuntimeError, match="built for accum_iter 2 .* backpropagated with weight 1;"):
+        loss.backward()
 
 
 def test_pretrain_flag_on_cpu_warns_and_trains_as_without(tmp_path):
@@ -231,36 +322,59 @@ def test_graphed_adamw_matches_adamw_with_a_changing_lr(fp32_cuda):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
 
 
-@needs_cuda
-def test_training_loop_with_graphs_matches_the_ordinary_loop(fp32_cuda):
-    """train_one_epoch over 6 optimizer steps of a task mixture: the captured loss step and AdamW
-    update reach the ordinary loop's weights. AdamW's eps is large here: with the default 1e-8 a
-    gradient that is zero up to rounding (the key bias of attention) becomes an update of +-lr
-    whose sign is rounding noise."""
-    from energyvit.methods.energy import EnergyMethod
-    from energyvit.tasks import build_mixture
-    from energyvit.training import EpochPlan, param_groups, train_one_epoch
+def train_with_graphs(device, graphs: bool, accum: int = 1, warmup: int = 2, grad_sync=None):
+    """(model, stats, step_fn) after 6 optimizer steps of train_loop, with both graphs or none;
+    grad_sync(model): the loop's GradientSync.
+    AdamW's eps is large here: with the default 1e-8 a gradient that is zero up to rounding (the
+    key bias of attention) becomes an update of +-lr whose sign is rounding noise."""
+    from energyvit.training import param_groups
 
-    def train(graphs: bool):
-        model = tiny_model(dtype=torch.float32).to(fp32_cuda)
-        method = EnergyMethod(model, build_mixture("mim:0.5,denoise:0.5", 2, 1), OPTS)
-        cls = cg.GraphedAdamW if graphs else torch.optim.AdamW
-        opt = cls(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.95), eps=1e-2)
-        if graphs:
-            method.step_fn = cg.graphed_training(model, OPTS, None, opt, warmup_steps=2)
-        x = images(24, dtype=torch.float32)
-        batches = [(x[i: i + 4], None, torch.zeros(4)) for i in range(0, 24, 4)]
-        plan = EpochPlan(epoch=0, steps=6, start_step=0, global_step=0, clip_grad=1.0, seed=5)
-        stats = train_one_epoch(model, method.step_loss(), batches, opt, plan, lambda s: 1e-3 * (1 - s / 6),
-                                method.task_names)
-        return model, stats, method.step_fn
+    model = tiny_model(dtype=torch.float32).to(device)
+    for p in model.unused_parameters():  # frozen as EnergyMethod will, before the optimizer and grad_sync see them
+        p.requires_grad_(False)
+    cls = cg.GraphedAdamW if graphs else torch.optim.AdamW
+    opt = cls(param_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.95), eps=1e-2)
+    step = cg.graphed_training(model, OPTS, None, opt, warmup_steps=warmup, accum_iter=accum) if graphs else None
+    stats = train_loop(model, step, opt, accum, steps=6, batch=4, grad_sync=grad_sync(model) if grad_sync else None)
+    return model, stats, step
 
-    ref, ref_stats, _ = train(False)
-    model, stats, step = train(True)
-    assert step.mode == "graph" and step.optimizer._graph is not None
+
+def assert_same_training(got, ref):
+    (model, stats, step), (ref_model, ref_stats, _) = got, ref
+    assert step.mode == "graph" and step.optimizer._graph is not None  # both graphs replayed
+    assert all(p.grad is g for p, g in zip(step._params(), step.static_grads))
     assert stats["loss"] == pytest.approx(ref_stats["loss"], rel=1e-5)
-    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@needs_cuda
+@pytest.mark.parametrize("accum,warmup", [(1, 2), (2, 3)])
+def test_training_loop_with_graphs_matches_the_ordinary_loop(fp32_cuda, accum, warmup):
+    """train_one_epoch over 6 optimizer steps of a task mixture: the captured loss step and AdamW
+    update reach the ordinary loop's weights, with one micro-batch per step and with two (the
+    replays add into the static gradients; with warm-up 3 the capture comes at a step's second
+    micro-batch)."""
+    assert_same_training(train_with_graphs(fp32_cuda, True, accum, warmup), train_with_graphs(fp32_cuda, False, accum))
+
+
+@needs_cuda
+def test_graphs_with_the_gradient_all_reduce_of_a_process_group(fp32_cuda):
+    """Under torchrun the graphed step's gradients are all-reduced eagerly between the two graphs
+    (distributed.AllReduceGradients, NCCL): in a one-process group the mean is the gradient
+    itself, so the training matches the ordinary loop's, and the all-reduce keeps the static
+    gradients static (the optimizer's graph still replays)."""
+    import torch.distributed as dist
+
+    from energyvit.distributed import AllReduceGradients
+
+    dist.init_process_group("nccl" if dist.is_nccl_available() else "gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                            rank=0, world_size=1)
+    try:
+        got = train_with_graphs(fp32_cuda, True, accum=2, warmup=3, grad_sync=AllReduceGradients)
+        assert_same_training(got, train_with_graphs(fp32_cuda, False, accum=2))
+    finally:
+        dist.destroy_process_group()
 
 
 @needs_cuda

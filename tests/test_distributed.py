@@ -1,9 +1,10 @@
 """DDP on the CPU (gloo): the second-order step (inner autograd.grad with create_graph, outer
-backward) under DistributedDataParallel gives the gradients of one process on the global batch."""
+backward) under DistributedDataParallel gives the gradients of one process on the global batch;
+so does the explicit gradient all-reduce that the compiled and the CUDA-graphed steps use
+(AllReduceGradients), with the ordinary step and with the graphed step's bookkeeping."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -12,26 +13,17 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from energyvit.distributed import DistInfo, ddp_energy_fn, wrap_ddp
+from energyvit.distributed import AllReduceGradients, DDPGradients, DistInfo, broadcast_parameters, coalesced, \
+    ddp_energy_fn, wrap_ddp
 from energyvit.objective import EnergyOptions, task_loss
-from energyvit.training import EpochPlan, train_one_epoch
-from energyvit.tasks import Corrupted
-from helpers import THREE_TASKS_K2, images, tiny_model
+from helpers import THREE_TASKS_K2, eager_replay_step, fixed_corruption, free_port, images, rank_share, sgd_steps, \
+    tiny_model
 
 BATCH = 8
 
 
-def fixed_corruption(x: torch.Tensor) -> Corrupted:
-    """Every other 2x2 patch replaced by 0.5: the same masked area in every image, so the mean over
-    the global batch equals the mean of per-rank means."""
-    mask = torch.zeros(1, 1, 4, 4, dtype=x.dtype)
-    mask.view(-1)[::2] = 1
-    mask = mask.repeat_interleave(2, 2).repeat_interleave(2, 3).expand(len(x), 1, 8, 8)
-    return Corrupted(x * (1 - mask) + 0.5 * mask, mask, mask)
-
-
-def model_and_ddp(distributed: bool):
-    model = tiny_model()
+def model_and_ddp(distributed: bool, seed: int = 0):
+    model = tiny_model(seed=seed)
     model.norm.requires_grad_(False)  # as EnergyMethod does: DDP needs a gradient for every trainable parameter
     return model, wrap_ddp(model, torch.device("cpu")) if distributed else None
 
@@ -43,18 +35,11 @@ def step_loss_for(model, ddp=None):
     return step_loss
 
 
-def one_sgd_step(model, ddp, x, batch_size, accum, info=DistInfo()):
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
-    loader = [(x[i : i + batch_size], torch.zeros(batch_size), torch.zeros(batch_size)) for i in range(0, len(x), batch_size)]
-    train_one_epoch(model, step_loss_for(model, ddp), loader, opt, EpochPlan(0, 1, 0, 0, accum_iter=accum),
-                    lambda s: 0.05, ["mim"], info, ddp)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def graphed_step_loss(model, accum):
+    """The graphed step's bookkeeping without a graph (helpers.eager_replay_step): the first call
+    runs the ordinary step, the second captures in the middle of an optimizer step, the rest replay."""
+    step = eager_replay_step(model, EnergyOptions(), warmup_steps=1, accum_iter=accum)
+    return lambda clean, seed: ("mim", step(clean, fixed_corruption(clean))), step
 
 
 def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -62,27 +47,50 @@ def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        info = DistInfo(rank, world, rank)
         # direct gradients of one micro-batch per rank, K = 2 restoration steps
         model, ddp = model_and_ddp(True)
         x = images(BATCH)
-        share = x[rank * BATCH // world : (rank + 1) * BATCH // world]
+        share = rank_share(x, rank, world, 1)
         step_loss_for(model, ddp)(share, 0)[1].backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         # one optimizer step through train_one_epoch, 2 micro-batches per rank (no_sync on the first)
         model, ddp = model_and_ddp(True)
-        after = one_sgd_step(model, ddp, share, BATCH // world // 2, 2, DistInfo(rank, world, rank))
-        torch.save({"grads": grads, "after": after}, f"{out}/rank{rank}.pt")
+        after = sgd_steps(model, step_loss_for(model, ddp), share, BATCH // world // 2, 2, info, DDPGradients(ddp))
+        # the same without DDP: each rank starts from its own seed until rank 0's weights are broadcast
+        model, _ = model_and_ddp(False, seed=rank)
+        broadcast_parameters(model)
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        after_explicit = sgd_steps(model, step_loss_for(model), share, BATCH // world // 2, 2, info,
+                                   AllReduceGradients(model))
+        # the graphed step's bookkeeping, accumulating over 2 micro-batches, then the all-reduce, 2 steps
+        model, _ = model_and_ddp(False)
+        step_loss, step = graphed_step_loss(model, 2)
+        after_graphed = sgd_steps(model, step_loss, rank_share(images(2 * BATCH), rank, world, 2), BATCH // world // 2,
+                                  2, info, AllReduceGradients(model), steps=2)
+        assert step.mode == "graph" and all(p.grad is g for p, g in zip(step._params(), step.static_grads))
+        torch.save({"grads": grads, "after": after, "start": start, "after_explicit": after_explicit,
+                    "after_graphed": after_graphed}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_gradients_and_accumulated_step_equal_one_process(tmp_path):
+def test_ddp_and_the_explicit_all_reduce_equal_one_process(tmp_path):
+    """Gradients and weights after an optimizer step of 2 processes x 2 micro-batches equal one
+    process's on the global batch (float64, 1e-10 relative: the sums run in another order), under
+    DDP and under AllReduceGradients; those two give the same weights bit for bit (each gradient
+    halved, then summed over the 2 ranks, in both). Ranks that start from other weights start from
+    rank 0's after broadcast_parameters."""
     mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     model, _ = model_and_ddp(False)
     x = images(BATCH)
     step_loss_for(model)(x, 0)[1].backward()
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    expected_after = one_sgd_step(model_and_ddp(False)[0], None, x, BATCH, 1)
+    initial = {n: p.detach().clone() for n, p in model_and_ddp(False)[0].named_parameters()}
+    model = model_and_ddp(False)[0]
+    expected_after = sgd_steps(model, step_loss_for(model), x, BATCH, 1)
+    model = model_and_ddp(False)[0]
+    expected_two_steps = sgd_steps(model, step_loss_for(model), images(2 * BATCH), BATCH, 1, steps=2)
     assert "restore_log_step" in expected and "blocks.0.attn.qkv.weight" in expected
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
@@ -91,18 +99,62 @@ def test_ddp_gradients_and_accumulated_step_equal_one_process(tmp_path):
             torch.testing.assert_close(got["grads"][name], g, rtol=1e-10, atol=1e-13, msg=name)
         for name, w in expected_after.items():
             torch.testing.assert_close(got["after"][name], w, rtol=1e-10, atol=1e-13, msg=name)
+            assert torch.equal(got["after_explicit"][name], got["after"][name]), name
+            assert torch.equal(got["start"][name], initial[name]), name
+            torch.testing.assert_close(got["after_graphed"][name], expected_two_steps[name], rtol=1e-10, atol=1e-13,
+                                       msg=name)
+        assert not torch.equal(got["after_graphed"]["blocks.0.attn.qkv.weight"], initial["blocks.0.attn.qkv.weight"])
+
+
+def test_coalesced_packs_few_buffers_per_device_and_dtype():
+    """The collective sees one flat buffer per run of one dtype up to the bucket size (a larger
+    tensor alone), and its results land in the original tensors, whatever their layout."""
+    tensors = [torch.arange(6.0).reshape(2, 3), torch.ones(4, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+               torch.full((5,), 2.0, dtype=torch.float64), torch.arange(8.0).reshape(2, 4).t()]
+    originals = [t.clone() for t in tensors]
+    seen = []
+
+    def double(flat):
+        seen.append((flat.dtype, flat.numel()))
+        flat.mul_(2)
+
+    coalesced(tensors, double, bucket_mib=60 / 2**20)  # 60 bytes: 7 doubles
+    assert seen == [(torch.float32, 6), (torch.float64, 7), (torch.float64, 5), (torch.float32, 8)]
+    for t, o in zip(tensors, originals):
+        assert torch.equal(t, 2 * o)
+
+
+def test_all_reduce_refuses_a_parameter_without_gradient():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        model = tiny_model()
+        sync = AllReduceGradients(model)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        model.norm.weight.grad = None
+        with pytest.raises(RuntimeError, match="no gradient for norm.weight: the gradient all-reduce needs one"):
+            sync.reduce()
+        model.norm.weight.grad = torch.ones_like(model.norm.weight)
+        sync.reduce()  # one rank: the mean is the gradient itself
+        assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
                     reason="torchrun is not on PATH")
 def test_torchrun_pretrain_two_cpu_processes(tmp_path):
+    """DDP under torchrun; --cuda_graphs on the CPU falls back to it with one warning (rank 0's)."""
     torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "energyvit", "pretrain",
            "--model", "vit_pico_patch2", "--batch_size", "125", "--accum_iter", "2", "--epochs", "2", "--warmup_epochs", "1",
-           *THREE_TASKS_K2, "--num_threads", "1", "--grid_rows", "2", "--output_dir", str(tmp_path), "--device", "cpu"]
+           *THREE_TASKS_K2, "--num_threads", "1", "--grid_rows", "2", "--output_dir", str(tmp_path), "--device", "cpu",
+           "--cuda_graphs"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("energyvit CUDA graphs: CUDA graphs need a CUDA device") == 1, done.stderr[-3000:]
+    assert "CUDA graphs" not in done.stdout and "all-reduced" not in done.stdout  # DDP, as without the flag
     # lr = blr x 125 x 2 accum x 2 processes / 256; only rank 0 prints
     assert "batch 125 x 2 accum x 2 processes, lr 7.81e-03" in done.stdout, done.stdout
     assert done.stdout.count("energyvit pretrain:") == 1

@@ -26,7 +26,8 @@ class EnergyMethod:
         self.encoder = self.module = model
         self.mixture, self.opts = mixture, opts
         self.task_names = mixture.names
-        # DDP needs a gradient for every trainable parameter: freeze what the readout never uses
+        # DDP (and AllReduceGradients) need a gradient for every trainable parameter: freeze what the
+        # readout never uses
         for p in model.unused_parameters():
             p.requires_grad_(False)
         self.step_fn = self.restore_fn = None
@@ -39,8 +40,9 @@ class EnergyMethod:
         """Sample a task, corrupt, restore through K steps, score. The task is drawn on the CPU and
         the corruption on the images' device, both from the seed, so a resumed run repeats them."""
         model, mixture, opts, step_fn = self.module, self.mixture, self.opts, self.step_fn
-        if step_fn is not None and ddp is not None:
-            raise ValueError("the compiled step runs in a single process")
+        if step_fn is not None and ddp is not None:  # pretrain syncs them with distributed.AllReduceGradients
+            raise ValueError("the compiled or graphed step makes its gradients outside DDP's hooks: DDP cannot "
+                             "all-reduce them")
 
         def step_loss(images: Tensor, seed: int) -> tuple[str, Tensor]:
             name = mixture.sample(seeded_generator(seed))
