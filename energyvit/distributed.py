@@ -10,7 +10,8 @@ import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Protocol
+from datetime import timedelta
+from typing import Protocol, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -76,9 +77,69 @@ def all_reduce_sum(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return values
 
 
+def all_gather(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """(world_size, *values.shape): every rank's `values` (the same shape on each), by rank."""
+    if not info.enabled:
+        return values[None]
+    out = values.new_empty((info.world_size, *values.shape))
+    dist.all_gather(list(out.unbind(0)), values.contiguous())
+    return out
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over the ranks; its gradient is the sum of the ranks' gradients of the
+    result (each rank's loss depends on every rank's input through the sum)."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor) -> torch.Tensor:
+        values = values.clone()
+        dist.all_reduce(values)
+        return values
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+def sum_over_ranks(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Differentiable all-reduce (sum): the gradient reaches every rank's input."""
+    return _SumOverRanks.apply(values) if info.enabled else values
+
+
+def broadcast_(values: torch.Tensor, info: DistInfo, src: int = 0) -> torch.Tensor:
+    """`values` replaced in place by rank `src`'s."""
+    if info.enabled:
+        dist.broadcast(values, src)
+    return values
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
+
+
+# How long the other ranks wait for work on rank 0 alone (the end-of-pretraining evaluation): far
+# beyond any evaluation, so only a crash ends the wait (torchrun then stops every rank).
+MAIN_ONLY_TIMEOUT = timedelta(hours=24)
+T = TypeVar("T")
+
+
+def run_on_main(info: DistInfo, work: Callable[[], T], timeout: timedelta = MAIN_ONLY_TIMEOUT) -> T | None:
+    """`work()` on rank 0 while the other ranks wait for it; its result on rank 0, None elsewhere.
+
+    They wait in a barrier of a gloo group made for this with `timeout`, not of the default group:
+    NCCL's default timeout (10 minutes) would end the job during a longer evaluation. Rank 0 enters
+    the barrier even when `work` raises (then the others go on, and rank 0 raises its error)."""
+    if not info.enabled:
+        return work()
+    group = dist.new_group(backend="gloo", timeout=timeout)  # collective: every rank arrives here together
+    try:
+        return work() if info.is_main else None
+    finally:
+        dist.barrier(group=group)
+        dist.destroy_process_group(group)
 
 
 def shutdown(info: DistInfo) -> None:

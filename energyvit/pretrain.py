@@ -22,7 +22,7 @@ from energyvit.cuda_graphs import GraphedAdamW, cuda_graphs_usable, graphed_trai
 from energyvit.data.loader import training_loader
 from energyvit.data.splits import DataOptions, DataSplits, load_splits
 from energyvit.distributed import AllReduceGradients, DDPGradients, DistInfo, GradientSync, LocalGradients, \
-    all_ranks_true, barrier, broadcast_parameters, init_distributed, shutdown, wrap_ddp
+    all_ranks_true, barrier, broadcast_parameters, init_distributed, run_on_main, shutdown, wrap_ddp
 from energyvit.evaluation.features import POOLINGS
 from energyvit.evaluation.probes import probe_accuracies
 from energyvit.metrics import MetricsLogger, require_wandb
@@ -37,7 +37,7 @@ from energyvit.progress import Progress
 from energyvit.resume import LAST_CHECKPOINT, conflicts, resolve_resume
 from energyvit.sampling import EpochSampler
 from energyvit.tasks import TaskOptions, build_mixture
-from energyvit.training import EpochPlan, LossTrend, StepLoss, TrainingDiverged, TrainOptions, cosine_lr, \
+from energyvit.training import EpochPlan, LossTrend, StepLoss, TrainingDiverged, TrainOptions, amp_dtype, cosine_lr, \
     param_groups, train_one_epoch
 from energyvit.visualize import save_restoration_grid
 
@@ -121,13 +121,6 @@ class PretrainOptions:
 
 GROUP_TYPES = {"data": DataOptions, "model": ModelOptions, "tasks": TaskOptions, "energy": EnergyOptions,
                "mae": MAEOptions, "train": TrainOptions, "run": RunOptions}
-
-
-def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """bf16 autocast on CUDA by default, full fp32 on the CPU unless asked."""
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return torch.bfloat16 if precision == "bf16" else None
 
 
 def peak_memory_mib(device: torch.device) -> float:
@@ -295,12 +288,14 @@ def _run(options: PretrainOptions, dist_info: DistInfo, device: torch.device) ->
               f"{', gradients all-reduced after each step' if isinstance(t.grad_sync, AllReduceGradients) else ''}",
               flush=True)
     train(t, dist_info, device, out)
-    summary = None
-    if dist_info.is_main:
-        summary = final_evaluation(t)
-        save_json(out / "summary.json", summary)
-        print_summary(summary)
-    barrier(dist_info)
+    # rank 0 alone evaluates; the others wait for it without a timeout an evaluation could outlast
+    return run_on_main(dist_info, lambda: write_summary(t, out))
+
+
+def write_summary(t: Training, out: Path) -> dict:
+    summary = final_evaluation(t)
+    save_json(out / "summary.json", summary)
+    print_summary(summary)
     return summary
 
 

@@ -17,6 +17,14 @@ from energyvit.sampling import derive_seed
 
 PRECISIONS = ("auto", "bf16", "fp32")
 
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of `precision` (one of PRECISIONS) on `device`, None for full fp32:
+    auto is bf16 on CUDA (where supported) and fp32 on the CPU."""
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return torch.bfloat16 if precision == "bf16" else None
+
 # A method's micro-batch loss: (clean images on the training device, seed of this micro-batch)
 # -> (name of what was trained, e.g. the task, loss)
 StepLoss = Callable[[Tensor, int], tuple[str, Tensor]]

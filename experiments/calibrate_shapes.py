@@ -79,7 +79,8 @@ from energyvit.data import shapes
 from energyvit.data.pixels import to_float_pixels
 from energyvit.data.splits import DataOptions, DataSplits, load_splits
 from energyvit.evaluation.features import raw_pixels
-from energyvit.evaluation.probes import knn_scores, linear_probe, topk_accuracy
+from energyvit.evaluation.knn import knn_scores, topk_accuracy
+from energyvit.evaluation.probes import linear_probe
 from energyvit.model import EnergyViT, config_to_dict, model_config
 
 EVAL_IMAGES = 2000

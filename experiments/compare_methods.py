@@ -38,7 +38,8 @@ from energyvit.checkpoint import load_model
 from energyvit.data.in_memory import SplitDataset
 from energyvit.data.splits import DataOptions, load_splits
 from energyvit.evaluation.features import features
-from energyvit.evaluation.probes import knn_scores, linear_probe, topk_accuracy
+from energyvit.evaluation.knn import knn_scores, topk_accuracy
+from energyvit.evaluation.probes import linear_probe
 from energyvit.model import EnergyViT
 
 METRICS = ("linear", "knn", "few_labels")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from energyvit.cli import main
-from energyvit.evaluation.probes import knn_scores, topk_accuracy
+from energyvit.evaluation.knn import knn_scores, topk_accuracy
 from helpers import tiny_checkpoint
 
 
@@ -84,4 +84,39 @@ def test_probe_on_a_labeled_image_folder(tmp_path):
     result = json.loads((tmp_path / "probe-mean.json").read_text())
     # 24 images, a tenth (2) held out; k capped at the 22 training images
     assert result["n_train"] == 22 and result["n_held_out"] == 2 and result["knn_k"] == 22
+    assert result["linear_probe_acc"] == 1.0
+
+
+def test_probe_mae_protocol_on_the_digits_beats_chance_in_seconds(tmp_path, capsys):
+    tiny_checkpoint(tmp_path / "ckpt.pth")
+    assert main(["probe", str(tmp_path / "ckpt.pth"), "--protocol", "mae", "--epochs", "3", "--num_threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "MAE linear probe of tokens features" in printed and "SGD, effective batch 256" in printed
+    assert "linear probe (MAE, 3 epochs)" in printed and printed.count("epoch ") >= 3
+    result = json.loads((tmp_path / "probe-mae-tokens.json").read_text())
+    assert result["protocol"] == "mae" and result["n_held_out"] == 297 and result["n_train"] == 1500
+    mae = result["mae_probe"]
+    assert mae["effective_batch"] == 256 and mae["steps"] == 3 * (1500 // 256) and mae["lr"] == 0.1
+    assert [h["epoch"] for h in mae["history"]] == [0, 1, 2] and mae["history"][-1]["loss"] < mae["history"][0]["loss"]
+    # ten classes: chance is 0.1 (a random tiny encoder: the L-BFGS probe of its tokens reaches about 0.8)
+    assert result["linear_probe_acc"] > 0.5 and result["linear_probe_acc"] <= result["linear_probe_top5"]
+    assert "probe_train_images" not in result and 0.3 < result["knn_top1"] <= result["knn_top5"]
+
+
+def test_probe_scores_every_held_out_image_and_knn_every_training_image(tmp_path):
+    from PIL import Image
+
+    for split, n in (("train", 30), ("val", 20)):
+        for label, value in (("dark", 40), ("bright", 200)):
+            (tmp_path / "data" / split / label).mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (10, 10), value + 2 * i).save(tmp_path / "data" / split / label / f"{i}.png")
+    tiny_checkpoint(tmp_path / "ckpt.pth")
+    assert main(["probe", str(tmp_path / "ckpt.pth"), "--data_path", str(tmp_path / "data"), "--eval_images", "8",
+                 "--probe_images", "10", "--knn_k", "100", "--num_workers", "0"]) == 0
+    result = json.loads((tmp_path / "probe-mean.json").read_text())  # mean: the default pooling of image files
+    # all 40 validation images (--eval_images caps only the in-memory sample); the L-BFGS probe fits
+    # on 10 training images, the kNN votes among all 60 (k capped there)
+    assert result["n_held_out"] == 40 and result["probe_train_images"] == 10 and result["n_train"] == 60
+    assert result["knn_k"] == 60 and result["pool"] == "mean"
     assert result["linear_probe_acc"] == 1.0

@@ -29,16 +29,21 @@ def pool_tokens(h: Tensor, pool: str) -> Tensor:
     raise ValueError(f"unknown pooling {pool!r}; choose one of {', '.join(POOLINGS)}")
 
 
+def probe_subset(n: int, limit: int) -> list[int]:
+    """The indices, in order, of the `limit` images of n that a probe fits on: all of them, or a
+    fixed random subset (a class-sorted folder must not lose its last classes)."""
+    if limit >= n:
+        return list(range(n))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(SUBSET_SEED))[:limit].sort().values.tolist()
+
+
 @torch.no_grad()
 def features(models: list[EnergyViT], dataset: Dataset, limit: int, pools: tuple[str, ...], num_workers: int,
              batch_size: int = 256) -> tuple[dict[tuple[int, str], Tensor], Tensor, Tensor]:
-    """Frozen features {(model index, pooling): (n, features)} of `limit` images of `dataset` (all
-    of them, or a fixed random subset: a class-sorted folder must not lose its last classes),
-    their raw pixels (area-averaged to at most RAW_PIXEL_SIZE) and labels, streamed."""
-    n = len(dataset)
-    chosen = (range(n) if limit >= n
-              else torch.randperm(n, generator=torch.Generator().manual_seed(SUBSET_SEED))[:limit].sort().values.tolist())
-    subset = KeyedSubset(dataset, list(chosen))
+    """Frozen features {(model index, pooling): (n, features)} of `limit` images of `dataset`
+    (probe_subset), their raw pixels (area-averaged to at most RAW_PIXEL_SIZE) and labels,
+    computed batch by batch, held on the CPU (for small sets: the experiments' scripts)."""
+    subset = KeyedSubset(dataset, probe_subset(len(dataset), limit))
     loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers)
     device = models[0].pixel_mean.device
     feats: dict[tuple[int, str], list[Tensor]] = {(i, p): [] for i in range(len(models)) for p in pools}
