@@ -87,9 +87,9 @@ def worker(mode: str, argv: list[str], out: str) -> None:
     call_times: list[float] = []
 
     def timed(step_loss):
-        def call(images, seed):
+        def call(images, labels, seed):
             t0 = time.perf_counter()
-            name, loss = step_loss(images, seed)
+            name, loss = step_loss(images, labels, seed)
             call_times.append(time.perf_counter() - t0)
             losses.append(loss.item())
             return name, loss

@@ -91,6 +91,19 @@ def load_pretrain_checkpoint(path: str | Path, mmap: bool = False) -> dict:
     return state
 
 
+FINETUNE_KEYS = {**PRETRAIN_KEYS, "num_classes": int, "pretrained": str, "history": list}
+
+
+def load_finetune_checkpoint(path: str | Path, mmap: bool = False) -> dict:
+    """A `finetune` checkpoint-last.pth to resume from: weights-only, with every entry resuming needs."""
+    state = load_checkpoint(path, mmap)
+    wrong = [f"'{k}' ({t.__name__})" for k, t in FINETUNE_KEYS.items() if not isinstance(state.get(k), t)]
+    if wrong:
+        raise ValueError(f"checkpoint {path} lacks {', '.join(wrong)}: not a checkpoint-last.pth of `energyvit "
+                         "finetune`")
+    return state
+
+
 def load_weights(module: torch.nn.Module, state: dict, path: str | Path, strict: bool = True):
     """module.load_state_dict(state), with a mismatch said in one line naming the file."""
     try:

@@ -8,8 +8,6 @@ from its flags.
 """
 from __future__ import annotations
 
-import resource
-import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -35,6 +33,7 @@ from energyvit.objective import EnergyOptions
 from energyvit.options import OptionError, check_fields, device, non_negative, option, positive, resumable_fields
 from energyvit.progress import Progress
 from energyvit.resume import LAST_CHECKPOINT, conflicts, resolve_resume
+from energyvit.runtime import StopRequest, peak_memory_mib
 from energyvit.sampling import EpochSampler
 from energyvit.tasks import TaskOptions, build_mixture
 from energyvit.training import EpochPlan, LossTrend, StepLoss, TrainingDiverged, TrainOptions, amp_dtype, cosine_lr, \
@@ -121,37 +120,6 @@ class PretrainOptions:
 
 GROUP_TYPES = {"data": DataOptions, "model": ModelOptions, "tasks": TaskOptions, "energy": EnergyOptions,
                "mae": MAEOptions, "train": TrainOptions, "run": RunOptions}
-
-
-def peak_memory_mib(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # peak RSS, KiB on Linux
-
-
-class StopRequest:
-    """SIGINT/SIGTERM ask the run to stop after the current optimizer step and save a checkpoint
-    there; a second SIGINT interrupts at once (KeyboardInterrupt)."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\nenergyvit pretrain: {signal.Signals(signum).name} received; stopping after this step "
-              "(again to stop at once)", flush=True)
-
-    def __enter__(self) -> StopRequest:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def run(options: PretrainOptions) -> dict | None:
@@ -328,7 +296,7 @@ def train(t: Training, dist_info: DistInfo, device: torch.device, out: Path) -> 
             last_save = time.monotonic()
 
     try:
-        with StopRequest() as stop:
+        with StopRequest("energyvit pretrain") as stop:
             stop_everywhere = lambda: not all_ranks_true(not stop.requested, dist_info, device)  # noqa: E731
             step_in_epoch, global_step = t.step_in_epoch, t.global_step
             per_step = train_opts.batch_size * train_opts.accum_iter

@@ -25,9 +25,10 @@ def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return torch.bfloat16 if precision == "bf16" else None
 
-# A method's micro-batch loss: (clean images on the training device, seed of this micro-batch)
-# -> (name of what was trained, e.g. the task, loss)
-StepLoss = Callable[[Tensor, int], tuple[str, Tensor]]
+# A micro-batch's loss: (clean images on the training device, their labels there (-1 where
+# unlabeled, None for batches without; pretraining ignores them), seed of this micro-batch) ->
+# (name of what was trained, e.g. the task, loss)
+StepLoss = Callable[[Tensor, Tensor, int], tuple[str, Tensor]]
 
 
 @dataclass(frozen=True)
@@ -152,16 +153,17 @@ def train_one_epoch(
     batch_iter = iter(batches)
     step, global_step, stopped = plan.start_step, plan.global_step, False
     while step < plan.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at_step(global_step)
+        for group in optimizer.param_groups:  # lr_scale: fine-tuning's layer-wise decay
+            group["lr"] = lr_at_step(global_step) * group.get("lr_scale", 1.0)
         optimizer.zero_grad(set_to_none=True)
         losses = []
         for micro in range(plan.accum_iter):
-            images, _, skipped = next(batch_iter)
+            images, labels, skipped = next(batch_iter)
             images = to_float_pixels(images, device)
+            labels = torch.as_tensor(labels).to(device, non_blocking=True) if labels is not None else None
             with grad_sync.micro_batch(last=micro == plan.accum_iter - 1):
                 with autocast:
-                    name, loss = step_loss(images, derive_seed(plan.seed, global_step, micro, dist.rank))
+                    name, loss = step_loss(images, labels, derive_seed(plan.seed, global_step, micro, dist.rank))
                 (loss / plan.accum_iter).backward()
             losses.append((name, loss.detach().float()))
             sums[2 * n] += int(torch.as_tensor(skipped).sum())

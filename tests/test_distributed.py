@@ -8,18 +8,23 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 
+from energyvit.cli import main
 from energyvit.distributed import AllReduceGradients, DDPGradients, DistInfo, broadcast_parameters, coalesced, \
     ddp_energy_fn, wrap_ddp
 from energyvit.objective import EnergyOptions, task_loss
 from helpers import THREE_TASKS_K2, eager_replay_step, fixed_corruption, free_port, images, rank_share, sgd_steps, \
-    tiny_model
+    tiny_checkpoint, tiny_model
 
 BATCH = 8
+TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun is not on PATH")
 
 
 def model_and_ddp(distributed: bool, seed: int = 0):
@@ -29,7 +34,7 @@ def model_and_ddp(distributed: bool, seed: int = 0):
 
 
 def step_loss_for(model, ddp=None):
-    def step_loss(clean, seed):
+    def step_loss(clean, labels, seed):
         energy_fn = ddp_energy_fn(ddp, model) if ddp is not None else None
         return "mim", task_loss(model, clean, fixed_corruption(clean), EnergyOptions(), energy_fn=energy_fn)
     return step_loss
@@ -39,7 +44,7 @@ def graphed_step_loss(model, accum):
     """The graphed step's bookkeeping without a graph (helpers.eager_replay_step): the first call
     runs the ordinary step, the second captures in the middle of an optimizer step, the rest replay."""
     step = eager_replay_step(model, EnergyOptions(), warmup_steps=1, accum_iter=accum)
-    return lambda clean, seed: ("mim", step(clean, fixed_corruption(clean))), step
+    return lambda clean, labels, seed: ("mim", step(clean, fixed_corruption(clean))), step
 
 
 def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -52,7 +57,7 @@ def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         model, ddp = model_and_ddp(True)
         x = images(BATCH)
         share = rank_share(x, rank, world, 1)
-        step_loss_for(model, ddp)(share, 0)[1].backward()
+        step_loss_for(model, ddp)(share, None, 0)[1].backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         # one optimizer step through train_one_epoch, 2 micro-batches per rank (no_sync on the first)
         model, ddp = model_and_ddp(True)
@@ -84,7 +89,7 @@ def test_ddp_and_the_explicit_all_reduce_equal_one_process(tmp_path):
     mp.spawn(ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     model, _ = model_and_ddp(False)
     x = images(BATCH)
-    step_loss_for(model)(x, 0)[1].backward()
+    step_loss_for(model)(x, None, 0)[1].backward()
     expected = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     initial = {n: p.detach().clone() for n, p in model_and_ddp(False)[0].named_parameters()}
     model = model_and_ddp(False)[0]
@@ -141,12 +146,10 @@ def test_all_reduce_refuses_a_parameter_without_gradient():
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun is not on PATH")
+@needs_torchrun
 def test_torchrun_pretrain_two_cpu_processes(tmp_path):
     """DDP under torchrun; --cuda_graphs on the CPU falls back to it with one warning (rank 0's)."""
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "energyvit", "pretrain",
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "energyvit", "pretrain",
            "--model", "vit_pico_patch2", "--batch_size", "125", "--accum_iter", "2", "--epochs", "2", "--warmup_epochs", "1",
            *THREE_TASKS_K2, "--num_threads", "1", "--grid_rows", "2", "--output_dir", str(tmp_path), "--device", "cpu",
            "--cuda_graphs"]
@@ -162,3 +165,50 @@ def test_torchrun_pretrain_two_cpu_processes(tmp_path):
     assert [r["epoch"] for r in log] == [0, 1] and log[-1]["step"] == 2 * 3  # 1500 // (125 x 2 x 2) steps per epoch
     assert log[-1]["images_per_s"] > 0 and sorted(p.name for p in (tmp_path / "pictures").iterdir())[0] == "epoch0001-denoise.png"
     assert json.loads((tmp_path / "summary.json").read_text())["probe_acc"] > 0.5
+
+
+def image_folder(root, classes: int = 3, train_per_class: int = 16, val_per_class: int = 4, size: int = 12) -> str:
+    """A labeled ImageFolder with train/ and val/: class c's images are noise with channel c raised."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", train_per_class), ("val", val_per_class)):
+        for c in range(classes):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = rng.integers(0, 100, (size, size, 3))
+                pixels[..., c] += 150
+                Image.fromarray(pixels.astype(np.uint8)).save(folder / f"{i}.png")
+    return str(root)
+
+
+@needs_torchrun
+def test_torchrun_finetune_two_cpu_processes_equals_one(tmp_path, one_thread):
+    """2 gloo processes x batch 4 x 2 accumulation steps against 1 process x batch 8 x 2 on the same
+    global steps: each step's gradient is the mean over the same 16 images, so the weights agree
+    up to float32 summation order (tolerance 5e-6 absolute, 1e-5 relative). RandAugment is on (a
+    function of each image's key, read by two DataLoader workers in the single process); mixup,
+    cutmix, random erasing and drop path are off (they draw per rank)."""
+    data = image_folder(tmp_path / "data")
+    tiny_checkpoint(tmp_path / "ckpt.pth", in_chans=3)
+    common = [str(tmp_path / "ckpt.pth"), "--data_path", data, "--accum_iter", "2", "--epochs", "2", "--warmup_epochs",
+              "1", "--drop_path", "0", "--num_threads", "1", "--no-tensorboard", "--device", "cpu"]
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "energyvit", "finetune", *common,
+           "--batch_size", "4", "--num_workers", "0", "--output_dir", str(tmp_path / "two")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("energyvit finetune:") == 1, done.stdout  # only rank 0 prints
+    # lr = blr x 4 x 2 accum x 2 processes / 256
+    assert "RandAugment rand-m9-mstd0.5-inc1; batch 4 x 2 accum x 2 processes, lr 1.25e-03" in done.stdout
+    one_process = ["--batch_size", "8", "--num_workers", "2", "--output_dir", str(tmp_path / "one")]
+    assert main(["finetune", *common, *one_process]) == 0
+    two, one = (torch.load(tmp_path / d / "checkpoint-last.pth", weights_only=True) for d in ("two", "one"))
+    assert two["global_step"] == one["global_step"] == 2 * 3  # 48 images // 16 per step, 2 epochs
+    for name, w in one["model"].items():  # float32 sums in another order, 6 AdamW steps of lr 1.25e-3: 6.6e-7 at most
+        torch.testing.assert_close(two["model"][name], w, rtol=1e-5, atol=5e-6, msg=name)
+    summaries = [json.loads((tmp_path / d / "summary.json").read_text()) for d in ("two", "one")]
+    assert summaries[0]["n_held_out"] == summaries[1]["n_held_out"] == 12  # every val image once over the ranks
+    for key in ("held_out_top1", "held_out_top5"):
+        assert summaries[0][key] == summaries[1][key]
+    assert summaries[0]["held_out_loss"] == pytest.approx(summaries[1]["held_out_loss"], rel=1e-5)
+    log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1] and log[-1]["step"] == 6

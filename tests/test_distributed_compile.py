@@ -37,11 +37,11 @@ def energy_model(seed: int = 0):
 
 def compiled_step_loss(model):
     step = compiled_train_step(model, EnergyOptions())
-    return (lambda clean, seed: ("mim", step(clean, fixed_corruption(clean)))), step
+    return (lambda clean, labels, seed: ("mim", step(clean, fixed_corruption(clean)))), step
 
 
 def eager_step_loss(model):
-    return lambda clean, seed: ("mim", task_loss(model, clean, fixed_corruption(clean), EnergyOptions()))
+    return lambda clean, labels, seed: ("mim", task_loss(model, clean, fixed_corruption(clean), EnergyOptions()))
 
 
 def compiled_worker(rank: int, world: int, port: int, out: str) -> None:

@@ -125,10 +125,10 @@ def test_every_recipe_key_is_a_flag_of_its_command(recipe):
 
 def test_recipes_cover_pretraining_finetuning_and_the_linear_probe():
     assert {p.stem for p in recipes()} >= {"imagenet1k_vitb16_pretrain", "imagenet1k_vitb16_mae_pretrain",
-                                           "shapes_pretrain"}
+                                           "shapes_pretrain", "imagenet1k_vitb16_finetune", "shapes_finetune"}
 
 
-def test_the_small_recipe_runs(tmp_path, one_thread):
+def test_the_small_recipes_run(tmp_path, one_thread):
     data = tmp_path / "shapes"
     assert main(["shapes", str(data), "--train_per_class", "12", "--val_per_class", "3"]) == 0
     out = tmp_path / "run"
@@ -137,3 +137,9 @@ def test_the_small_recipe_runs(tmp_path, one_thread):
                  "--output_dir", str(out)]) == 0
     saved = args_of(out / "checkpoint-last.pth")
     assert saved["model"] == "vit_nano_patch4" and saved["blr"] == 4e-3 and saved["batch_size"] == 20
+    # then the fine-tuning recipe on that checkpoint
+    assert main(["finetune", str(out / "checkpoint-last.pth"), "--config", str(ROOT / "recipes" / "shapes_finetune.yaml"),
+                 "--data_path", str(data), "--epochs", "1", "--batch_size", "20", "--num_threads", "1",
+                 "--no-tensorboard"]) == 0
+    saved = args_of(out / "finetune" / "checkpoint-last.pth")
+    assert saved["aa"] == "none" and saved["layer_decay"] == 0.75 and saved["batch_size"] == 20

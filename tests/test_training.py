@@ -24,7 +24,7 @@ def batches(x: torch.Tensor, size: int):
 
 
 def energy_mean_loss(model):
-    return lambda imgs, seed: ("t", model(imgs).mean())
+    return lambda imgs, labels, seed: ("t", model(imgs).mean())
 
 
 def one_step(batch_size: int, accum: int, clip: float | None = None, loss_fn=None):
@@ -56,7 +56,7 @@ def test_clipping_bounds_the_update_and_reports_the_unclipped_norm():
 
 def test_non_finite_loss_raises_before_the_step():
     def nan_loss(model):
-        return lambda imgs, seed: ("t", model(imgs).mean() * float("nan"))
+        return lambda imgs, labels, seed: ("t", model(imgs).mean() * float("nan"))
 
     start = tiny_model()
     model = tiny_model()
@@ -262,9 +262,9 @@ def test_non_finite_loss_stops_cleanly_with_the_last_checkpoint_intact(uninterru
         inner = real(self, *a, **k)
         calls = {"n": 0}
 
-        def step_loss(imgs, seed):
+        def step_loss(imgs, labels, seed):
             calls["n"] += 1
-            name, loss = inner(imgs, seed)
+            name, loss = inner(imgs, labels, seed)
             return name, loss * float("nan") if calls["n"] > STEPS_PER_EPOCH + 3 else loss
         return step_loss
 

@@ -1,58 +1,59 @@
 """`energyvit finetune`: fine-tune a pretrained encoder end to end as a classifier of the embedded
-digits or of any labeled dataset `energyvit pretrain --data_path` reads (MAE's recipe, in
-energyvit.evaluation.finetuning), next to the same architecture from random init as a baseline."""
+digits or of any labeled dataset `energyvit pretrain --data_path` reads (MAE's protocol, the job
+in energyvit.finetune), or the same architecture from random init as a baseline. Every flag is a
+field of an option group of energyvit.finetune.FinetuneOptions.
+
+With --resume (a checkpoint, or auto), the run keeps the options its checkpoint recorded:
+energyvit.resume says which flags may change and refuses the others."""
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+from dataclasses import fields
 
-import torch
-
-from energyvit.checkpoint import atomic_write, load_model, save_checkpoint, save_json
-from energyvit.commands.args import add, add_config, add_options, build_options, device_flag, non_negative_int
-from energyvit.data.splits import DataOptions, load_splits
-from energyvit.evaluation.finetuning import FinetuneOptions, finetune
-from energyvit.model import EnergyViT, config_to_dict
+from energyvit import finetune
+from energyvit.checkpoint import load_finetune_checkpoint
+from energyvit.commands.args import CliError, add_config, add_options, build_options
+from energyvit.finetune import DATA_DEFAULTS, GROUP_TYPES, PROG, FinetuneOptions, FinetuneRunOptions
+from energyvit.options import OptionError
+from energyvit.resume import AUTO, resolve_resume, resumed_values
 
 HELP = "fine-tune a pretrained encoder end to end as a classifier"
-PROG = "energyvit finetune"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="checkpoint-last.pth of `energyvit pretrain` or an `export` file")
+    pretrained = next(f for f in fields(FinetuneRunOptions) if f.name == "checkpoint")
+    p.add_argument("checkpoint", nargs="?", default="", help=pretrained.metadata["help"])
     add_config(p)
-    add_options(p, FinetuneOptions)
-    add_options(p, DataOptions, defaults={"shift": 1})
-    add(p, "--random_init", action="store_true",
-        help="baseline: the checkpoint's architecture at random init (seeded), not its weights")
-    add(p, "--output_dir", default=None, help="default: 'finetune' beside the checkpoint")
-    add(p, "--device", type=device_flag, default="cpu", help="cpu, cuda or cuda:N")
-    add(p, "--num_threads", type=non_negative_int, default=0, help="torch CPU threads (0: torch's default)")
+    for group in GROUP_TYPES.values():
+        add_options(p, group, only=tuple(f.name for f in fields(group) if f.name != "checkpoint"),
+                    defaults=DATA_DEFAULTS)
 
 
-def run(args: argparse.Namespace) -> dict:
-    options, data_options = build_options(FinetuneOptions, args, PROG), build_options(DataOptions, args, PROG)
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
-    torch.manual_seed(options.seed)
-    encoder, _ = load_model(args.checkpoint, need_energy=False)
-    if args.random_init:
-        encoder = EnergyViT(encoder.cfg)
-    data = load_splits(data_options, encoder.cfg.img_size, encoder.cfg.in_chans, gray_to_rgb=True)
-    out = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).parent / "finetune"
-    print(f"{PROG}: {'random init' if args.random_init else args.checkpoint}, {encoder.cfg.depth} blocks, "
-          f"{data.description}, pool {options.pool}, layer decay {options.layer_decay}, drop path {options.drop_path}, "
-          f"smoothing {options.smoothing}")
-    result = finetune(encoder, data, options, args.device)
-    model = result.pop("model")
-    atomic_write(out / "log.jsonl", lambda f: f.write("".join(json.dumps(r) + "\n" for r in result["history"]).encode()))
-    save_checkpoint(out / "checkpoint-finetuned.pth", {
-        "model": model.state_dict(), "model_config": config_to_dict(encoder.cfg), "pool": options.pool,
-        "num_classes": model.head.out_features, "args": vars(args),
-    })
-    summary = {"checkpoint": str(args.checkpoint), "random_init": args.random_init, "data": data.description,
-               **result}
-    save_json(out / "summary.json", summary)
-    print(f"held-out top-1 after {options.epochs} epochs: {result['held_out_top1']:.4f}  (wrote {out})")
-    return summary
+def options_from(args: argparse.Namespace, say=print) -> FinetuneOptions:
+    """The run's options: the flags, or, resuming, the checkpoint's with the resumable flags given."""
+    values = {f.name: getattr(args, f.name) for group in GROUP_TYPES.values() for f in fields(group)}
+    path = resolve_resume(args.resume, FinetuneRunOptions(checkpoint=args.checkpoint, output_dir=args.output_dir).out)
+    if args.resume == AUTO:
+        say(f"{PROG}: --resume auto: " + (f"continuing from {path}" if path is not None
+                                          else "no checkpoint-last.pth in the output folder, a new run"))
+        values["resume"] = str(path or "")
+    if path is not None:
+        saved = load_finetune_checkpoint(path, mmap=True)["args"]
+        values, changed, unrecorded = resumed_values(saved, values, getattr(args, "given", set()),
+                                                     FinetuneOptions.resumable(), path)
+        say(f"{PROG}: resuming {path} with its options" + (f"; changed: {', '.join(changed)}" if changed else ""))
+        if unrecorded:
+            say(f"{PROG}: not recorded in {path}, so as given or by default: "
+                + ", ".join(f"--{n} {values[n]}" for n in unrecorded))
+    elif not args.checkpoint:
+        raise CliError(f"{PROG}: error: the pretrained checkpoint is required (unless --resume continues a run)")
+    flat = argparse.Namespace(**values)
+    groups = {name: build_options(group, flat, PROG) for name, group in GROUP_TYPES.items()}
+    try:
+        return FinetuneOptions(**groups)
+    except OptionError as e:
+        raise CliError(f"{PROG}: error: argument --{e.name}: must be {e.requirement}") from None
+
+
+def run(args: argparse.Namespace) -> dict | None:
+    return finetune.run(options_from(args))

@@ -45,8 +45,8 @@ class DataOptions:
                               "reduction fits (500x375 files at 224 px); pixels 1.4 to 1.7 levels of 255 from a "
                               "full decode on average (docs/benchmarks.md)")
     eval_images: int = option(512, "held-out images: at most this many are taken out of the training images when "
-                              "the data has no validation split, and held in memory (restoration metrics, "
-                              "fine-tuning's accuracy); the probes score every held-out image", rule=positive)
+                              "the data has no validation split, and held in memory (restoration metrics); the "
+                              "probes and fine-tuning score every held-out image", rule=positive)
     one_class: str | None = option(None, "keep only this class (its folder name or index) of a labeled dataset, in "
                                    "training and held-out images: the one-class anomaly protocol of `energyvit score`",
                                    parse=str, metavar="CLASS")

@@ -24,7 +24,8 @@ class PretrainingMethod(Protocol):
     task_names: list[str]  # the names step_loss reports, for per-task losses
 
     def step_loss(self, ddp: nn.Module | None = None) -> StepLoss:
-        """The loss of one micro-batch from its images and seed (ddp: `module` wrapped in DDP)."""
+        """The loss of one micro-batch from its images and seed, labels unused (ddp: `module` wrapped
+        in DDP)."""
 
     def evaluate(self, images: Tensor, seed: int, keep_samples: int = 0) -> tuple[dict, Samples]:
         """Held-out metrics per task (MSE and PSNR of corrupted and restored images, ...), with

@@ -44,7 +44,7 @@ class EnergyMethod:
             raise ValueError("the compiled or graphed step makes its gradients outside DDP's hooks: DDP cannot "
                              "all-reduce them")
 
-        def step_loss(images: Tensor, seed: int) -> tuple[str, Tensor]:
+        def step_loss(images: Tensor, labels: Tensor, seed: int) -> tuple[str, Tensor]:
             name = mixture.sample(seeded_generator(seed))
             generator = seeded_generator(derive_seed(seed, 1), images.device)
             corrupted = mixture.tasks[name](images, generator)

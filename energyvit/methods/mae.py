@@ -263,7 +263,7 @@ class MAEMethod:
     def step_loss(self, ddp: nn.Module | None = None) -> StepLoss:
         forward = ddp if ddp is not None else self.module
 
-        def step_loss(images: Tensor, seed: int) -> tuple[str, Tensor]:
+        def step_loss(images: Tensor, labels: Tensor, seed: int) -> tuple[str, Tensor]:
             return "mae", forward(images, seeded_generator(seed, images.device))
 
         return step_loss
