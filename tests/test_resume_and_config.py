@@ -1,5 +1,6 @@
 """A resumed run is the same run (its checkpoint's options; only resumable flags may change;
 --resume auto), and --config recipes (YAML flags, the command line wins, one-line errors)."""
+import json
 from pathlib import Path
 
 import pytest
@@ -125,7 +126,8 @@ def test_every_recipe_key_is_a_flag_of_its_command(recipe):
 
 def test_recipes_cover_pretraining_finetuning_and_the_linear_probe():
     assert {p.stem for p in recipes()} >= {"imagenet1k_vitb16_pretrain", "imagenet1k_vitb16_mae_pretrain",
-                                           "shapes_pretrain", "imagenet1k_vitb16_finetune", "shapes_finetune"}
+                                           "shapes_pretrain", "imagenet1k_vitb16_finetune", "shapes_finetune",
+                                           "imagenet1k_vitb16_linprobe", "shapes_linprobe"}
 
 
 def test_the_small_recipes_run(tmp_path, one_thread):
@@ -143,3 +145,10 @@ def test_the_small_recipes_run(tmp_path, one_thread):
                  "--no-tensorboard"]) == 0
     saved = args_of(out / "finetune" / "checkpoint-last.pth")
     assert saved["aa"] == "none" and saved["layer_decay"] == 0.75 and saved["batch_size"] == 20
+    # and MAE's linear-probe protocol on it
+    result = tmp_path / "probe.json"
+    assert main(["probe", str(out / "checkpoint-last.pth"), "--config", str(ROOT / "recipes" / "shapes_linprobe.yaml"),
+                 "--data_path", str(data), "--epochs", "1", "--batch_size", "20", "--num_threads", "1",
+                 "--output", str(result)]) == 0
+    probe = json.loads(result.read_text())
+    assert probe["protocol"] == "mae" and probe["pool"] == "mean" and 0 <= probe["linear_probe_acc"] <= 1
