@@ -34,6 +34,10 @@ Rows (one per measurement; every row carries versions, git commit and device fie
   seconds: bench/gpu_check.sh runs one such process per graph beside its other parts. The
   ``+cuda-graphs`` modes capture the same compiled graph and need no compile row of their own.
 - suite ``matmul``: that reference matmul.
+- suite ``data`` (not run by default): the input pipeline on one CPU core (the main process, one
+  torch thread): decode + training augmentation (and the eval view) of generated JPEGs, uint8 vs
+  float32 output, full-size vs reduced-size JPEG decode, and the collate (and pin) cost of a
+  batch, uint8 vs float32; energyvit.data.throughput says what each row measures.
 
 ``speedup_vs_eager`` = eager time / row time, against ``math-eager`` (attention) or ``eager``
 (step) of the same shape, op and dtype. Timing: warm-up first, then on CUDA
@@ -69,6 +73,8 @@ import energyvit
 from energyvit.attention import math_attention
 from energyvit.compiled import compiled_train_step
 from energyvit.cuda_graphs import GraphedAdamW, GraphedLossStep
+from energyvit.data.throughput import DATA_SIZES
+from energyvit.data.throughput import measure as measure_data
 from energyvit.methods.mae import MAEBaseline
 from energyvit.model import model_config
 from energyvit.objective import EnergyOptions, task_loss
@@ -79,8 +85,9 @@ ATTN_OPS = ("fwd", "bwd", "bwdbwd")
 ATTN_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "bwdbwd": 6.0}
 STEP_MODES = ("eager", "compiled", "fused", "fused+compiled", "cuda-graphs", "compiled+cuda-graphs",
               "fused+cuda-graphs", "fused+compiled+cuda-graphs", "mae")
-SUITES = ("matmul", "attention", "step", "launches", "optimizer", "compile")
-DEFAULT_SUITES = SUITES[:-1]  # compile only warms the caches for another run
+SUITES = ("matmul", "attention", "step", "launches", "optimizer", "compile", "data")
+# compile only warms the caches for another run; data times the CPU's input pipeline, not the device
+DEFAULT_SUITES = tuple(s for s in SUITES if s not in ("compile", "data"))
 OWN_BACKENDS = ("math-eager", "fused")  # must work at every order: a failure there is an error
 GRAPH_WARMUP = 2  # ordinary steps before a cuda-graphs mode captures (autotuning, compiling)
 
@@ -94,19 +101,21 @@ FIELDS = [
 
 # Sizes per preset. "smoke": seconds on CPU (CI, --quick); "cpu": the CPU table; "proxy": the CPU
 # launch-count proxy of a GPU step (ViT-Ti; counts do not depend on image size or batch); "gpu":
-# ViT shapes (step_rep_ms: do_bench's time per step row).
+# ViT shapes (step_rep_ms: do_bench's time per step row). data: the data suite's sizes.
 PRESETS = {
     "smoke": dict(attn=[(1, 2, 16, 16)], attn_dtype="fp32", steps=[("vit_pico_patch2", None, 2)],
                   ks=(1, 2), amp=None, matmul=(512, "fp32"), min_reps=3, min_time=0.05,
-                  compile_steps={("compiled", 1), ("fused+compiled", 1)}),
+                  compile_steps={("compiled", 1), ("fused+compiled", 1)}, data=DATA_SIZES["smoke"]),
     "cpu": dict(attn=[(2, 3, 65, 64)], attn_dtype="fp32", steps=[("vit_nano_patch4", None, 8)],
-                ks=(1, 2), amp=None, matmul=(1024, "fp32"), min_reps=5, min_time=0.3, compile_steps=None),
+                ks=(1, 2), amp=None, matmul=(1024, "fp32"), min_reps=5, min_time=0.3, compile_steps=None,
+                data=DATA_SIZES["full"]),
     "proxy": dict(attn=[(2, 3, 17, 64)], attn_dtype="fp32", steps=[("vit_tiny_patch16", 64, 2)],
-                  ks=(1, 2), amp=None, matmul=(1024, "fp32"), min_reps=3, min_time=0.1, compile_steps=None),
+                  ks=(1, 2), amp=None, matmul=(1024, "fp32"), min_reps=3, min_time=0.1, compile_steps=None,
+                  data=DATA_SIZES["full"]),
     "gpu": dict(attn=[(32, 12, 197, 64), (32, 12, 577, 64)], attn_dtype="bf16",
                 steps=[("vit_tiny_patch16", 224, 64), ("vit_small_patch16", 224, 64), ("vit_base_patch16", 224, 64)],
                 ks=(1, 2), amp="bf16", matmul=(8192, "bf16"), min_reps=0, min_time=0.0, compile_steps=None,
-                step_rep_ms=1000),
+                step_rep_ms=1000, data=DATA_SIZES["full"]),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -1032,6 +1041,19 @@ class Runner:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
+    def run_data(self) -> None:
+        """The data suite: energyvit.data.throughput's rows (CPU work, whatever the device)."""
+        if self.over_budget():
+            self.add(suite="data", op="decode+train_aug", status="skipped", error="time budget (--budget_s) used up")
+            return
+        try:
+            rows = measure_data(self.p["data"])
+        except Exception as e:  # noqa: BLE001  (recorded, never raised)
+            self.add(suite="data", op="decode+train_aug", **self.failed(e, True))
+            return
+        for row in rows:
+            self.add(**row)
+
     def run(self) -> list[dict]:
         print(f"# energyvit bench: preset {self.cfg.preset} on {self.common['device_name']} "
               f"(torch {self.common['torch']}, triton {self.common['triton']}, commit {self.common['git_commit']})",
@@ -1046,6 +1068,8 @@ class Runner:
             self.run_compile()
         if "step" in self.cfg.suites or "launches" in self.cfg.suites:
             self.run_steps()
+        if "data" in self.cfg.suites:
+            self.run_data()
         add_ratios(self.rows)
         self.meta["wall_s"] = f"{time.time() - self.t0:.1f}"
         self.meta["loadavg_end"] = _loadavg()
@@ -1085,7 +1109,8 @@ def add_ratios(rows: list[dict]) -> None:
 
 def format_table(rows: list[dict]) -> str:
     cols = [("suite", "suite"), ("op", "op"), ("backend", "backend"), ("shape", None), ("dtype", "dtype"),
-            ("status", "status"), ("ms", "ms"), ("x eager", "speedup_vs_eager"), ("TFLOP/s", "tflops"),
+            ("status", "status"), ("ms", "ms"), ("img/s", "images_per_s"), ("x eager", "speedup_vs_eager"),
+            ("TFLOP/s", "tflops"),
             ("MFU", "mfu"), ("peak MiB", "peak_mem_mib"), ("J/img", "energy_j_per_image"), ("launches", "launches"),
             ("/ eager", "launches_vs_eager"), ("error / note", None)]
     lines = []
@@ -1097,6 +1122,8 @@ def format_table(rows: list[dict]) -> str:
             shape = f"{r['model']}@{r['img_size']} K={r['restore_steps'] or '-'} B={r['batch']}"
         elif r["suite"] == "optimizer":
             shape = f"{r['model']} params"
+        elif r["suite"] == "data":
+            shape = f"{r['img_size']}px" + (f" B={r['batch']}" if r["op"].startswith("collate") else "")
         elif r["suite"] == "attention":
             shape = f"B={r['batch']} H={r['heads']} N={r['n']} d={r['head_dim']}"
         else:

@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from energyvit.checkpoint import load_pretrain_checkpoint, load_weights, save_checkpoint, save_json
 from energyvit.cuda_graphs import GraphedAdamW, cuda_graphs_usable, graphed_training
+from energyvit.data.loader import training_loader
 from energyvit.data.splits import DataOptions, DataSplits, load_splits
 from energyvit.distributed import AllReduceGradients, DDPGradients, DistInfo, GradientSync, LocalGradients, \
     all_ranks_true, barrier, broadcast_parameters, init_distributed, run_on_main, shutdown, wrap_ddp
@@ -300,14 +300,15 @@ def train(t: Training, dist_info: DistInfo, device: torch.device, out: Path) -> 
             stop_everywhere = lambda: not all_ranks_true(not stop.requested, dist_info, device)  # noqa: E731
             step_in_epoch, global_step = t.step_in_epoch, t.global_step
             per_step = train_opts.batch_size * train_opts.accum_iter
+            # one loader for the whole run (its workers persist); the sampler moves to each epoch
+            sampler = EpochSampler(t.data.num_train, per_step, train_opts.seed, epoch, dist_info.rank,
+                                   dist_info.world_size, start_step=step_in_epoch)
+            loader = training_loader(t.data.train, train_opts.batch_size, sampler, t.data.num_workers, device)
             while epoch < train_opts.epochs:
                 t0 = time.perf_counter()
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
-                sampler = EpochSampler(t.data.num_train, per_step, train_opts.seed, epoch, dist_info.rank,
-                                       dist_info.world_size, start_step=step_in_epoch)
-                loader = DataLoader(t.data.train, batch_size=train_opts.batch_size, sampler=sampler,
-                                    num_workers=t.data.num_workers, pin_memory=device.type == "cuda", drop_last=True)
+                sampler.set_epoch(epoch, step_in_epoch)
                 plan = EpochPlan(epoch, t.steps_per_epoch, step_in_epoch, global_step, train_opts.accum_iter,
                                  train_opts.clip_grad, t.autocast_dtype, train_opts.seed)
                 stats = train_one_epoch(t.method.module, t.step_loss, loader, t.optimizer, plan,

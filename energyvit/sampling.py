@@ -36,7 +36,8 @@ class EpochSampler:
     epoch has `steps` such steps (the remainder of the shuffled order is dropped, as drop_last).
     Rank r of `world_size` takes the r-th slice of every global step, so the images of one global
     step are the same whatever the number of ranks that share them. `start_step` skips the steps
-    a resumed run has already done in this epoch.
+    a resumed run has already done in this epoch. A DataLoader built once for a whole run keeps
+    one sampler and moves it with `set_epoch` before iterating each epoch.
     """
 
     def __init__(self, num_images: int, images_per_step: int, seed: int, epoch: int,
@@ -46,10 +47,15 @@ class EpochSampler:
         if self.steps == 0:
             raise ValueError(f"one optimizer step needs {global_per_step} images (batch size x accum_iter x "
                              f"processes) but the training set has {num_images}")
+        self.num_images, self.images_per_step, self.global_per_step = num_images, images_per_step, global_per_step
+        self.seed, self.rank = seed, rank
+        self.set_epoch(epoch, start_step)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Iterate epoch `epoch` from optimizer step `start_step` on (the keys depend on nothing else)."""
         if not 0 <= start_step <= self.steps:
             raise ValueError(f"start_step {start_step} is outside the epoch's {self.steps} steps")
-        self.num_images, self.images_per_step, self.global_per_step = num_images, images_per_step, global_per_step
-        self.seed, self.epoch, self.rank, self.start_step = seed, epoch, rank, start_step
+        self.epoch, self.start_step = epoch, start_step
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         order = torch.randperm(self.num_images, generator=seeded_generator(derive_seed(self.seed, self.epoch)))

@@ -76,6 +76,7 @@ import torch
 
 from energyvit.checkpoint import save_checkpoint
 from energyvit.data import shapes
+from energyvit.data.pixels import to_float_pixels
 from energyvit.data.splits import DataOptions, DataSplits, load_splits
 from energyvit.evaluation.features import raw_pixels
 from energyvit.evaluation.knn import knn_scores, topk_accuracy
@@ -103,7 +104,8 @@ def probe(ckpt: Path, data: Path, output: Path, *extra: str) -> dict:
 
 def raw_pixel_scores(split: DataSplits) -> dict:
     train = [split.train_plain[i] for i in range(len(split.train_plain))]
-    train_x, train_y = raw_pixels(torch.stack([x for x, _, _ in train])), torch.tensor([y for _, y, _ in train])
+    train_x = raw_pixels(to_float_pixels(torch.stack([x for x, _, _ in train]), "cpu"))  # items are uint8
+    train_y = torch.tensor([y for _, y, _ in train])
     test_x, test_y = raw_pixels(split.held_out.images), split.held_out.labels
     knn = topk_accuracy(knn_scores(train_x, train_y, test_x, KNN_K, KNN_T), test_y, 1)
     return {"linear": linear_probe(train_x, train_y, test_x, test_y), "knn": knn}

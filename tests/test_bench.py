@@ -184,6 +184,65 @@ def test_cli_quick_attention_only(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and "--inductor" in err, err
 
 
+def test_data_suite_rows_through_the_cli(tmp_path, capsys):
+    """`bench --quick --suites data`: one row per (op, backend, dtype) of the input pipeline, in the
+    CSV and JSON as other suites' rows; the reduced-decode rows say how far their pixels are from
+    the full decode; pinning is a CUDA-only row."""
+    assert main(["bench", "--quick", "--suites", "data", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "decode+train_aug" in out and "img/s" in out
+    (json_path,) = tmp_path.glob("bench-quick-cpu-*.json")
+    rows = json.loads(json_path.read_text())["rows"]
+    assert {r["suite"] for r in rows} == {"data"}
+    by = {(r["op"], r["backend"], r["dtype"]): r for r in rows}
+    expected = {("decode+train_aug", b, d) for b in ("pillow", "pillow+draft") for d in ("uint8", "float32")} | {
+        ("decode+eval", "pillow", "uint8"), ("decode+eval", "pillow+draft", "uint8"),
+        ("decode+train_aug", "simplejpeg", "uint8"),
+        *{(op, "default_collate", d) for op in ("collate", "collate+pin") for d in ("uint8", "float32")}}
+    assert set(by) == expected
+    for key, r in by.items():
+        if key[1] == "simplejpeg" or key[0] == "collate+pin":
+            assert r["status"] in ("ok", "unavailable")
+            continue
+        assert r["status"] == "ok" and float(r["images_per_s"]) > 0 and float(r["ms"]) > 0
+        assert float(r["ms"]) == pytest.approx(1e3 * int(r["batch"]) / float(r["images_per_s"]), rel=0.05)  # rounded
+        assert r["img_size"] == bench.PRESETS["smoke"]["data"].size
+    if not torch.cuda.is_available():
+        assert by[("collate+pin", "default_collate", "uint8")]["status"] == "unavailable"
+    assert "mean abs diff" in by[("decode+train_aug", "pillow+draft", "uint8")]["note"]
+    assert "mean abs diff" not in by[("decode+train_aug", "pillow", "uint8")]["note"]
+    assert "data" not in bench.DEFAULT_SUITES
+
+
+def test_data_suite_measures_what_it_says(tmp_path, monkeypatch):
+    """The decode rows time the transform they name (draft on or off; float32 = uint8 then
+    converted), and the pixel difference is zero where no image is decoded reduced."""
+    from energyvit.data import throughput
+
+    seen = []
+    real = throughput._pillow_sample
+
+    def spy(paths, transform, to_float):
+        seen.append((type(transform).__name__, transform.jpeg_draft, to_float))
+        return real(paths, transform, to_float)
+
+    monkeypatch.setattr(throughput, "_pillow_sample", spy)
+    sizes = throughput.DataBenchSizes(images=2, sources=((40, 30),), size=32, batch=2, min_time=0.0)
+    rows = throughput.measure(sizes, folder=str(tmp_path))
+    timed = [r for r in rows if r["op"].startswith("decode") and r["backend"].startswith("pillow")]
+    assert [(r["op"], r["backend"], r["dtype"]) for r in timed] == [
+        ("decode+train_aug", "pillow", "uint8"), ("decode+train_aug", "pillow", "float32"),
+        ("decode+train_aug", "pillow+draft", "uint8"), ("decode+train_aug", "pillow+draft", "float32"),
+        ("decode+eval", "pillow", "uint8"), ("decode+eval", "pillow+draft", "uint8")]
+    assert {("TrainTransform", d, f) for d in (False, True) for f in (False, True)} <= set(seen)
+    assert {("EvalTransform", False, False), ("EvalTransform", True, False)} <= set(seen)
+    assert not any(name == "EvalTransform" and to_float for name, _, to_float in seen)
+    # 40x30 files at 32 px: no crop allows a reduction, so the draft rows equal the full decode
+    assert all("mean abs diff 0.000 levels of 255, 0 of 2 decoded reduced" in r["note"]
+               for r in timed if r["backend"] == "pillow+draft")
+    assert len(list((tmp_path / "40x30").glob("*.jpg"))) == 2
+
+
 def test_inductor_options_reach_the_compiled_step(monkeypatch):
     """--inductor's options go to torch.compile for the compiled modes, beside the kernel profile."""
     seen = {}

@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader
 from energyvit.data import files as datasets
 from energyvit.data.files import ArrayDataset, ImageFileDataset, detect_format, open_dataset
 from energyvit.data.splits import DataOptions, load_splits
-from energyvit.data.transforms import (EvalTransform, TrainTransform, estimate_channel_stats, random_hflip,
-                                  random_resized_crop, random_resized_crop_params, resize_center_crop, to_tensor)
+from energyvit.data.transforms import (EvalTransform, TrainTransform, decode_reduced, estimate_channel_stats,
+                                       random_hflip, random_resized_crop, random_resized_crop_params,
+                                       resize_center_crop, to_uint8_tensor)
 
 
 def rgb(seed: int, height: int = 10, width: int = 12) -> np.ndarray:
@@ -127,8 +128,7 @@ def test_open_dataset_shapes_labels_and_splits(tmp_path, case, chans, n_train, n
             assert ds.classes == classes
         for i in range(len(ds)):
             x, label, skipped = ds[i]
-            assert x.shape == (chans, 8, 8) and x.dtype == torch.float32 and skipped == 0
-            assert 0.0 <= x.min() and x.max() <= 1.0
+            assert x.shape == (chans, 8, 8) and x.dtype == torch.uint8 and skipped == 0  # made float on the device
             assert label == -1 if classes is None else 0 <= label < ds.num_classes
 
 
@@ -148,14 +148,14 @@ def test_labels_follow_the_files(tmp_path):
     # eval view of a 32x32 CIFAR image at 32 is the stored image itself, channel-planar rows
     with open(tmp_path / "c10" / "data_batch_1", "rb") as f:
         row = pickle.load(f, encoding="bytes")[b"data"][0]
-    assert torch.equal(ds[0][0], torch.from_numpy(row.reshape(3, 32, 32)).float() / 255)
+    assert torch.equal(ds[0][0], torch.from_numpy(row.reshape(3, 32, 32)))
 
 
 def test_idx_pixels_and_channels(tmp_path):
     make_idx(tmp_path, gz=True, test=False)
     images = np.random.default_rng(len("train")).integers(0, 256, (3, 7, 7), dtype=np.uint8)
     ds = open_dataset(str(tmp_path), "train", 7, None, augment=False)
-    assert torch.equal(ds[2][0][0], torch.from_numpy(images[2]).float() / 255) and ds[2][1] == 2
+    assert torch.equal(ds[2][0][0], torch.from_numpy(images[2])) and ds[2][1] == 2
     assert open_dataset(str(tmp_path), "val", 7, None, augment=False) is None  # no t10k files
     assert open_dataset(str(tmp_path), "train", 8, 3, augment=True)[0][0].shape == (3, 8, 8)
     make_cifar100(tmp_path / "c")
@@ -175,9 +175,23 @@ def test_splits_stream_every_held_out_image_and_keep_a_capped_sample_in_memory(t
     make_imagefolder(tmp_path / "val", per_class=2)
     data = load_splits(DataOptions(data_path=str(tmp_path), eval_images=3, num_workers=0), 8, None)
     assert len(data.held_out_all) == 4 and len(data.held_out.labels) == 3  # the whole val split; a sample of it
+    held = data.held_out.images  # float [0, 1] in memory for the restoration metrics; the datasets yield uint8
+    assert held.dtype == torch.float32 and 0 <= held.min() and held.max() <= 1 and held.max() > 0.5
+    assert any(torch.equal(held[0], data.held_out_all[i][0].float() / 255) for i in range(4))
     assert sorted(int(data.held_out_all[i][1]) for i in range(4)) == [0, 0, 1, 1]
     digits = load_splits(DataOptions(eval_images=100), 16, None)
     assert len(digits.held_out_all) == 297 and len(digits.held_out.labels) == 297  # the digits' split is in memory
+
+
+def test_splits_default_workers_follow_the_cpus_of_this_process(tmp_path, monkeypatch):
+    from energyvit.data import loader
+
+    make_imagefolder(tmp_path, per_class=3)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert load_splits(DataOptions(data_path=str(tmp_path)), 8, None).num_workers == loader.default_num_workers() == 3
+    assert load_splits(DataOptions(data_path=str(tmp_path), num_workers=0), 8, None).num_workers == 0
+    assert load_splits(DataOptions(), 16, None).num_workers == 0  # the digits are in memory
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,20 +254,72 @@ def test_hflip():
     assert 5 < sum(flips) < 35
 
 
+def test_reduced_decode_takes_the_largest_scale_that_keeps_the_region(tmp_path):
+    from energyvit.data.throughput import write_jpegs
+
+    (jpeg,) = write_jpegs(tmp_path, 1, 400, 300)
+    for max_scale, scale, size in ((9.0, 8, (50, 38)), (4.5, 4, (100, 75)), (2.0, 2, (200, 150)), (1.99, 1, (400, 300))):
+        with Image.open(jpeg) as img:
+            reduced, chosen = decode_reduced(img, max_scale)
+            reduced.load()
+            assert (chosen, reduced.size) == (scale, size), max_scale
+    with Image.open(jpeg) as img:
+        img.load()
+        assert decode_reduced(img, 8.0)[1] == 1  # decoded already: nothing to reduce
+    Image.open(jpeg).save(tmp_path / "p.png")
+    with Image.open(tmp_path / "p.png") as img:
+        assert decode_reduced(img, 8.0)[1] == 1 and img.size == (400, 300)  # only JPEGs
+
+
+@pytest.mark.parametrize("make", [lambda draft: TrainTransform(48, 3, jpeg_draft=draft),
+                                  lambda draft: EvalTransform(48, 3, jpeg_draft=draft)], ids=["train", "eval"])
+def test_jpeg_draft_keeps_the_crops_and_stays_close_to_the_full_decode(tmp_path, make):
+    """Same draws from the generator (so exact resume and the seeded crops are unchanged), and
+    pixels within 2.5 levels of 255 on average of the full-size decode's (1.1 to 1.4 measured): a
+    crop misplaced by 4 pixels of the 640x480 original differs by 7 levels or more on these images."""
+    from energyvit.data.files import open_image
+    from energyvit.data.throughput import write_jpegs
+
+    reduced = 0
+    for i, path in enumerate(write_jpegs(tmp_path, 6, 640, 480)):
+        full_gen, draft_gen = torch.Generator().manual_seed(i), torch.Generator().manual_seed(i)
+        with open_image(path) as img:
+            full = make(False)(img, full_gen)
+        with open_image(path) as img:
+            drafted = make(True)(img, draft_gen)
+            reduced += img.size != (640, 480)  # decoded at a reduced size
+        assert torch.equal(full_gen.get_state(), draft_gen.get_state())
+        assert drafted.shape == full.shape == (3, 48, 48) and drafted.dtype == torch.uint8
+        assert (drafted.float() - full.float()).abs().mean() < 2.5, i
+    assert reduced == 6
+    with open_image(path) as img:  # with the option off, nothing is reduced
+        make(False)(img, torch.Generator())
+        assert img.size == (640, 480)
+
+
+def test_jpeg_draft_option_reaches_every_view(tmp_path):
+    make_imagefolder(tmp_path, per_class=3)
+    data = load_splits(DataOptions(data_path=str(tmp_path), num_workers=0), 8, None)
+    views = (data.train.dataset, data.train_plain.dataset, data.held_out_all.dataset)
+    assert all(v.transform.jpeg_draft for v in views)  # on by default
+    data = load_splits(DataOptions(data_path=str(tmp_path), num_workers=0, jpeg_draft=False), 8, None)
+    assert not any(v.transform.jpeg_draft for v in (data.train.dataset, data.train_plain.dataset))
+
+
 @pytest.mark.parametrize("channels", [1, 3])
-def test_to_tensor_converts_any_mode(channels):
+def test_to_uint8_tensor_converts_any_mode(channels):
     palette = Image.fromarray(rgb(0)).convert("P")
     palette.info["transparency"] = 0
     sixteen = Image.fromarray(np.array([[0, 32896, 65535]], dtype=np.uint16))
     assert sixteen.mode == "I;16"
     for img in (Image.fromarray(rgb(0)[..., 0]), palette, Image.fromarray(rgb(0)).convert("RGBA"), sixteen,
                 rgb(0), rgb(0)[..., :1]):
-        x = to_tensor(img, channels)
-        assert x.dtype == torch.float32 and x.shape[0] == channels and 0 <= x.min() and x.max() <= 1
-    # 16-bit values are scaled to [0, 1], not clipped at 255
-    assert torch.allclose(to_tensor(sixteen, channels)[0, 0], torch.tensor([0.0, 128 / 255, 1.0]))
+        x = to_uint8_tensor(img, channels)
+        assert x.dtype == torch.uint8 and x.shape[0] == channels
+    # 16-bit values are scaled to 0..255, not clipped at 255
+    assert to_uint8_tensor(sixteen, channels)[0, 0].tolist() == [0, 128, 255]
     with pytest.raises(ValueError, match="channels must be 1 or 3"):
-        to_tensor(rgb(0), 2)
+        to_uint8_tensor(rgb(0), 2)
 
 
 def test_eval_transform_and_channel_stats():
@@ -261,9 +327,40 @@ def test_eval_transform_and_channel_stats():
     ds = ArrayDataset(images, None, EvalTransform(4, 3), 3)
     mean, std = estimate_channel_stats(ds)
     assert np.allclose(mean, 0.5) and np.allclose(std, 0.5)
-    mean, std = estimate_channel_stats(ds, max_images=1)
-    assert np.allclose(mean, 0.0) and np.allclose(std, 0.05)  # clamped
+    mean, std = estimate_channel_stats(ds, max_images=1)  # one image: constant, so the std is clamped
+    assert (np.allclose(mean, 0.0) or np.allclose(mean, 1.0)) and np.allclose(std, 0.05)
     assert EvalTransform(8, 1)(Image.fromarray(rgb(0))).shape == (1, 8, 8)
+    floats = torch.utils.data.TensorDataset(torch.full((3, 2, 4, 4), 0.25))  # float items are taken as [0, 1]
+    assert np.allclose(estimate_channel_stats(floats)[0], 0.25)
+
+
+RED, BLUE = (255, 0, 0), (0, 0, 255)
+
+
+def test_channel_stats_of_a_class_sorted_folder_count_every_class(tmp_path):
+    """Class a all red, then class b all blue: statistics over the first images would say (1, 0, 0).
+    With the sample as large as the set it is the whole set, so the result is exact."""
+    for name, color in (("a", RED), ("b", BLUE)):
+        for i in range(6):
+            os.makedirs(tmp_path / name, exist_ok=True)
+            Image.new("RGB", (9, 7), color).save(tmp_path / name / f"{i}.png")
+    ds = open_dataset(str(tmp_path), "train", 8, None, augment=False)
+    mean, std = estimate_channel_stats(ds, max_images=12)
+    assert mean == pytest.approx((0.5, 0.0, 0.5), abs=1e-12) and std == pytest.approx((0.5, 0.05, 0.5), abs=1e-12)
+
+
+def test_channel_stats_sample_fewer_images_than_the_set_from_all_of_it():
+    """2000 images, the first 1000 red and the rest blue, a sample of 1000: its red fraction is
+    hypergeometric with std sqrt(0.25 / 1000 * 1000 / 1999) = 0.011, so within 0.05 (4.5 std)
+    of 0.5; every pixel is red or blue, so red + blue means are exactly 1. Seeded: reproducible."""
+    images = np.zeros((2000, 2, 2, 3), dtype=np.uint8)
+    images[:1000, ..., 0] = 255
+    images[1000:, ..., 2] = 255
+    ds = ArrayDataset(images, None, EvalTransform(2, 3), 3)
+    mean, _ = estimate_channel_stats(ds, max_images=1000)
+    assert abs(mean[0] - 0.5) < 0.05 and mean[1] == 0.0 and mean[0] + mean[2] == pytest.approx(1.0, abs=1e-12)
+    assert estimate_channel_stats(ds, max_images=1000) == (mean, _)
+    assert estimate_channel_stats(ds, max_images=1000, seed=1)[0] != mean  # another sample
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,7 +389,7 @@ def test_all_files_corrupt_is_one_clear_error(tmp_path):
     for name in ("x.png", "y.jpg"):
         (tmp_path / name).write_bytes(b"\x00garbage")
     ds = open_dataset(str(tmp_path), "train", 8, None, augment=True)
-    with pytest.raises(datasets.UnreadableImages, match="2 image files in a row could not be decoded") as err:
+    with pytest.raises(datasets.UnreadableImages, match="2 images in a row could not be decoded") as err:
         ds[0]
     assert "x.png" in str(err.value) and "y.jpg" in str(err.value)
 

@@ -12,8 +12,9 @@ from energyvit.training import EpochPlan, TrainingDiverged, train_one_epoch
 from energyvit.sampling import EpochSampler, ShardSampler, derive_seed
 from helpers import THREE_TASKS_K2, images, tiny_model
 
+# --shift 1: a seeded augmentation per sample, which resume must reproduce too
 TINY = ["pretrain", "--model", "vit_pico_patch2", "--batch_size", "100", "--warmup_epochs", "1", *THREE_TASKS_K2,
-        "--num_threads", "1", "--grid_rows", "0", "--no-tensorboard"]
+        "--shift", "1", "--num_threads", "1", "--grid_rows", "0", "--no-tensorboard"]
 STEPS_PER_EPOCH = 15  # 1500 digits / 100
 
 
@@ -93,6 +94,70 @@ def test_sampler_is_a_pure_function_of_seed_epoch_and_step():
         EpochSampler(100, 60, seed=0, epoch=0, world_size=2)
 
 
+def test_set_epoch_moves_one_sampler_as_a_new_one_would():
+    sampler = EpochSampler(103, 10, seed=3, epoch=0)
+    for epoch, start in ((2, 0), (2, 4), (5, 9), (0, 10)):
+        sampler.set_epoch(epoch, start)
+        assert list(sampler) == list(EpochSampler(103, 10, seed=3, epoch=epoch, start_step=start))
+        assert len(sampler) == (10 - start) * 10
+    with pytest.raises(ValueError, match="start_step 11 is outside the epoch's 10 steps"):
+        sampler.set_epoch(1, 11)
+
+
+class WhereRead(torch.utils.data.Dataset):
+    """Items: (key as a tensor, the reading process's id, whether SIGINT and SIGTERM are ignored there)."""
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, key):
+        import os
+
+        ignored = all(signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM))
+        return torch.tensor(key), os.getpid(), ignored
+
+
+def test_training_loader_keeps_its_workers_and_follows_the_sampler(one_thread):
+    from energyvit.data.loader import training_loader
+
+    sampler = EpochSampler(40, 8, seed=1, epoch=0)
+    loader = training_loader(WhereRead(), 4, sampler, 2, "cpu")
+    assert loader.persistent_workers and loader.prefetch_factor == 4 and not loader.pin_memory
+    pids = set()
+    for epoch, start in ((0, 0), (1, 2), (2, 0)):
+        sampler.set_epoch(epoch, start)
+        batches = list(loader)
+        keys = torch.cat([b[0] for b in batches]).tolist()
+        assert keys == [list(k) for k in EpochSampler(40, 8, seed=1, epoch=epoch, start_step=start)]
+        pids |= {int(p) for b in batches for p in b[1]}
+        assert all(bool(x) for b in batches for x in b[2])  # workers leave Ctrl-C to the main process
+    assert len(pids) == 2  # the same two worker processes every epoch
+    # a loop that stops mid-epoch (an interrupt) and a next epoch that starts afresh
+    sampler.set_epoch(3)
+    next(iter(loader))
+    sampler.set_epoch(4, 1)
+    assert torch.cat([b[0] for b in loader]).tolist() == [list(k) for k in EpochSampler(40, 8, 1, 4, start_step=1)]
+    single = training_loader(WhereRead(), 4, sampler, 0, "cpu")
+    assert not single.persistent_workers and single.worker_init_fn is None
+
+
+def test_default_workers_share_the_usable_cpus_among_local_processes(monkeypatch):
+    import os
+
+    from energyvit.data import loader
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    for local, expected in ((None, 8), ("1", 8), ("8", 4), ("64", 1), ("junk", 8)):
+        if local is None:
+            monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        else:
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+        assert loader.default_num_workers() == expected, local
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 5, 7}, raising=False)  # a scheduler's share
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert loader.usable_cpus() == 3 and loader.default_num_workers() == 1
+
+
 def test_shard_sampler_reads_every_image_once_over_ranks():
     shards = [list(ShardSampler(11, r, 3)) for r in range(3)]
     assert sorted(sum(shards, [])) == list(range(11)) and [len(ShardSampler(11, r, 3)) for r in range(3)] == [4, 4, 3]
@@ -126,9 +191,11 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-def test_interrupt_mid_epoch_saves_and_resumes_exactly(uninterrupted, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_interrupt_mid_epoch_saves_and_resumes_exactly(uninterrupted, tmp_path, monkeypatch, workers):
     # A real SIGINT after the 20th optimizer step (epoch 1, step 5 of 15): the run finishes that step,
-    # saves checkpoint-last there and exits 130; resuming reaches the uninterrupted run's weights.
+    # saves checkpoint-last there and exits 130; resuming reaches the uninterrupted run's weights,
+    # read by the main process or by 2 persistent DataLoader workers (the uninterrupted run: none).
     calls = {"n": 0}
     step = torch.optim.AdamW.step
 
@@ -141,12 +208,12 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(uninterrupted, tmp_path, 
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step_then_signal)
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup or a background job, not Python's
-    assert main(TINY + ["--epochs", "2", "--output_dir", str(tmp_path)]) == 130
+    args = TINY + ["--epochs", "2", "--num_workers", workers, "--output_dir", str(tmp_path)]
+    assert main(args) == 130
     monkeypatch.undo()
     state = torch.load(tmp_path / "checkpoint-last.pth", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 5, 20)
-    assert main(TINY + ["--epochs", "2", "--output_dir", str(tmp_path), "--resume",
-                        str(tmp_path / "checkpoint-last.pth")]) == 0
+    assert main(args + ["--resume", str(tmp_path / "checkpoint-last.pth")]) == 0
     assert_same_weights(weights(uninterrupted / "checkpoint-last.pth"), weights(tmp_path / "checkpoint-last.pth"))
     assert signal.getsignal(signal.SIGINT) is before  # handlers restored
 

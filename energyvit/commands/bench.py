@@ -1,5 +1,6 @@
 """`energyvit bench`: attention backends and the training step, timed per mode, with device
-telemetry (the benchmarks themselves are in energyvit.benchmark)."""
+telemetry, and the input pipeline's CPU rate (the benchmarks themselves are in energyvit.benchmark
+and energyvit.data.throughput)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +11,7 @@ from energyvit.benchmark import (DEFAULT_SUITES, PRESETS, STEP_MODES, SUITES, Be
                                  format_table, inductor_option)
 from energyvit.commands.args import add, device_flag, flag_type, non_negative_float, non_negative_int
 
-HELP = "benchmark attention backends and the training step"
+HELP = "benchmark attention backends, the training step and the input pipeline"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -23,7 +24,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add(p, "--out", default="bench-results", help="folder for the CSV and JSON results (bench/results in a checkout "
         "keeps them with the project's)")
     add(p, "--suites", default=",".join(DEFAULT_SUITES), help=f"comma list of {', '.join(SUITES)} (compile: "
-        "compile each compiled step mode without running it, which fills the compiler's caches for a later run)")
+        "compile each compiled step mode without running it, which fills the compiler's caches for a later run; "
+        "data: one CPU core's JPEG decode + augmentation rate and the collate cost, uint8 vs float32; neither runs "
+        "by default)")
     add(p, "--step_modes", default=",".join(STEP_MODES), help=f"comma list of the step modes to run: "
         f"{', '.join(STEP_MODES)} (the cuda-graphs modes need CUDA)")
     add(p, "--models", default="", help="comma list of the preset's step models to run (default: all)")

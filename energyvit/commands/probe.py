@@ -42,7 +42,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add(p, "--pool", choices=POOLINGS, default=None,
         help="features: all patch tokens concatenated, their mean, or the class token (default: tokens on the "
              "digits, mean otherwise; MAE's ViT-B linear probe: cls)")
-    add_options(p, DataOptions, only=("data_path", "eval_images", "shift", "num_workers", "max_image_pixels"),
+    add_options(p, DataOptions, only=("data_path", "eval_images", "shift", "num_workers", "jpeg_draft",
+                                      "max_image_pixels"),
                 defaults={"shift": SHIFT},
                 helps={"eval_images": "held-out images when the data has no validation split (at most; as given to "
                                       "pretrain, for the same split); every held-out image is scored",

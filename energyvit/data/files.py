@@ -1,22 +1,25 @@
 """Datasets of users' own images for pretraining: an ImageFolder tree (one subfolder per class),
-a flat folder of unlabeled images (recursive), CIFAR-10/100 python batches, and MNIST-style idx
-files (gzipped or not). `open_dataset` detects the format and returns a torch Dataset.
+a flat folder of unlabeled images (recursive), WebDataset tar shards, CIFAR-10/100 python
+batches, and MNIST-style idx files (gzipped or not). `open_dataset` detects the format and
+returns a torch Dataset.
 
 Samples are addressed by key `(index, seed)`: the training sampler yields such tuples, and the
 sample's augmentation draws from `torch.Generator().manual_seed(seed)`, so it is the same in
 the main process and in any DataLoader worker. A plain int index means seed 0. Items are
-`(image, label, skipped)`: a float32 (C, H, W) tensor in [0, 1], the class index (-1 when
-unlabeled), and how many unreadable files were passed over to find this sample (the training
-loop sums it to report skipped files per epoch).
+`(image, label, skipped)`: a uint8 (C, H, W) tensor (the device makes it float [0, 1]:
+energyvit.data.pixels.to_float_pixels), the class index (-1 when unlabeled), and how many
+unreadable images were passed over to find this sample (the training loop sums it to report
+skipped files per epoch).
 
-A corrupt or unreadable image file is logged once and replaced by the next readable one, so one
-bad file never stops a long run; setup errors (missing or empty folder, malformed CIFAR or idx
-files) fail at once with one message that names the path.
+A corrupt or unreadable image (file or shard member) is logged once and replaced by the next
+readable one, so one bad file never stops a long run; setup errors (missing or empty folder,
+malformed CIFAR or idx files, no readable shard) fail at once with one message that names the path.
 """
 from __future__ import annotations
 
 import copy
 import gzip
+import io
 import logging
 import math
 import os
@@ -33,17 +36,18 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from energyvit.data.transforms import EvalTransform, TrainTransform, convert_mode
+from energyvit.data import webdataset
+from energyvit.data.transforms import EvalTransform, TrainTransform
 
 __all__ = [
-    "IMAGE_EXTENSIONS", "FORMATS", "MAX_DECODE_TRIES", "ImageFileDataset", "ArrayDataset", "detect_format",
-    "open_dataset",
+    "IMAGE_EXTENSIONS", "FORMATS", "MAX_DECODE_TRIES", "DecodingDataset", "ImageFileDataset", "ShardDataset",
+    "ArrayDataset", "detect_format", "open_dataset",
 ]
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
-FORMATS = ("imagefolder", "flat", "cifar10", "cifar100", "idx")
+FORMATS = ("imagefolder", "flat", "webdataset", "cifar10", "cifar100", "idx")
 MAX_DECODE_TRIES = 50  # consecutive unreadable files before a sample fails for good
 # What Pillow raises on a corrupt, truncated or unsupported file (UnidentifiedImageError is an
 # OSError); DecompressionBombError guards against absurd image sizes.
@@ -51,14 +55,20 @@ TOO_LARGE = (Image.DecompressionBombError, Image.DecompressionBombWarning)  # ab
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, zlib.error, *TOO_LARGE)
 
 
-def read_image(path: str | os.PathLike) -> Image.Image:
-    """The image file, decoded now (inside the caller's error handling). One above
-    Image.MAX_IMAGE_PIXELS raises one of TOO_LARGE before any decoding: Pillow only warns up to
-    twice the limit, and that warning is made an error here."""
+def open_image(source: str | os.PathLike | io.BytesIO, formats: Sequence[str] | None = None) -> Image.Image:
+    """The image, opened and not decoded (a transform may set a reduced JPEG decode first): use
+    it in a `with` block. One above Image.MAX_IMAGE_PIXELS raises one of TOO_LARGE here: Pillow
+    only warns up to twice the limit, and that warning is made an error. `formats` limits the
+    decoders Pillow tries."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:  # leaving closes the file only; the decoded pixels stay
-            img.load()
+        return Image.open(source, formats=formats)
+
+
+def read_image(path: str | os.PathLike) -> Image.Image:
+    """The image file, decoded now (inside the caller's error handling); TOO_LARGE as open_image."""
+    with open_image(path) as img:  # leaving closes the file only; the decoded pixels stay
+        img.load()
     return img
 
 
@@ -76,7 +86,7 @@ Sample = tuple[Tensor, int, int]
 
 
 class UnreadableImages(ValueError):
-    """Too many image files in a row could not be decoded: the data, not the program, is at fault."""
+    """Too many images in a row could not be decoded: the data, not the program, is at fault."""
 
 
 class _KeyedDataset(Dataset):
@@ -107,19 +117,69 @@ class _KeyedDataset(Dataset):
         return f"{type(self).__name__}({self.source or '?'}, {len(self)} images, {self.num_classes} classes)"
 
     def unaugmented(self) -> _KeyedDataset:
-        """The same images through EvalTransform: a shallow copy sharing the file list or arrays
-        (opening the dataset again would walk the folder or load the arrays a second time)."""
+        """The same images through EvalTransform: a shallow copy sharing the file list, shard index
+        or arrays (opening the dataset again would walk the folder or load the arrays a second time)."""
         plain = copy.copy(self)
-        plain.transform = EvalTransform(self.transform.size, self.channels)
+        plain.transform = EvalTransform(self.transform.size, self.channels, self.transform.jpeg_draft)
         return plain
 
 
-class ImageFileDataset(_KeyedDataset):
-    """Image files decoded with Pillow. `samples` lists (path, label), label -1 when unlabeled.
+class DecodingDataset(_KeyedDataset):
+    """Images decoded on access (files or shard members): an unreadable one is logged (once per
+    image and process) and replaced by the next readable one, index (i + 1) % n, (i + 2) % n, ...;
+    after MAX_DECODE_TRIES failures in a row the sample raises UnreadableImages naming them."""
 
-    An unreadable file is logged (once per path and process) and replaced by the next readable
-    one, index (i + 1) % n, (i + 2) % n, ...; after MAX_DECODE_TRIES failures in a row the
-    sample raises UnreadableImages naming the files."""
+    def __init__(self, transform: Transform, channels: int, classes: list[str] | None, source: str):
+        super().__init__(transform, channels, classes, source)
+        self._warned: set[int] = set()
+
+    def _open(self, index: int) -> Image.Image:
+        """Image `index`, opened, not decoded yet (the transform decodes it)."""
+        raise NotImplementedError
+
+    def where(self, index: int) -> str:
+        """Image `index` named for a message."""
+        raise NotImplementedError
+
+    def label(self, index: int) -> int:
+        raise NotImplementedError
+
+    def _warn_once(self, index: int, exc: Exception) -> None:
+        if index in self._warned:
+            return
+        self._warned.add(index)
+        if isinstance(exc, TOO_LARGE):
+            log.warning("skipping image %s: larger than the %d pixels allowed (a guard against decompression bombs; "
+                        "--max_image_pixels raises it)", self.where(index), Image.MAX_IMAGE_PIXELS)
+        else:
+            log.warning("skipping unreadable image %s (%s: %s)", self.where(index), type(exc).__name__, exc)
+
+    def decode(self, index: int, seed: int = 0) -> Tensor:
+        """Image `index` through the transform, its random draws seeded by `seed`; one of
+        DECODE_ERRORS when it is unreadable (no replacement: for callers that name each image)."""
+        with self._open(index) as img:
+            return self.transform(img, torch.Generator().manual_seed(seed))
+
+    def __getitem__(self, key: SampleKey) -> Sample:
+        index, seed = self._key(key)
+        failed: list[int] = []
+        for attempt in range(min(MAX_DECODE_TRIES, len(self))):
+            i = (index + attempt) % len(self)
+            try:
+                image = self.decode(i, seed)
+            except DECODE_ERRORS as exc:
+                self._warn_once(i, exc)
+                failed.append(i)
+                continue
+            return image, self.label(i), len(failed)
+        names = [self.where(i) for i in failed]
+        listed = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
+        raise UnreadableImages(f"{len(names)} images in a row could not be decoded, from index {index} of "
+                               f"{self.source or 'the dataset'} (corrupt or not images): {listed}")
+
+
+class ImageFileDataset(DecodingDataset):
+    """Image files decoded with Pillow. `samples` lists (path, label), label -1 when unlabeled."""
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: Transform, channels: int,
                  classes: list[str] | None = None, source: str = ""):
@@ -130,13 +190,14 @@ class ImageFileDataset(_KeyedDataset):
         # worker would otherwise copy the whole list by touching its objects' refcounts
         self._paths = np.array([os.fsencode(path) for path, _ in samples])
         self._labels = np.array([label for _, label in samples], dtype=np.int64)
-        self._warned: set[int] = set()
 
     def __len__(self) -> int:
         return len(self._labels)
 
     def path(self, index: int) -> str:
         return os.fsdecode(self._paths[index])
+
+    where = path
 
     def label(self, index: int) -> int:
         return int(self._labels[index])
@@ -146,35 +207,37 @@ class ImageFileDataset(_KeyedDataset):
         """Every image's label (-1 when unlabeled), read from the file list: nothing is decoded."""
         return self._labels
 
-    def _decode(self, index: int) -> Image.Image:
-        return convert_mode(read_image(self.path(index)), self.channels)
+    def _open(self, index: int) -> Image.Image:
+        return open_image(self.path(index))
 
-    def _warn_once(self, index: int, exc: Exception) -> None:
-        if index in self._warned:
-            return
-        self._warned.add(index)
-        if isinstance(exc, TOO_LARGE):
-            log.warning("skipping image %s: larger than the %d pixels allowed (a guard against decompression bombs; "
-                        "--max_image_pixels raises it)", self.path(index), Image.MAX_IMAGE_PIXELS)
-        else:
-            log.warning("skipping unreadable image %s (%s: %s)", self.path(index), type(exc).__name__, exc)
 
-    def __getitem__(self, key: SampleKey) -> Sample:
-        index, seed = self._key(key)
-        failed: list[int] = []
-        for attempt in range(min(MAX_DECODE_TRIES, len(self))):
-            i = (index + attempt) % len(self)
-            try:
-                img = self._decode(i)
-            except DECODE_ERRORS as exc:
-                self._warn_once(i, exc)
-                failed.append(i)
-                continue
-            return self.transform(img, torch.Generator().manual_seed(seed)), self.label(i), len(failed)
-        names = [self.path(i) for i in failed]
-        listed = ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "")
-        raise UnreadableImages(f"{len(names)} image files in a row could not be decoded, from index {index} of "
-                           f"{self.source or 'the dataset'} (corrupt or not images): {listed}")
+class ShardDataset(DecodingDataset):
+    """The samples of WebDataset tar shards (energyvit.data.webdataset.ShardIndex), each image
+    read with one pread and decoded as JPEG, PNG or WebP only (whatever its bytes claim)."""
+
+    def __init__(self, index: webdataset.ShardIndex, transform: Transform, channels: int,
+                 classes: list[str] | None = None, source: str = ""):
+        if len(index) == 0:
+            raise ValueError(f"no samples given for {source or 'the dataset'}")
+        super().__init__(transform, channels, classes, source)
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def where(self, index: int) -> str:
+        return f"{self.index.shards[self.index.shard[index]]} (member at byte {int(self.index.offset[index])})"
+
+    def label(self, index: int) -> int:
+        return int(self.index.label[index])
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Every sample's label (-1 when unlabeled), from the index: nothing is read."""
+        return self.index.label
+
+    def _open(self, index: int) -> Image.Image:
+        return open_image(io.BytesIO(webdataset.read_member(self.index, index)), formats=webdataset.PIL_FORMATS)
 
 
 class ArrayDataset(_KeyedDataset):
@@ -309,7 +372,9 @@ def _array_format(path: str) -> str | None:
 
 
 def _locate(path: str) -> tuple[str, str]:
-    """(format, folder that holds it): see `detect_format`."""
+    """(format, folder that holds it, or the shard pattern): see `detect_format`."""
+    if webdataset.is_pattern(path):
+        return "webdataset", path
     if not os.path.exists(path):
         raise FileNotFoundError(f"dataset path not found: {path}")
     if not os.path.isdir(path):
@@ -325,6 +390,8 @@ def _locate(path: str) -> tuple[str, str]:
     if nested:
         return nested[0]
     train, _ = _split_roots(path)
+    if webdataset.list_shards(train):
+        return "webdataset", path
     if not _loose_images(train) and any(_has_images(os.path.join(train, sub)) for sub in _subdirs(train)):
         return "imagefolder", path
     if _has_images(train):
@@ -340,6 +407,8 @@ def detect_format(path: str) -> str:
     - "cifar100": files `train` and `test` (e.g. in cifar-100-python/);
     - "idx": train-images-idx3-ubyte[.gz] and/or t10k-images-idx3-ubyte[.gz], with their
       -labels-idx1-ubyte files (also in one subfolder);
+    - "webdataset": `.tar` shards directly in `path` (or `path`/train, with `path`/val the val
+      split), or a brace pattern of shard files such as `DIR/shard-{000000..000146}.tar`;
     - "imagefolder": `path` (or `path`/train when it exists) holds no images itself and has
       subfolders with images: one class per subfolder;
     - "flat": image files anywhere below `path` (or `path`/train), unlabeled.
@@ -519,15 +588,51 @@ def _open_idx(path: str, split: str, transform: Transform, channels: int) -> Arr
     return ArrayDataset(images, labels, transform, channels, classes, f"idx {images_file} ({split})")
 
 
-_OPENERS = {"imagefolder": _open_imagefolder, "flat": _open_flat, "cifar10": _open_cifar10,
-            "cifar100": _open_cifar100, "idx": _open_idx}
+def _shard_index(shards: list[str], where: str) -> webdataset.ShardIndex:
+    """The index of `shards`, its skipped parts logged; ValueError when no shard has a sample."""
+    if not shards:
+        raise ValueError(f"no {webdataset.SHARD_SUFFIX} shards in {where}")
+    index = webdataset.scan_shards(shards)
+    if len(index) == 0:
+        detail = f": {'; '.join(index.problems[:3])}" if index.problems else " (no jpg, jpeg, png or webp members)"
+        raise ValueError(f"no readable samples in the {len(shards)} shard(s) of {where}{detail}")
+    if index.problems:
+        log.warning("webdataset %s: %s", where, index.summary())
+    return index
 
 
-def open_dataset(path: str, split: str, img_size: int, channels: int | None, augment: bool
-                 ) -> ImageFileDataset | ArrayDataset | None:
+def _open_webdataset(path: str, split: str, transform: Transform, channels: int) -> ShardDataset | None:
+    if webdataset.is_pattern(path):
+        train, val = path, None
+    else:
+        train, val = _split_roots(path)
+    root = train if split == "train" else val
+    if root is None:
+        return None
+    index = _shard_index(webdataset.list_shards(root), root)
+    classes = None
+    if index.labeled:
+        train_index = index if split == "train" else webdataset.scan_shards(webdataset.list_shards(train))
+        top = int(train_index.label.max()) if train_index.labeled else -1
+        if split == "val" and int(index.label.max()) > top:
+            raise ValueError(f"{root} has class {int(index.label.max())}, which the training split ({train}) lacks "
+                             f"(its classes are 0..{top})")
+        classes = [str(i) for i in range(top + 1)]
+    skipped = f", {index.skipped_samples} samples skipped while indexing" if index.skipped_samples else ""
+    return ShardDataset(index, transform, channels, classes,
+                        f"webdataset {root} ({split}, {len(index.shards)} shards{skipped})")
+
+
+_OPENERS = {"imagefolder": _open_imagefolder, "flat": _open_flat, "webdataset": _open_webdataset,
+            "cifar10": _open_cifar10, "cifar100": _open_cifar100, "idx": _open_idx}
+
+
+def open_dataset(path: str, split: str, img_size: int, channels: int | None, augment: bool, jpeg_draft: bool = False
+                 ) -> ImageFileDataset | ShardDataset | ArrayDataset | None:
     """The `split` ("train" or "val") of the dataset at `path` (format: see `detect_format`),
     as images of img_size x img_size with `channels` channels (None: 1 for idx, else 3),
-    augmented (TrainTransform) or not (EvalTransform).
+    augmented (TrainTransform) or not (EvalTransform); jpeg_draft: JPEGs decoded at a reduced
+    size where the output allows it (energyvit.data.transforms.decode_reduced).
 
     val is DIR/val for an image folder with DIR/train, test_batch / `test` for CIFAR, t10k-*
     for idx; None where the dataset has no val split (the caller then holds out part of train).
@@ -539,5 +644,6 @@ def open_dataset(path: str, split: str, img_size: int, channels: int | None, aug
     fmt, root = _locate(path)
     if channels is None:
         channels = 1 if fmt == "idx" else 3
-    transform = TrainTransform(img_size, channels) if augment else EvalTransform(img_size, channels)
+    transform = (TrainTransform(img_size, channels, jpeg_draft=jpeg_draft) if augment
+                 else EvalTransform(img_size, channels, jpeg_draft=jpeg_draft))
     return _OPENERS[fmt](root, split, transform, channels)

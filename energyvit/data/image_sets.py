@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from energyvit.data.digits import load_digits_as
-from energyvit.data.files import DECODE_ERRORS, ImageFileDataset, _iter_image_files, read_image
+from energyvit.data.files import DECODE_ERRORS, DecodingDataset, _iter_image_files, read_image
 from energyvit.data.pixels import to_float_pixels
 from energyvit.data.splits import KeyedSubset, dataset_targets
 from energyvit.data.transforms import EvalTransform
@@ -70,13 +70,12 @@ def digits_set(size: int, channels: int, split: str = "held_out") -> ScoreSet:
 
 def dataset_set(dataset: Dataset, name: str) -> ScoreSet:
     """The images of a dataset of energyvit.data (a split, or a KeyedSubset of one), named by file
-    path where they are files, else `name[index]`."""
+    path (or shard and member) where they are files (or shard members), else `name[index]`."""
     base, indices = (dataset.dataset, dataset.indices) if isinstance(dataset, KeyedSubset) else \
         (dataset, list(range(len(dataset))))
     labels = dataset_targets(dataset).tolist()
-    if isinstance(base, ImageFileDataset):  # decode each file itself: no replacement by a neighbour
-        paths = [base.path(j) for j in indices]
-        return ScoreSet(paths, lambda i: base.transform(read_image(paths[i])), labels)
+    if isinstance(base, DecodingDataset):  # files or shard members: each decoded itself, never a neighbour
+        return ScoreSet([base.where(j) for j in indices], lambda i: base.decode(indices[i]), labels)
     return ScoreSet([f"{name}[{j}]" for j in indices], lambda i: base[indices[i]][0], labels)
 
 

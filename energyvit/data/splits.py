@@ -8,7 +8,6 @@ fine-tuning all open their data here, so they see the same split.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -19,6 +18,8 @@ from torch.utils.data import DataLoader, Dataset
 from energyvit.data.digits import load_digits_as
 from energyvit.data.files import open_dataset
 from energyvit.data.in_memory import ImageSplit, SplitDataset, channel_stats
+from energyvit.data.loader import default_num_workers
+from energyvit.data.pixels import to_float_pixels
 from energyvit.data.transforms import estimate_channel_stats
 from energyvit.options import check_fields, non_negative, option, positive
 
@@ -30,11 +31,19 @@ class DataOptions:
     """Which images a run reads and how many it holds out."""
 
     data_path: str | None = option(None, "image data: ImageFolder tree (with train/ and val/, or class folders), flat "
-                                   "folder, CIFAR-10/100 python batches or MNIST-style idx files (default: the "
-                                   "embedded digits)", parse=str, metavar="DIR")
+                                   "folder, WebDataset .tar shards (a folder, with train/ and val/ or not, or a "
+                                   "brace pattern such as 'DIR/shard-{000..146}.tar'), CIFAR-10/100 python batches "
+                                   "or MNIST-style idx files (default: the embedded digits)", parse=str, metavar="DIR")
     shift: int = option(0, "digits augmentation: random translation by up to this many pixels", rule=non_negative)
-    num_workers: int | None = option(None, "DataLoader worker processes (default: 0 for the embedded digits, else "
-                                     "min(8, CPUs))", parse=int, rule=non_negative, resumable=True)
+    num_workers: int | None = option(None, "DataLoader worker processes per process (default: 0 for the embedded "
+                                     "digits, else min(8, usable CPUs // LOCAL_WORLD_SIZE), at least 1: the CPUs "
+                                     "of this process's affinity shared among torchrun's processes on the machine)",
+                                     parse=int, rule=non_negative, resumable=True)
+    jpeg_draft: bool = option(True, "decode a JPEG at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling) when its crop "
+                              "or resize still gets at least the input size from that: the same crops; 1.5x (train) "
+                              "and 1.7x (eval) the images per core on 1200x900 files at 224 px, no change where no "
+                              "reduction fits (500x375 files at 224 px); pixels 1.4 to 1.7 levels of 255 from a "
+                              "full decode on average (docs/benchmarks.md)")
     eval_images: int = option(512, "held-out images: at most this many are taken out of the training images when "
                               "the data has no validation split, and held in memory (restoration metrics); the "
                               "probes and fine-tuning score every held-out image", rule=positive)
@@ -94,7 +103,8 @@ class DataSplits:
 
     def pixel_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Per-channel mean and std for a new model's input normalization: over all training digits,
-        or over up to 1000 unaugmented training images (decoded here, so only when needed)."""
+        or over a fixed random sample of up to 1000 unaugmented images from the whole training set
+        (decoded here, so only when needed)."""
         if isinstance(self.train_plain, SplitDataset):
             return channel_stats(self.train_plain.split.images)
         return estimate_channel_stats(self.train_plain)
@@ -115,10 +125,10 @@ def load_splits(options: DataOptions, img_size: int, channels: int | None, gray_
         return keep_class(data, options.one_class) if options.one_class is not None else data
 
     Image.MAX_IMAGE_PIXELS = options.max_image_pixels  # Pillow's own global; DataLoader workers inherit it
-    train = open_dataset(options.data_path, "train", img_size, channels, augment=True)
+    train = open_dataset(options.data_path, "train", img_size, channels, augment=True, jpeg_draft=options.jpeg_draft)
     plain = train.unaugmented()
     num_classes = train.num_classes
-    val = open_dataset(options.data_path, "val", img_size, channels, augment=False)
+    val = open_dataset(options.data_path, "val", img_size, channels, augment=False, jpeg_draft=options.jpeg_draft)
     n = len(train)
     if val is None:  # hold out a fixed part of the training images
         order = torch.randperm(n, generator=torch.Generator().manual_seed(HOLD_OUT_SEED)).tolist()
@@ -133,7 +143,7 @@ def load_splits(options: DataOptions, img_size: int, channels: int | None, gray_
     held_out = load_images(val, options.eval_images)
     in_chans = held_out.images.shape[1]
     labeled = bool((held_out.labels >= 0).all())
-    num_workers = options.num_workers if options.num_workers is not None else min(8, os.cpu_count() or 1)
+    num_workers = options.num_workers if options.num_workers is not None else default_num_workers()
     classes = list(open_dataset_base(train).classes or []) if labeled else []
     data = DataSplits(train, plain, held_out, val, in_chans, labeled, num_classes if labeled else 0,
                       f"{open_dataset_source(options.data_path, train)}: {len(train)} train images, {held_note}",
@@ -179,10 +189,11 @@ def open_dataset_source(path: str, dataset: Dataset) -> str:
 
 
 def load_images(dataset: Dataset, limit: int, batch_size: int = 256) -> ImageSplit:
-    """Up to `limit` images of `dataset` in memory: a fixed random subset (HOLD_OUT_SEED), so a
-    class-sorted folder still gives every class."""
+    """Up to `limit` images of `dataset` in memory as float [0, 1] (the restoration metrics and
+    pictures read them): a fixed random subset (HOLD_OUT_SEED), so a class-sorted folder still
+    gives every class."""
     n = len(dataset)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(HOLD_OUT_SEED))[: min(n, limit)].tolist()
     loader = DataLoader(KeyedSubset(dataset, order), batch_size=batch_size)
-    images, labels = zip(*((x, y) for x, y, _ in loader))
+    images, labels = zip(*((to_float_pixels(x, "cpu"), y) for x, y, _ in loader))
     return ImageSplit(torch.cat(images), torch.cat(labels).long())

@@ -5,8 +5,16 @@ flip for training, resize + center crop for evaluation. Every random choice draw
 explicit `torch.Generator`, never from global state, so a sample's augmentation depends only on
 the seed it is given, not on which DataLoader worker runs it (exact resume relies on this).
 
-Outputs are float32 (C, H, W) pixels in [0, 1]: the model normalizes internally with the
-per-channel mean/std of its config (ImageNet's, or `estimate_channel_stats`).
+Outputs are uint8 (C, H, W) pixels: a quarter of float32's bytes to collate, pin and copy; the
+device turns a batch into float [0, 1] (energyvit.data.pixels.to_float_pixels), and the model
+normalizes internally with the per-channel mean/std of its config (ImageNet's, or
+`estimate_channel_stats`).
+
+With `jpeg_draft`, a JPEG file that is not decoded yet is decoded at 1/2, 1/4 or 1/8 of its size
+(libjpeg's DCT scaling, Pillow's `Image.draft`) when the region the output is resized from stays
+at least the output size: the largest such reduction. The random crop is drawn on the original
+size first, so the generator's draws (and with them exact resume) are the same either way; the
+pixels differ slightly from a full-size decode (docs/benchmarks.md measures by how much).
 """
 from __future__ import annotations
 
@@ -18,13 +26,15 @@ from PIL import Image
 from torch import Tensor
 
 __all__ = [
-    "EVAL_CROP_FRACTION", "convert_mode", "random_resized_crop_params",
-    "random_resized_crop", "resize_center_crop", "to_tensor", "random_hflip", "TrainTransform", "EvalTransform",
+    "EVAL_CROP_FRACTION", "convert_mode", "random_resized_crop_params", "decode_reduced",
+    "random_resized_crop", "resize_center_crop", "to_uint8_tensor", "random_hflip", "TrainTransform", "EvalTransform",
     "estimate_channel_stats",
 ]
 
 MIN_PIXEL_STD = 0.05  # floor of the per-channel std the model divides by (real images: about 0.2 to 0.3)
 EVAL_CROP_FRACTION = 0.875  # MAE/DeiT eval: resize to size / 0.875 (224 -> 256), crop the center
+DRAFT_SCALES = (8, 4, 2)  # the reductions libjpeg decodes at (Pillow's JPEG draft mode)
+STATS_SEED = 0  # which images estimate_channel_stats samples: fixed, so every run of a dataset agrees
 _MODES = {1: "L", 3: "RGB"}
 
 ImageLike = Image.Image | np.ndarray  # a PIL image, or a uint8 array (H, W) / (H, W, C)
@@ -96,6 +106,31 @@ def random_resized_crop_params(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
+def decode_reduced(img: Image.Image, max_scale: float) -> tuple[Image.Image, int]:
+    """(`img`, scale): a JPEG opened and not decoded yet is set to decode at 1/scale of its size,
+    scale the largest of DRAFT_SCALES at most `max_scale` (1 when none is, or for any other image,
+    which is returned as it is). A pixel (x, y) of the original lies at (x / scale, y / scale) of
+    the reduced image, which is ceil(width / scale) x ceil(height / scale)."""
+    scale = next((s for s in DRAFT_SCALES if s <= max_scale), 1)
+    if scale == 1:
+        return img, 1
+    # Pillow picks the largest reduction with (width // w, height // h) both at least it: exactly
+    # `scale` for (width // scale, height // scale), as width and height are at least scale here
+    width = img.width
+    drafted = img.draft(img.mode, (width // scale, img.height // scale))
+    if drafted is None:  # not a JPEG, already decoded, or a layout libjpeg cannot scale
+        return img, 1
+    return img, round(width / drafted[1][2])  # its box: (0, 0, width / chosen scale, height / chosen scale)
+
+
+def _crop_resize(img: Image.Image, box: tuple[int, int, int, int], size: int, scale: int) -> Image.Image:
+    """The region `box` (left, top, right, bottom) of the original image, resized to size x size
+    (bicubic); `img` is that original decoded at 1/scale (decode_reduced)."""
+    if scale == 1:
+        return img.crop(box).resize((size, size), Image.Resampling.BICUBIC)
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=tuple(c / scale for c in box))
+
+
 def random_resized_crop(
     img: Image.Image,
     size: int,
@@ -106,28 +141,32 @@ def random_resized_crop(
     """A random crop of `img` (area fraction in `scale`, aspect ratio in `ratio`), resized to
     size x size with bicubic interpolation. Defaults are MAE's."""
     top, left, h, w = random_resized_crop_params(img.width, img.height, generator, scale, ratio)
-    return img.crop((left, top, left + w, top + h)).resize((size, size), Image.Resampling.BICUBIC)
+    return _crop_resize(img, (left, top, left + w, top + h), size, 1)
 
 
-def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+def resize_center_crop(img: Image.Image, size: int, scale: int = 1,
+                       original_size: tuple[int, int] | None = None) -> Image.Image:
     """Evaluation view: shorter side resized (bicubic) to round(size / 0.875), then the central
-    size x size crop. An image that is already size x size is returned unchanged."""
-    if img.size == (size, size):
+    size x size crop. An image that is already size x size is returned unchanged. `img` may be
+    an image of `original_size` decoded at 1/scale (decode_reduced): the view is then the one of
+    the original's geometry, resampled from the reduced pixels."""
+    w, h = original_size or img.size
+    if scale == 1 and img.size == (size, size):
         return img
     short = round(size / EVAL_CROP_FRACTION)
-    w, h = img.size
     if w <= h:
         new_w, new_h = short, int(short * h / w)
     else:
         new_w, new_h = int(short * w / h), short
-    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    box = None if scale == 1 else (0.0, 0.0, w / scale, h / scale)
+    img = img.resize((new_w, new_h), Image.Resampling.BICUBIC, box=box)
     left, top = round((new_w - size) / 2), round((new_h - size) / 2)
     return img.crop((left, top, left + size, top + size))
 
 
-def to_tensor(img: ImageLike, channels: int) -> Tensor:
-    """float32 (channels, H, W) in [0, 1] from a PIL image of any mode or a uint8 array
-    (H, W) / (H, W, C); arrays that already have `channels` channels skip Pillow."""
+def to_uint8_tensor(img: ImageLike, channels: int) -> Tensor:
+    """uint8 (channels, H, W) from a PIL image of any mode or a uint8 array (H, W) / (H, W, C);
+    arrays that already have `channels` channels skip Pillow."""
     _target_mode(channels)
     if isinstance(img, np.ndarray) and _array_channels(img) == channels:
         arr = np.array(img, dtype=np.uint8)  # a copy: torch wants a writable array
@@ -135,7 +174,7 @@ def to_tensor(img: ImageLike, channels: int) -> Tensor:
         arr = np.array(convert_mode(_as_image(img), channels), dtype=np.uint8)
     if arr.ndim == 2:
         arr = arr[:, :, None]
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous().to(torch.float32).div_(255.0)
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
 
 def random_hflip(x: Tensor, generator: torch.Generator, p: float = 0.5) -> Tensor:
@@ -144,55 +183,72 @@ def random_hflip(x: Tensor, generator: torch.Generator, p: float = 0.5) -> Tenso
 
 
 class TrainTransform:
-    """MAE's training augmentation: random resized crop, horizontal flip (p=0.5), [0, 1] tensor."""
+    """MAE's training augmentation: random resized crop, horizontal flip (p=0.5), uint8 tensor.
+    jpeg_draft: decode JPEG files at a reduced size where the crop allows (decode_reduced)."""
 
     def __init__(self, size: int, channels: int, scale: tuple[float, float] = (0.2, 1.0),
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), jpeg_draft: bool = False):
         _target_mode(channels)
-        self.size, self.channels, self.scale, self.ratio = size, channels, scale, ratio
+        self.size, self.channels, self.scale, self.ratio, self.jpeg_draft = size, channels, scale, ratio, jpeg_draft
 
     def __call__(self, img: ImageLike, generator: torch.Generator) -> Tensor:
-        # mode first: cropping and resizing then work on the channels that are kept
-        img = convert_mode(_as_image(img), self.channels)
-        img = random_resized_crop(img, self.size, generator, self.scale, self.ratio)
-        return random_hflip(to_tensor(img, self.channels), generator)
+        """`img` may be an image file opened and not decoded yet: it is decoded here."""
+        img = _as_image(img)
+        # the crop is drawn on the original size, before any reduced decode: the same draws either way
+        top, left, h, w = random_resized_crop_params(img.width, img.height, generator, self.scale, self.ratio)
+        img, reduced = decode_reduced(img, min(w, h) / self.size) if self.jpeg_draft else (img, 1)
+        img = convert_mode(img, self.channels)
+        img = _crop_resize(img, (left, top, left + w, top + h), self.size, reduced)
+        return random_hflip(to_uint8_tensor(img, self.channels), generator)
 
     def __repr__(self) -> str:
-        return f"TrainTransform(size={self.size}, channels={self.channels}, scale={self.scale}, ratio={self.ratio})"
+        return (f"TrainTransform(size={self.size}, channels={self.channels}, scale={self.scale}, ratio={self.ratio}, "
+                f"jpeg_draft={self.jpeg_draft})")
 
 
 class EvalTransform:
-    """Deterministic evaluation view: resize + center crop, [0, 1] tensor."""
+    """Deterministic evaluation view: resize + center crop, uint8 tensor. jpeg_draft: as TrainTransform."""
 
-    def __init__(self, size: int, channels: int):
+    def __init__(self, size: int, channels: int, jpeg_draft: bool = False):
         _target_mode(channels)
-        self.size, self.channels = size, channels
+        self.size, self.channels, self.jpeg_draft = size, channels, jpeg_draft
 
     def __call__(self, img: ImageLike, generator: torch.Generator | None = None) -> Tensor:
         """`generator` is accepted and unused, so datasets call both transforms the same way."""
         if isinstance(img, np.ndarray) and img.shape[:2] == (self.size, self.size):
-            return to_tensor(img, self.channels)  # arrays already at size (CIFAR at 32) skip Pillow
-        img = convert_mode(_as_image(img), self.channels)
-        return to_tensor(resize_center_crop(img, self.size), self.channels)
+            return to_uint8_tensor(img, self.channels)  # arrays already at size (CIFAR at 32) skip Pillow
+        img = _as_image(img)
+        original = img.size
+        max_scale = min(original) / round(self.size / EVAL_CROP_FRACTION)
+        img, reduced = decode_reduced(img, max_scale) if self.jpeg_draft else (img, 1)
+        img = convert_mode(img, self.channels)
+        return to_uint8_tensor(resize_center_crop(img, self.size, reduced, original), self.channels)
 
     def __repr__(self) -> str:
-        return f"EvalTransform(size={self.size}, channels={self.channels})"
+        return f"EvalTransform(size={self.size}, channels={self.channels}, jpeg_draft={self.jpeg_draft})"
 
 
-def estimate_channel_stats(dataset, max_images: int = 1000) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel pixel mean and std over the first `max_images` images of `dataset` (items
-    `(image, ...)`; use an eval-transform dataset so the result is deterministic). The std is
-    clamped to >= MIN_PIXEL_STD: a nearly constant channel would otherwise be scaled up a
-    hundredfold or more by the model's normalization, and with it any noise a task puts there."""
-    count = min(len(dataset), max_images)
-    if count == 0:
+def estimate_channel_stats(dataset, max_images: int = 1000, seed: int = STATS_SEED
+                           ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel pixel mean and std (pixels in [0, 1]) over a fixed random sample of up to
+    `max_images` images drawn from the whole of `dataset` (every image when it has no more), so a
+    class-sorted folder counts every class, not its first. Items are `(image, ...)`, uint8 or float
+    [0, 1]; use an eval-transform dataset so the result is deterministic. The std is clamped to
+    >= MIN_PIXEL_STD: a nearly constant channel would otherwise be scaled up a hundredfold or more
+    by the model's normalization, and with it any noise a task puts there."""
+    n = len(dataset)
+    if n == 0:
         raise ValueError("cannot estimate channel statistics of an empty dataset")
-    num_channels = dataset[0][0].shape[0]
-    total = torch.zeros(num_channels, dtype=torch.float64)
-    total_sq = torch.zeros(num_channels, dtype=torch.float64)
+    chosen = (range(n) if n <= max_images  # sorted: files are read in the dataset's order
+              else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_images].sort().values.tolist())
+    total = total_sq = None
     pixels = 0
-    for i in range(count):
-        x = dataset[i][0].to(torch.float64).flatten(1)
+    for i in chosen:
+        x = dataset[i][0]
+        x = x.to(torch.float64).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float64)
+        x = x.flatten(1)
+        if total is None:
+            total, total_sq = torch.zeros(x.shape[0], dtype=torch.float64), torch.zeros(x.shape[0], dtype=torch.float64)
         total += x.sum(1)
         total_sq += x.square().sum(1)
         pixels += x.shape[1]
