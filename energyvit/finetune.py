@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from energyvit.checkpoint import load_finetune_checkpoint, load_model, load_weights, save_checkpoint, save_json
 from energyvit.data.finetune_transform import FinetuneTransform, with_transform
+from energyvit.data.loader import training_loader
 from energyvit.data.mixup import Mixup, soft_target_cross_entropy
 from energyvit.data.randaugment import DEFAULT_SPEC, RandAugment, parse_spec
 from energyvit.data.random_erasing import random_erase
@@ -238,7 +239,7 @@ def training_images(data: DataSplits, options: FinetuneOptions, img_size: int) -
         return data.train, f"shift {options.data.shift}"
     spec = aa or DEFAULT_SPEC
     randaugment = RandAugment(parse_spec(spec)) if spec != "none" else None
-    view = FinetuneTransform(img_size, data.in_chans, randaugment)
+    view = FinetuneTransform(img_size, data.in_chans, randaugment, jpeg_draft=options.data.jpeg_draft)
     return with_transform(data.train, view), f"crop {view.scale[0]:g}-{view.scale[1]:g}, flip, RandAugment {spec}"
 
 
@@ -398,14 +399,15 @@ def train(t: Finetuning, dist_info: DistInfo, dev: torch.device, out: Path) -> N
             stop_everywhere = lambda: not all_ranks_true(not stop.requested, dist_info, dev)  # noqa: E731
             step_in_epoch, global_step = t.step_in_epoch, t.global_step
             per_step = train_opts.batch_size * train_opts.accum_iter
+            # one loader for the whole run (its workers persist); the sampler moves to each epoch
+            sampler = EpochSampler(t.data.num_train, per_step, train_opts.seed, epoch, dist_info.rank,
+                                   dist_info.world_size, start_step=step_in_epoch)
+            loader = training_loader(t.train_images, train_opts.batch_size, sampler, t.data.num_workers, dev)
             while epoch < train_opts.epochs:
                 t0 = time.perf_counter()
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
-                sampler = EpochSampler(t.data.num_train, per_step, train_opts.seed, epoch, dist_info.rank,
-                                       dist_info.world_size, start_step=step_in_epoch)
-                loader = DataLoader(t.train_images, batch_size=train_opts.batch_size, sampler=sampler,
-                                    num_workers=t.data.num_workers, pin_memory=dev.type == "cuda", drop_last=True)
+                sampler.set_epoch(epoch, step_in_epoch)
                 plan = EpochPlan(epoch, t.steps_per_epoch, step_in_epoch, global_step, train_opts.accum_iter,
                                  train_opts.clip_grad, t.autocast_dtype, train_opts.seed)
                 stats = train_one_epoch(t.model, t.step_loss(), loader, t.optimizer, plan,

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 
 from energyvit.data import files as datasets
 from energyvit.data.files import ArrayDataset, ImageFileDataset, detect_format, open_dataset
+from energyvit.data.finetune_transform import FinetuneTransform
 from energyvit.data.splits import DataOptions, load_splits
 from energyvit.data.transforms import (EvalTransform, TrainTransform, decode_reduced, estimate_channel_stats,
                                        random_hflip, random_resized_crop, random_resized_crop_params,
@@ -272,7 +273,9 @@ def test_reduced_decode_takes_the_largest_scale_that_keeps_the_region(tmp_path):
 
 
 @pytest.mark.parametrize("make", [lambda draft: TrainTransform(48, 3, jpeg_draft=draft),
-                                  lambda draft: EvalTransform(48, 3, jpeg_draft=draft)], ids=["train", "eval"])
+                                  lambda draft: EvalTransform(48, 3, jpeg_draft=draft),
+                                  lambda draft: FinetuneTransform(48, 3, jpeg_draft=draft)],
+                         ids=["train", "eval", "finetune"])
 def test_jpeg_draft_keeps_the_crops_and_stays_close_to_the_full_decode(tmp_path, make):
     """Same draws from the generator (so exact resume and the seeded crops are unchanged), and
     pixels within 2.5 levels of 255 on average of the full-size decode's (1.1 to 1.4 measured): a

@@ -17,31 +17,32 @@ from torch.utils.data import Dataset
 
 from energyvit.data.randaugment import RandAugment
 from energyvit.data.splits import KeyedSubset
-from energyvit.data.transforms import convert_mode, random_resized_crop
+from energyvit.data.transforms import TrainTransform, to_uint8_tensor
 
 CROP_SCALE = (0.08, 1.0)
 
 
 class FinetuneTransform:
-    """Crop, flip and optional RandAugment of a PIL image or uint8 array -> uint8 (C, H, W)."""
+    """Crop, flip and optional RandAugment of a PIL image (opened, perhaps not decoded yet) or a
+    uint8 array -> uint8 (C, H, W). jpeg_draft: JPEGs decoded at a reduced size where the crop
+    allows, as pretraining's TrainTransform (whose crop this is)."""
 
     def __init__(self, size: int, channels: int, randaugment: RandAugment | None = None,
-                 scale: tuple[float, float] = CROP_SCALE) -> None:
+                 scale: tuple[float, float] = CROP_SCALE, jpeg_draft: bool = False) -> None:
         self.size, self.channels, self.randaugment, self.scale = size, channels, randaugment, scale
+        self._crop = TrainTransform(size, channels, scale=scale, jpeg_draft=jpeg_draft)
 
     def __call__(self, img: Image.Image | np.ndarray, generator: torch.Generator) -> Tensor:
-        if isinstance(img, np.ndarray):  # (H, W) or (H, W, C) uint8, as the array datasets hold
-            img = Image.fromarray(img[..., 0] if img.ndim == 3 and img.shape[2] == 1 else img)
-        img = random_resized_crop(convert_mode(img, self.channels), self.size, generator, self.scale)
+        img = self._crop.crop(img, generator)
         if torch.rand(1, generator=generator).item() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         if self.randaugment is not None:
             img = self.randaugment(img, generator)
-        pixels = np.array(img, dtype=np.uint8)
-        return torch.from_numpy(pixels.reshape(*pixels.shape[:2], -1)).permute(2, 0, 1).contiguous()
+        return to_uint8_tensor(img, self.channels)
 
     def __repr__(self) -> str:
-        return f"FinetuneTransform(size={self.size}, channels={self.channels}, {self.randaugment}, scale={self.scale})"
+        return (f"FinetuneTransform(size={self.size}, channels={self.channels}, {self.randaugment}, scale={self.scale}, "
+                f"jpeg_draft={self._crop.jpeg_draft})")
 
 
 def with_transform(dataset: Dataset, transform) -> Dataset:

@@ -193,13 +193,16 @@ class TrainTransform:
 
     def __call__(self, img: ImageLike, generator: torch.Generator) -> Tensor:
         """`img` may be an image file opened and not decoded yet: it is decoded here."""
+        return random_hflip(to_uint8_tensor(self.crop(img, generator), self.channels), generator)
+
+    def crop(self, img: ImageLike, generator: torch.Generator) -> Image.Image:
+        """The random resized crop alone, in the target mode (fine-tuning adds its own steps after it)."""
         img = _as_image(img)
         # the crop is drawn on the original size, before any reduced decode: the same draws either way
         top, left, h, w = random_resized_crop_params(img.width, img.height, generator, self.scale, self.ratio)
         img, reduced = decode_reduced(img, min(w, h) / self.size) if self.jpeg_draft else (img, 1)
         img = convert_mode(img, self.channels)
-        img = _crop_resize(img, (left, top, left + w, top + h), self.size, reduced)
-        return random_hflip(to_uint8_tensor(img, self.channels), generator)
+        return _crop_resize(img, (left, top, left + w, top + h), self.size, reduced)
 
     def __repr__(self) -> str:
         return (f"TrainTransform(size={self.size}, channels={self.channels}, scale={self.scale}, ratio={self.ratio}, "

@@ -36,9 +36,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from energyvit.checkpoint import load_checkpoint, load_weights, save_checkpoint
+from energyvit.data.loader import training_loader
 from energyvit.data.pixels import to_float_pixels
 from energyvit.data.splits import DataSplits
 from energyvit.distributed import DistInfo, all_ranks_true, all_reduce_sum, sum_over_ranks, wrap_ddp
@@ -215,12 +215,13 @@ def train_mae_probe(encoder: EnergyViT, pool: str, data: DataSplits, options: MA
         history, start = state["history"], state["epoch"]
         log(f"continuing {resume_from} after epoch {start}")
     step = start * steps_per_epoch
+    # one loader for the whole run (its workers persist); the sampler moves to each epoch
+    sampler = EpochSampler(data.num_train, options.batch_size, options.seed, start, dist.rank, dist.world_size)
+    loader = training_loader(data.train, options.batch_size, sampler, data.num_workers, device)
     for epoch in range(start, options.epochs):
         t0 = time.perf_counter()
         head.train()
-        sampler = EpochSampler(data.num_train, options.batch_size, options.seed, epoch, dist.rank, dist.world_size)
-        loader = DataLoader(data.train, batch_size=options.batch_size, sampler=sampler, num_workers=data.num_workers,
-                            pin_memory=device.type == "cuda", drop_last=True)
+        sampler.set_epoch(epoch)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         for x, y, _ in loader:
             for group in optimizer.param_groups:
