@@ -279,7 +279,7 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _iter_image_files(root: str) -> Iterator[str]:
+def iter_image_files(root: str) -> Iterator[str]:
     """Image files below `root`, recursively, in sorted order; symlinked folders are followed,
     each real folder once (so a link loop ends)."""
     seen: set[str] = set()
@@ -294,7 +294,7 @@ def _iter_image_files(root: str) -> Iterator[str]:
 
 
 def _has_images(root: str) -> bool:
-    return next(_iter_image_files(root), None) is not None
+    return next(iter_image_files(root), None) is not None
 
 
 def _subdirs(path: str) -> list[str]:
@@ -533,7 +533,7 @@ def _imagefolder_samples(root: str, classes: list[str]) -> list[tuple[str, int]]
     if unknown:
         raise ValueError(f"{root} has class folders that the training split lacks: {', '.join(unknown[:5])}")
     label = {name: i for i, name in enumerate(classes)}
-    return [(path, label[name]) for name in found for path in _iter_image_files(os.path.join(root, name))]
+    return [(path, label[name]) for name in found for path in iter_image_files(os.path.join(root, name))]
 
 
 def _open_imagefolder(path: str, split: str, transform: Transform, channels: int) -> ImageFileDataset | None:
@@ -551,7 +551,7 @@ def _open_flat(path: str, split: str, transform: Transform, channels: int) -> Im
     root = train if split == "train" else val
     if root is None:
         return None
-    files = list(_iter_image_files(root))
+    files = list(iter_image_files(root))
     if not files:
         raise _no_images_error(root)
     return ImageFileDataset([(f, -1) for f in files], transform, channels, None, f"flat {root} ({split})")

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from energyvit.data.digits import load_digits_as
-from energyvit.data.files import DECODE_ERRORS, DecodingDataset, _iter_image_files, read_image
+from energyvit.data.files import DECODE_ERRORS, DecodingDataset, iter_image_files, read_image
 from energyvit.data.pixels import to_float_pixels
 from energyvit.data.splits import KeyedSubset, dataset_targets
 from energyvit.data.transforms import EvalTransform
@@ -49,7 +49,7 @@ def files_set(paths: list[str], size: int, channels: int) -> ScoreSet:
     files: list[str] = []
     for path in paths:
         if os.path.isdir(path):
-            found = list(_iter_image_files(path))
+            found = list(iter_image_files(path))
             if not found:
                 raise ValueError(f"no image files under {path}")
             files += found
