@@ -46,7 +46,7 @@ def test_resume_auto_starts_new_and_continues(tmp_path, capsys, one_thread):
     out = tmp_path / "run"
     auto = PICO + ["--resume", "auto", "--output_dir", str(out)]
     assert main(auto + ["--epochs", "1", "--seed", "3"]) == 0
-    assert "no checkpoint in" in capsys.readouterr().out
+    assert "--resume auto: no checkpoint-last.pth in" in capsys.readouterr().out
     assert main(auto + ["--epochs", "2"]) == 0  # a requeued job: same command, more epochs
     said = capsys.readouterr().out
     assert f"continuing from {out / 'checkpoint-last.pth'}" in said and "epoch 2/2" in said and "epoch 1/2" not in said

@@ -11,6 +11,7 @@ import math
 from dataclasses import MISSING, fields
 
 from energyvit.options import OptionError, device
+from energyvit.resume import AUTO, LAST_CHECKPOINT, resolve_resume, resumed_values
 
 
 class CliError(Exception):
@@ -184,3 +185,31 @@ def given_dests(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
         for a, default in saved:
             a.default = default
     return set(vars(namespace))
+
+
+# ------------------------------------------------------------------------------ a run's options, resumed or not
+def run_options(args: argparse.Namespace, groups: dict[str, type], options_type: type, prog: str, output_dir,
+                saved_args, say=print):
+    """The options of a run (`options_type`, made of the option `groups` by name) from the flags,
+    or, resuming (--resume CHECKPOINT or auto), from the checkpoint's: only the resumable flags
+    given may change them, and others given are refused (energyvit.resume). saved_args(path)
+    reads a checkpoint's options. Says on the console what it resumes and what changed."""
+    values = {f.name: getattr(args, f.name) for group in groups.values() for f in fields(group) if hasattr(args, f.name)}
+    path = resolve_resume(args.resume, output_dir)
+    if args.resume == AUTO:
+        say(f"{prog}: --resume auto: " + (f"continuing from {path}" if path is not None
+                                          else f"no {LAST_CHECKPOINT} in {output_dir}, a new run"))
+        values["resume"] = str(path or "")
+    if path is not None:
+        values, changed, unrecorded = resumed_values(saved_args(path), values, getattr(args, "given", set()),
+                                                     options_type.resumable(), path)
+        say(f"{prog}: resuming {path} with its options" + (f"; changed: {', '.join(changed)}" if changed else ""))
+        if unrecorded:
+            say(f"{prog}: not recorded in {path}, so as given or by default: "
+                + ", ".join(f"--{n} {values[n]}" for n in unrecorded))
+    flat = argparse.Namespace(**values)
+    built = {name: build_options(group, flat, prog) for name, group in groups.items()}
+    try:
+        return options_type(**built)
+    except OptionError as e:
+        raise CliError(f"{prog}: error: argument --{e.name}: must be {e.requirement}") from None
