@@ -16,7 +16,6 @@ Only rank 0 writes files and prints. `checkpoint-last.pth` is written after ever
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -27,25 +26,22 @@ from torch.utils.data import Dataset
 
 from energyvit.checkpoint import load_finetune_checkpoint, load_model, load_weights, save_checkpoint, save_json
 from energyvit.data.finetune_transform import FinetuneTransform, with_transform
-from energyvit.data.loader import training_loader
 from energyvit.data.mixup import Mixup, soft_target_cross_entropy
 from energyvit.data.randaugment import DEFAULT_SPEC, RandAugment, parse_spec
 from energyvit.data.random_erasing import random_erase
 from energyvit.data.splits import DataOptions, DataSplits, load_splits
-from energyvit.distributed import DDPGradients, DistInfo, LocalGradients, all_ranks_true, barrier, init_distributed, \
-    shutdown, wrap_ddp
+from energyvit.distributed import DDPGradients, DistInfo, LocalGradients, barrier, init_distributed, shutdown, wrap_ddp
+from energyvit.epochs import EpochEnd, RunContext, Steps, run_epochs
 from energyvit.evaluation.finetuning import HEAD_POOLINGS, Classifier, add_drop_path, layer_id
 from energyvit.evaluation.streaming import classify_split
-from energyvit.metrics import MetricsLogger, require_wandb
+from energyvit.metrics import require_wandb
 from energyvit.model import EnergyViT, config_from_dict, config_to_dict
 from energyvit.options import below_one, check_fields, device, half_open_unit, in_range, non_negative, option, \
     positive, resumable_fields
-from energyvit.progress import Progress
 from energyvit.resume import LAST_CHECKPOINT, conflicts, resolve_resume
-from energyvit.runtime import StopRequest, peak_memory_mib
+from energyvit.runtime import peak_memory_mib
 from energyvit.sampling import EpochSampler, derive_seed
-from energyvit.training import EpochPlan, StepLoss, TrainingDiverged, TrainOptions, amp_dtype, cosine_lr, \
-    param_groups, train_one_epoch
+from energyvit.training import StepLoss, TrainOptions, amp_dtype, param_groups
 
 PROG = "energyvit finetune"
 FINETUNED = "checkpoint-finetuned.pth"  # the trained classifier, written at the end
@@ -211,6 +207,36 @@ class Finetuning:
                 "num_classes": self.model.head.out_features, "pool": self.model.pool, "pretrained": self.pretrained,
                 "history": self.history, "data": self.data.description}
 
+    def end_epoch(self, end: EpochEnd) -> None:
+        """The epoch's checkpoint first (its record without held-out scores: a run stopped
+        before them computes them when resumed), then the evaluation; the checkpoint again with
+        the scores when the run stops here or this was the last epoch."""
+        run, stats = end.run, end.stats
+        self.history.append({"epoch": end.epoch, "step": end.global_step, "loss": stats["loss"],
+                             "grad_norm": stats["grad_norm"], "lr": self.optimizer.param_groups[-1]["lr"],
+                             "images_per_s": stats["images"] / end.seconds, "epoch_s": end.seconds,
+                             "peak_memory_mib": peak_memory_mib(run.device), "skipped_files": stats["skipped_files"]})
+        if run.main:
+            save_checkpoint(run.out / LAST_CHECKPOINT, self.checkpoint(end.epoch, self.steps_per_epoch, end.global_step))
+        self.score_last_epoch(run)
+        final = run.stopping() or end.epoch + 1 == self.options.train.epochs
+        if run.main and final:
+            save_checkpoint(run.out / LAST_CHECKPOINT, self.checkpoint(end.epoch, self.steps_per_epoch, end.global_step))
+
+    def score_last_epoch(self, run: RunContext) -> None:
+        """Score the last finished epoch on the held-out images, log and print its record."""
+        record = self.history[-1]
+        record.update(evaluate(self, run.dist, run.device))
+        if run.logger is not None:
+            run.logger.log(record, step=record["step"])
+        run.say(f"epoch {record['epoch'] + 1}/{self.options.train.epochs}  loss {record['loss']:.4f}  held-out top-1 "
+                f"{record['held_out_top1']:.4f}  top-5 {record['held_out_top5']:.4f}", flush=True)
+
+    def catch_up(self, run: RunContext) -> None:
+        """A run stopped between an epoch's end and its scores: score that epoch first."""
+        if self.history and "held_out_top1" not in self.history[-1]:
+            self.score_last_epoch(run)
+
     def step_loss(self) -> StepLoss:
         """Random erasing, mixup/cutmix and the soft-target loss of one micro-batch, every draw
         from its seed: the box and mixing parameters from a numpy Generator, the erasing noise
@@ -319,7 +345,9 @@ def _run(options: FinetuneOptions, dist_info: DistInfo, dev: torch.device) -> di
     t = setup(options, dist_info, dev)
     if dist_info.is_main:
         print(describe(t, dist_info, dev), flush=True)
-    train(t, dist_info, dev, out)
+    sync = DDPGradients(t.ddp) if t.ddp is not None else LocalGradients()
+    steps = Steps(t.model, t.step_loss(), [LOSS_NAME], sync, t.train_images, t.data.num_train, t.data.num_workers)
+    run_epochs(t, steps, dist_info, dev, out, PROG, before=t.catch_up)
     summary = None
     if dist_info.is_main:
         save_checkpoint(out / FINETUNED, {"model": t.model.state_dict(),
@@ -353,102 +381,6 @@ def evaluate(t: Finetuning, dist_info: DistInfo, dev: torch.device) -> dict:
                             num_workers=t.data.num_workers, precision=t.options.train.precision)
     return {"held_out_top1": scores["top1"], "held_out_top5": scores["top5"], "held_out_loss": scores["loss"],
             "n_held_out": scores["n"], "eval_s": time.perf_counter() - t0}
-
-
-def train(t: Finetuning, dist_info: DistInfo, dev: torch.device, out: Path) -> None:
-    """The epochs from t's position to the last, each followed by the held-out evaluation;
-    checkpoints and logs on rank 0.
-
-    Raises KeyboardInterrupt after saving when stopped by a signal, and TrainingDiverged (naming
-    the last good checkpoint) on a non-finite loss."""
-    train_opts, run_opts = t.options.train, t.options.run
-    main = dist_info.is_main
-    say = print if main else (lambda *a, **k: None)
-    ckpt_path = out / LAST_CHECKPOINT
-    total, warmup = train_opts.epochs * t.steps_per_epoch, train_opts.warmup_epochs * t.steps_per_epoch
-    wandb = {"project": run_opts.wandb_project, "config": t.options.flat()} if run_opts.wandb else None
-    logger = MetricsLogger(out, run_opts.tensorboard, t.global_step or None, wandb) if main else None
-    if logger is not None and logger.tensorboard_note:
-        say(f"{PROG}: {logger.tensorboard_note}")
-    progress = Progress(total, first_step=t.global_step, desc="finetune") if main else None
-    epoch = t.epoch
-    last_save = time.monotonic()
-
-    def finish_record() -> None:
-        """Score the last finished epoch on the held-out images, log and print its record."""
-        record = t.history[-1]
-        record.update(evaluate(t, dist_info, dev))
-        if logger is not None:
-            logger.log(record, step=record["step"])
-        say(f"epoch {record['epoch'] + 1}/{train_opts.epochs}  loss {record['loss']:.4f}  held-out top-1 "
-            f"{record['held_out_top1']:.4f}  top-5 {record['held_out_top5']:.4f}", flush=True)
-
-    def on_step(global_step: int, step_in_epoch: int, info: dict) -> None:
-        nonlocal last_save
-        if progress is not None:
-            progress.update(global_step, info["images"], loss=info["loss"])
-        minutes = run_opts.checkpoint_minutes
-        if main and minutes and time.monotonic() - last_save > 60 * minutes and step_in_epoch < t.steps_per_epoch:
-            save_checkpoint(ckpt_path, t.checkpoint(epoch, step_in_epoch, global_step))
-            last_save = time.monotonic()
-
-    try:
-        if t.history and "held_out_top1" not in t.history[-1]:  # stopped between an epoch's end and its scores
-            finish_record()
-        with StopRequest(PROG) as stop:
-            stop_everywhere = lambda: not all_ranks_true(not stop.requested, dist_info, dev)  # noqa: E731
-            step_in_epoch, global_step = t.step_in_epoch, t.global_step
-            per_step = train_opts.batch_size * train_opts.accum_iter
-            # one loader for the whole run (its workers persist); the sampler moves to each epoch
-            sampler = EpochSampler(t.data.num_train, per_step, train_opts.seed, epoch, dist_info.rank,
-                                   dist_info.world_size, start_step=step_in_epoch)
-            loader = training_loader(t.train_images, train_opts.batch_size, sampler, t.data.num_workers, dev)
-            while epoch < train_opts.epochs:
-                t0 = time.perf_counter()
-                if dev.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(dev)
-                sampler.set_epoch(epoch, step_in_epoch)
-                plan = EpochPlan(epoch, t.steps_per_epoch, step_in_epoch, global_step, train_opts.accum_iter,
-                                 train_opts.clip_grad, t.autocast_dtype, train_opts.seed)
-                stats = train_one_epoch(t.model, t.step_loss(), loader, t.optimizer, plan,
-                                        lambda s: cosine_lr(t.lr, s, total, warmup, train_opts.min_lr), [LOSS_NAME],
-                                        dist_info, DDPGradients(t.ddp) if t.ddp is not None else LocalGradients(),
-                                        should_stop=stop_everywhere, on_step=on_step)
-                global_step += stats["steps"]
-                step_in_epoch += stats["steps"]
-                if stats["stopped"] and step_in_epoch < t.steps_per_epoch:
-                    if main:
-                        save_checkpoint(ckpt_path, t.checkpoint(epoch, step_in_epoch, global_step))
-                    say(f"{PROG}: stopped at epoch {epoch} step {step_in_epoch}/{t.steps_per_epoch}; continue with "
-                        f"--resume {ckpt_path}", flush=True)
-                    raise KeyboardInterrupt
-                seconds = time.perf_counter() - t0
-                # the epoch's checkpoint first (its record without the held-out scores, which a
-                # resumed run computes when they are missing), then the evaluation
-                t.history.append({"epoch": epoch, "step": global_step, "loss": stats["loss"],
-                                  "grad_norm": stats["grad_norm"], "lr": t.optimizer.param_groups[-1]["lr"],
-                                  "images_per_s": stats["images"] / seconds, "epoch_s": seconds,
-                                  "peak_memory_mib": peak_memory_mib(dev), "skipped_files": stats["skipped_files"]})
-                if main:
-                    save_checkpoint(ckpt_path, t.checkpoint(epoch, t.steps_per_epoch, global_step))
-                    last_save = time.monotonic()
-                finish_record()
-                stopping = stop_everywhere()  # asked after the epoch's last step
-                if main and (stopping or epoch + 1 == train_opts.epochs):  # with its scores: a resumed or longer
-                    save_checkpoint(ckpt_path, t.checkpoint(epoch, t.steps_per_epoch, global_step))  # run keeps them
-                barrier(dist_info)
-                epoch, step_in_epoch = epoch + 1, 0
-                if stopping:
-                    say(f"{PROG}: stopped after epoch {epoch}; continue with --resume {ckpt_path}", flush=True)
-                    raise KeyboardInterrupt
-    except TrainingDiverged as e:
-        raise TrainingDiverged(f"{e}; stopped without applying it. Last good checkpoint: "
-                               f"{ckpt_path if ckpt_path.exists() else 'none yet'}") from None
-    finally:
-        if progress is not None:
-            progress.close()
-        if logger is not None:
-            logger.close()
 
 
 def summarize(t: Finetuning) -> dict:

@@ -17,13 +17,13 @@ import torch
 
 from energyvit.checkpoint import load_pretrain_checkpoint, load_weights, save_checkpoint, save_json
 from energyvit.cuda_graphs import GraphedAdamW, cuda_graphs_usable, graphed_training
-from energyvit.data.loader import training_loader
 from energyvit.data.splits import DataOptions, DataSplits, load_splits
 from energyvit.distributed import AllReduceGradients, DDPGradients, DistInfo, GradientSync, LocalGradients, \
-    all_ranks_true, barrier, broadcast_parameters, init_distributed, run_on_main, shutdown, wrap_ddp
+    broadcast_parameters, init_distributed, run_on_main, shutdown, wrap_ddp
+from energyvit.epochs import EpochEnd, Steps, run_epochs
 from energyvit.evaluation.features import POOLINGS
 from energyvit.evaluation.probes import probe_accuracies
-from energyvit.metrics import MetricsLogger, require_wandb
+from energyvit.metrics import require_wandb
 from energyvit.methods import METHODS
 from energyvit.methods.base import PretrainingMethod
 from energyvit.methods.energy import EnergyMethod
@@ -31,15 +31,14 @@ from energyvit.methods.mae import MAEMethod, MAEOptions
 from energyvit.model import EnergyViT, ModelOptions, config_from_dict, config_to_dict, model_config
 from energyvit.objective import EnergyOptions
 from energyvit.options import OptionError, check_fields, device, non_negative, option, positive, resumable_fields
-from energyvit.progress import Progress
 from energyvit.resume import LAST_CHECKPOINT, conflicts, resolve_resume
-from energyvit.runtime import StopRequest, peak_memory_mib
+from energyvit.runtime import peak_memory_mib
 from energyvit.sampling import EpochSampler
 from energyvit.tasks import TaskOptions, build_mixture
-from energyvit.training import EpochPlan, LossTrend, StepLoss, TrainingDiverged, TrainOptions, amp_dtype, cosine_lr, \
-    param_groups, train_one_epoch
+from energyvit.training import LossTrend, StepLoss, TrainOptions, amp_dtype, param_groups
 from energyvit.visualize import save_restoration_grid
 
+PROG = "energyvit pretrain"
 EPOCH_EVAL_IMAGES = 128  # held-out images behind each epoch's restoration metrics and pictures
 
 
@@ -146,6 +145,7 @@ class Training:
     grad_sync: GradientSync  # how ranks share gradients: DDP's hooks, an explicit all-reduce, or nothing
     autocast_dtype: torch.dtype | None
     model_name: str
+    health: LossTrend = field(default_factory=LossTrend)
 
     @property
     def encoder(self) -> EnergyViT:
@@ -157,6 +157,29 @@ class Training:
                 "optimizer": self.optimizer.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
                 "steps_per_epoch": self.steps_per_epoch, "global_step": global_step, "args": self.options.flat(),
                 "method": self.method.name, "data": self.data.description, **self.method.checkpoint_extra()}
+
+    def end_epoch(self, end: EpochEnd) -> None:
+        """Rank 0: the epoch's checkpoint first (nothing below can lose it), then the warnings, the
+        log record with held-out restoration metrics and pictures, and the epoch line."""
+        run = end.run
+        if not run.main:
+            return
+        state = self.checkpoint(end.epoch, self.steps_per_epoch, end.global_step)
+        save_checkpoint(run.out / LAST_CHECKPOINT, state)
+        save_every, epoch = self.options.run.save_every, end.epoch
+        if save_every and (epoch + 1) % save_every == 0:
+            save_checkpoint(run.out / f"checkpoint-{epoch + 1:04d}.pth", state)
+        warnings = self.health.check(end.stats["loss"]) + self.method.warnings()
+        for w in warnings:
+            run.say(f"{PROG}: warning: epoch {epoch + 1}: {w}", file=sys.stderr, flush=True)
+        try:
+            epoch_record(self, end, warnings)
+        except Exception as e:  # noqa: BLE001  (the epoch is saved; its log or pictures are not)
+            run.say(f"{PROG}: warning: epoch {epoch + 1}'s log or pictures could not be written "
+                    f"({type(e).__name__}: {e}); its checkpoint was", file=sys.stderr, flush=True)
+        step_sizes = self.method.record().get("step_sizes")
+        run.say(f"epoch {epoch + 1}/{self.options.train.epochs}  loss {end.stats['loss']:.4f}  "
+                f"{end.stats['images'] / end.seconds:.0f} img/s{f'  a_k {step_sizes}' if step_sizes else ''}", flush=True)
 
 
 def build_method(options: PretrainOptions, model: EnergyViT, data: DataSplits) -> PretrainingMethod:
@@ -248,14 +271,16 @@ def _run(options: PretrainOptions, dist_info: DistInfo, device: torch.device) ->
     what = (f"tasks {options.tasks.tasks}, K={model.cfg.restore_steps}" if options.run.method == "energy"
             else f"MAE baseline, mask ratio {options.mae.mae_mask_ratio}")
     if dist_info.is_main:
-        print(f"energyvit pretrain: {t.model_name} ({n_params / 1e6:.2f}M params, attention {model.cfg.attn_backend}), "
+        print(f"{PROG}: {t.model_name} ({n_params / 1e6:.2f}M params, attention {model.cfg.attn_backend}), "
               f"{t.data.description} at {model.cfg.img_size}px, {what}, batch {train_opts.batch_size} x "
               f"{train_opts.accum_iter} accum x {dist_info.world_size} processes, lr {t.lr:.2e}, "
               f"{'bf16 autocast' if t.autocast_dtype else 'fp32'} on {device}{', compiled' if options.run.compile else ''}"
               f"{', CUDA graphs' if isinstance(t.optimizer, GraphedAdamW) else ''}"
               f"{', gradients all-reduced after each step' if isinstance(t.grad_sync, AllReduceGradients) else ''}",
               flush=True)
-    train(t, dist_info, device, out)
+    steps = Steps(t.method.module, t.step_loss, t.method.task_names, t.grad_sync, t.data.train, t.data.num_train,
+                  t.data.num_workers)
+    run_epochs(t, steps, dist_info, device, out, PROG)
     # rank 0 alone evaluates; the others wait for it without a timeout an evaluation could outlast
     return run_on_main(dist_info, lambda: write_summary(t, out))
 
@@ -267,118 +292,27 @@ def write_summary(t: Training, out: Path) -> dict:
     return summary
 
 
-def train(t: Training, dist_info: DistInfo, device: torch.device, out: Path) -> None:
-    """The epochs from t's position to the last: checkpoints, logs and pictures on rank 0.
-
-    Raises KeyboardInterrupt after saving when stopped by a signal, and TrainingDiverged (naming
-    the last good checkpoint) on a non-finite loss."""
-    train_opts, run_opts = t.options.train, t.options.run
-    main = dist_info.is_main
-    say = print if main else (lambda *a, **k: None)
-    ckpt_path = out / LAST_CHECKPOINT
-    total, warmup = train_opts.epochs * t.steps_per_epoch, train_opts.warmup_epochs * t.steps_per_epoch
-    wandb = {"project": run_opts.wandb_project, "config": t.options.flat()} if run_opts.wandb else None
-    logger = MetricsLogger(out, run_opts.tensorboard, t.global_step or None, wandb) if main else None
-    if logger is not None and logger.tensorboard_note:
-        say(f"energyvit pretrain: {logger.tensorboard_note}")
-    progress = Progress(total, first_step=t.global_step, desc="pretrain") if main else None
-    epoch = t.epoch
-    last_save = time.monotonic()
-    health = LossTrend()
-
-    def on_step(global_step: int, step_in_epoch: int, info: dict) -> None:
-        nonlocal last_save
-        if progress is not None:
-            progress.update(global_step, info["images"], loss=info["loss"])
-        minutes = run_opts.checkpoint_minutes
-        if main and minutes and time.monotonic() - last_save > 60 * minutes and step_in_epoch < t.steps_per_epoch:
-            save_checkpoint(ckpt_path, t.checkpoint(epoch, step_in_epoch, global_step))
-            last_save = time.monotonic()
-
-    try:
-        with StopRequest("energyvit pretrain") as stop:
-            stop_everywhere = lambda: not all_ranks_true(not stop.requested, dist_info, device)  # noqa: E731
-            step_in_epoch, global_step = t.step_in_epoch, t.global_step
-            per_step = train_opts.batch_size * train_opts.accum_iter
-            # one loader for the whole run (its workers persist); the sampler moves to each epoch
-            sampler = EpochSampler(t.data.num_train, per_step, train_opts.seed, epoch, dist_info.rank,
-                                   dist_info.world_size, start_step=step_in_epoch)
-            loader = training_loader(t.data.train, train_opts.batch_size, sampler, t.data.num_workers, device)
-            while epoch < train_opts.epochs:
-                t0 = time.perf_counter()
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                sampler.set_epoch(epoch, step_in_epoch)
-                plan = EpochPlan(epoch, t.steps_per_epoch, step_in_epoch, global_step, train_opts.accum_iter,
-                                 train_opts.clip_grad, t.autocast_dtype, train_opts.seed)
-                stats = train_one_epoch(t.method.module, t.step_loss, loader, t.optimizer, plan,
-                                        lambda s: cosine_lr(t.lr, s, total, warmup), t.method.task_names, dist_info,
-                                        t.grad_sync, should_stop=stop_everywhere, on_step=on_step)
-                global_step += stats["steps"]
-                step_in_epoch += stats["steps"]
-                if stats["stopped"] and step_in_epoch < t.steps_per_epoch:
-                    if main:
-                        save_checkpoint(ckpt_path, t.checkpoint(epoch, step_in_epoch, global_step))
-                    say(f"energyvit pretrain: stopped at epoch {epoch} step {step_in_epoch}/{t.steps_per_epoch}; "
-                        f"continue with --resume {ckpt_path}", flush=True)
-                    raise KeyboardInterrupt
-                if main:
-                    seconds = time.perf_counter() - t0
-                    state = t.checkpoint(epoch, t.steps_per_epoch, global_step)  # first: nothing below can lose it
-                    save_checkpoint(ckpt_path, state)
-                    if run_opts.save_every and (epoch + 1) % run_opts.save_every == 0:
-                        save_checkpoint(out / f"checkpoint-{epoch + 1:04d}.pth", state)
-                    last_save = time.monotonic()
-                    warnings = health.check(stats["loss"]) + t.method.warnings()
-                    for w in warnings:
-                        say(f"energyvit pretrain: warning: epoch {epoch + 1}: {w}", file=sys.stderr, flush=True)
-                    try:
-                        epoch_record(t, stats, epoch, global_step, seconds, device, out, logger, warnings)
-                    except Exception as e:  # noqa: BLE001  (the epoch is saved; its log or pictures are not)
-                        say(f"energyvit pretrain: warning: epoch {epoch + 1}'s log or pictures could not be written "
-                            f"({type(e).__name__}: {e}); its checkpoint was", file=sys.stderr, flush=True)
-                    step_sizes = t.method.record().get("step_sizes")
-                    say(f"epoch {epoch + 1}/{train_opts.epochs}  loss {stats['loss']:.4f}  "
-                        f"{stats['images'] / seconds:.0f} img/s{f'  a_k {step_sizes}' if step_sizes else ''}",
-                        flush=True)
-                barrier(dist_info)
-                epoch, step_in_epoch = epoch + 1, 0
-                if stop_everywhere():  # asked after the epoch's last step
-                    say(f"energyvit pretrain: stopped after epoch {epoch}; continue with --resume {ckpt_path}",
-                        flush=True)
-                    raise KeyboardInterrupt
-    except TrainingDiverged as e:
-        raise TrainingDiverged(f"{e}; stopped without applying it. Last good checkpoint: "
-                               f"{ckpt_path if ckpt_path.exists() else 'none yet'}") from None
-    finally:
-        if progress is not None:
-            progress.close()
-        if logger is not None:
-            logger.close()
-
-
-def epoch_record(t: Training, stats: dict, epoch: int, global_step: int, seconds: float, device: torch.device,
-                 out: Path, logger: MetricsLogger, warnings: list[str]) -> dict:
+def epoch_record(t: Training, end: EpochEnd, warnings: list[str]) -> dict:
     """One JSON-lines record of an epoch (and its PNG grids): training losses, held-out restoration
     PSNR (and energies) per task on a fixed subset, step sizes, gradient norm, lr, throughput, memory."""
-    grid_rows = t.options.run.grid_rows
+    grid_rows, stats = t.options.run.grid_rows, end.stats
     t0 = time.perf_counter()
     tasks, samples = t.method.evaluate(t.data.held_out.images[:EPOCH_EVAL_IMAGES], seed=1, keep_samples=grid_rows)
     eval_seconds = time.perf_counter() - t0
     for name, r in tasks.items():
         if f"loss_{name}" in stats:
             r["train_loss"] = stats[f"loss_{name}"]
-    record = {"epoch": epoch, "step": global_step, "loss": stats["loss"], "tasks": tasks, **t.method.record(),
+    record = {"epoch": end.epoch, "step": end.global_step, "loss": stats["loss"], "tasks": tasks, **t.method.record(),
               "grad_norm": stats["grad_norm"], "lr": t.optimizer.param_groups[0]["lr"],
-              "images_per_s": stats["images"] / seconds, "epoch_s": seconds, "eval_s": eval_seconds,
-              "peak_memory_mib": peak_memory_mib(device), "skipped_files": stats["skipped_files"]}
+              "images_per_s": stats["images"] / end.seconds, "epoch_s": end.seconds, "eval_s": eval_seconds,
+              "peak_memory_mib": peak_memory_mib(t.encoder.pixel_mean.device), "skipped_files": stats["skipped_files"]}
     if warnings:
         record["warnings"] = warnings
-    logger.log(record, step=global_step)
+    end.run.logger.log(record, step=end.global_step)
     for name, (corrupted, steps, clean) in samples.items():
-        path = out / "pictures" / f"epoch{epoch + 1:04d}-{name}.png"
+        path = end.run.out / "pictures" / f"epoch{end.epoch + 1:04d}-{name}.png"
         grid = save_restoration_grid(path, corrupted, steps, clean, max_rows=grid_rows)
-        logger.add_image(f"restoration/{name}", grid, global_step)
+        end.run.logger.add_image(f"restoration/{name}", grid, end.global_step)
     return record
 
 

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from energyvit.checkpoint import atomic_write, load_model, save_json
-from energyvit.commands.args import CliError, add, add_options, build_options, device_flag, non_negative_int
+from energyvit.commands.args import CliError, add, add_options, build_options, device_flag
 from energyvit.data.image_sets import ScoreSet, dataset_set, files_set, named_set
 from energyvit.data.splits import DataOptions, class_label, load_splits
 from energyvit.evaluation.anomaly import Reference, ScoreOptions, SetScores, reference_features, score_set
