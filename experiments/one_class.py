@@ -9,7 +9,10 @@ energy, energy_typicality, restoration (the energy model), mae (MAE's reconstruc
 the same masks), knn, mahalanobis (features of the energy model's encoder) and pixels.
 
 Reported: for each score the AUROC per class and seed, the mean over classes per seed, and the
-mean and sample standard deviation of that over seeds; the images/s of each score (CPU).
+mean and sample standard deviation of that over seeds; the images/s of each score (CPU). A class
+whose metrics.json exists in --work_dir is read, not rerun, and an interrupted pretraining resumes:
+disjoint --seeds/--classes can run in parallel into one --work_dir, and a last invocation with
+all of them writes the summary.
 
     python experiments/one_class.py --epochs 200 --out experiments/results/one_class_digits.json
     python experiments/one_class.py --data_path data/shapes --epochs 10 --out experiments/results/one_class_shapes.json
@@ -58,13 +61,14 @@ def main() -> None:
     for seed in args.seeds:
         for c in classes:
             out = Path(args.work_dir) / f"seed{seed}" / f"class_{c}"
-            for method in ("energy", "mae"):
-                run(["pretrain", *common, "--seed", str(seed), "--one_class", c, "--method", method,
-                     "--output_dir", str(out / method)])
             metrics_file = out / "metrics.json"
-            run(["score", str(out / "energy" / "checkpoint-last.pth"), *data, "--one_class", c, "--mae",
-                 str(out / "mae" / "checkpoint-last.pth"), "--seed", str(seed), "--output", str(metrics_file),
-                 "--csv", str(out / "scores.csv")])
+            if not metrics_file.exists():  # else finished by an earlier invocation (seeds may run in parallel)
+                for method in ("energy", "mae"):
+                    run(["pretrain", *common, "--seed", str(seed), "--one_class", c, "--method", method,
+                         "--resume", "auto", "--output_dir", str(out / method)])
+                run(["score", str(out / "energy" / "checkpoint-last.pth"), *data, "--one_class", c, "--mae",
+                     str(out / "mae" / "checkpoint-last.pth"), "--seed", str(seed), "--output", str(metrics_file),
+                     "--csv", str(out / "scores.csv")])
             metrics = json.loads(metrics_file.read_text())
             for name, m in metrics.items():
                 per_run.setdefault(name, {})[f"{seed}/{c}"] = m["auroc"]

@@ -5,7 +5,8 @@ pretrained on shapes the reverse, energy vs MAE vs the feature baselines, over s
 Per seed and direction: `energyvit pretrain` (energy, the defaults) and `--method mae` on the
 training set, then `energyvit score ENERGY --in IN --out OUT --reference TRAIN --mae MAE`. Images
 of the other set are converted to the model's channels and size (shapes to gray 16 px for the
-digits' model, digits to RGB for the shapes' model).
+digits' model, digits to RGB for the shapes' model). A direction whose metrics.json exists in
+--work_dir is read, not rerun, and an interrupted pretraining resumes.
 
     python experiments/ood_datasets.py --shapes data/shapes --out experiments/results/ood_datasets.json
 """
@@ -50,13 +51,14 @@ def main() -> None:
     for seed in args.seeds:
         for name, (data, epochs, in_set, out_set, reference) in directions.items():
             out = Path(args.work_dir) / f"seed{seed}" / name
-            for method in ("energy", "mae"):
-                energyvit("pretrain", *data, "--epochs", str(epochs), "--seed", str(seed), "--method", method,
-                          "--num_threads", str(args.num_threads), "--no-tensorboard", "--grid_rows", "0",
-                          "--output_dir", str(out / method))
-            energyvit("score", str(out / "energy" / "checkpoint-last.pth"), "--in", in_set, "--out", out_set,
-                      "--reference", reference, "--mae", str(out / "mae" / "checkpoint-last.pth"), "--seed", str(seed),
-                      "--output", str(out / "metrics.json"), "--csv", str(out / "scores.csv"))
+            if not (out / "metrics.json").exists():  # else finished by an earlier invocation
+                for method in ("energy", "mae"):
+                    energyvit("pretrain", *data, "--epochs", str(epochs), "--seed", str(seed), "--method", method,
+                              "--num_threads", str(args.num_threads), "--no-tensorboard", "--grid_rows", "0",
+                              "--resume", "auto", "--output_dir", str(out / method))
+                energyvit("score", str(out / "energy" / "checkpoint-last.pth"), "--in", in_set, "--out", out_set,
+                          "--reference", reference, "--mae", str(out / "mae" / "checkpoint-last.pth"),
+                          "--seed", str(seed), "--output", str(out / "metrics.json"), "--csv", str(out / "scores.csv"))
             metrics = json.loads((out / "metrics.json").read_text())
             for score, m in metrics.items():
                 aurocs.setdefault(name, {}).setdefault(score, []).append(m["auroc"])
