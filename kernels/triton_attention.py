@@ -53,7 +53,6 @@ tensors) a single fixed config is used. fp32 inputs use TF32 tensor-core dots on
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -104,14 +103,19 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _load_rows(base, rows, mask_r, offs_d, mask_d, s_n):
     """Load a (len(rows), BLOCK_D) tile of an (N, head_dim) matrix with row stride s_n, zero-padded.
     Row offsets are int64: rows * s_n passes 2^31 once N * s_n does (e.g. N * 3 * H * d, packed)."""
-    ptrs = base + rows[:, None].to(tl.int64) * s_n + offs_d[None, :]
-    return tl.load(ptrs, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+    return tl.load(base + _row_offsets(rows, offs_d, s_n), mask=mask_r[:, None] & mask_d[None, :], other=0.0)
 
 
 @triton.jit
 def _store_rows(base, rows, mask_r, offs_d, mask_d, s_n, val):
-    ptrs = base + rows[:, None].to(tl.int64) * s_n + offs_d[None, :]
-    tl.store(ptrs, val.to(base.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
+    tl.store(base + _row_offsets(rows, offs_d, s_n), val.to(base.dtype.element_ty),
+             mask=mask_r[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _row_offsets(rows, offs_d, s_n):
+    """int64 element offsets of a (len(rows), BLOCK_D) tile."""
+    return rows[:, None].to(tl.int64) * s_n + offs_d[None, :]
 
 
 @triton.jit
@@ -538,6 +542,7 @@ class _Launcher:
         self.fn = globals()[KERNEL_FUNCTIONS[name]]
         self.chooser = ConfigChooser(name, AUTOTUNE_CONFIGS[name], lambda d, n=name: pinned_config(n, d))
         self.best_config = None  # the last launch's config (bench/gpu_check.py reports it)
+        self._kwargs: dict = {}  # id(config) -> (config, launch kwargs): built once per config
 
     def __getitem__(self, grid_key):
         grid, key = grid_key
@@ -545,13 +550,19 @@ class _Launcher:
 
     def _launch(self, grid, key, args, kw):
         if INTERPRET:
-            meta, opts = _meta(self.name), {}
+            meta = _meta(self.name)
         else:
-            cfg = self.chooser.choose(key, DETERMINISTIC, torch.cuda.is_current_stream_capturing,
-                                      lambda c: self._time(grid, args, kw, c))
-            meta, opts = config_meta(self.name, cfg), {"num_warps": cfg[2], "num_stages": cfg[3]}
+            cfg = None if DETERMINISTIC else self.chooser.cache.get(key)  # the common case, inlined
+            if cfg is None:
+                cfg = self.chooser.choose(key, DETERMINISTIC, torch.cuda.is_current_stream_capturing,
+                                          lambda c: self._time(grid, args, kw, c))
             self.best_config = cfg
-        self.fn[grid(meta)](*args, **kw, **meta, **opts)
+            meta = self._kwargs.get(id(cfg))
+            if meta is None or meta[0] is not cfg:  # (cfg, kwargs) kept: the id stays cfg's
+                meta = self._kwargs[id(cfg)] = (cfg, {**config_meta(self.name, cfg), "num_warps": cfg[2],
+                                                      "num_stages": cfg[3]})
+            meta = meta[1]
+        self.fn[grid(meta)](*args, **kw, **meta)
 
     def _time(self, grid, args, kw, cfg) -> float:
         """Median ms of one config. Every output is fully rewritten by each launch (no atomics, no
@@ -586,16 +597,22 @@ def load_tuned_configs(path: str) -> None:
     config_choice.load({n: launcher.chooser for n, launcher in LAUNCHERS.items()}, path)
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(device: torch.device) -> tuple:
-    return torch.cuda.get_device_capability(device)
+_CAPABILITY: dict = {}
 
 
-def _launch_key(t: torch.Tensor, b: int, h: int, n: int, d: int, *strides) -> LaunchKey | None:
-    """What changes the best config (kernels/config_choice.py); None under the interpreter."""
+def _capability(index: int) -> tuple:
+    cap = _CAPABILITY.get(index)
+    if cap is None:
+        cap = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return cap
+
+
+def _launch_key(t: torch.Tensor, b: int, h: int, n: int, d: int, *strides: tuple) -> LaunchKey | None:
+    """What changes the best config (kernels/config_choice.py); None under the interpreter. The
+    strides are the launchers' (batch, head, row) tuples."""
     if INTERPRET:
         return None
-    return LaunchKey(_capability(t.device), str(t.dtype), b, h, n, d, tuple(tuple(s) for s in strides))
+    return LaunchKey(_capability(t.get_device()), str(t.dtype), b, h, n, d, strides)
 
 
 # --------------------------------------------------------------------------------------------

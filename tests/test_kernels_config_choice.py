@@ -240,3 +240,31 @@ def test_launch_key_of_the_launchers(monkeypatch):
     assert keys[1].strides == ((50 * 3 * 64, 16, 3 * 64), (50 * 3 * 64, 16, 3 * 64), (50 * 64, 16, 64))
     assert bhnd_key.strides == ((4 * 50 * 16, 50 * 16, 16), (4 * 50 * 16, 50 * 16, 16))
     assert packed.layout() != bhnd_key.layout()
+
+
+# ------------------------------------------------------------------ int64 offsets
+def test_offsets_past_2_31_in_the_kernels_helpers():
+    """The kernels' offset helpers with products above 2^31 (h * s_h and row * s_n), run by the
+    interpreter, whose int32 arithmetic wraps as the GPU's does. No tensor that large fits here, so
+    the offsets are stored, not dereferenced."""
+    if not K.INTERPRET:
+        pytest.skip("interpreter check")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(HEAD, ROWS, s_b, s_h, s_n, R: tl.constexpr, D: tl.constexpr):
+        b, h = tl.program_id(2), tl.program_id(1)
+        tl.store(HEAD + b * tl.num_programs(1) + h, K._head_offset(s_b, s_h))
+        offs = K._row_offsets(tl.arange(0, R), tl.arange(0, D), s_n)
+        tl.store(ROWS + (b * tl.num_programs(1) + h) * R * D + tl.arange(0, R)[:, None] * D
+                 + tl.arange(0, D)[None, :], offs)
+
+    s_b, s_h, s_n, rows, d, heads, batch = 3 * 2 ** 30 + 5, 2 ** 30 + 3, 2 ** 28 + 1, 16, 16, 3, 2
+    head = torch.zeros(batch * heads, dtype=torch.int64)
+    row = torch.zeros(batch * heads, rows, d, dtype=torch.int64)
+    probe[(1, heads, batch)](head, row, s_b, s_h, s_n, R=rows, D=d)
+    want = [b * s_b + h * s_h for b in range(batch) for h in range(heads)]
+    assert head.tolist() == want and max(want) > 2 ** 32
+    r, c = torch.arange(rows, dtype=torch.int64), torch.arange(d, dtype=torch.int64)
+    assert torch.equal(row[0], r[:, None] * s_n + c[None, :]) and row.max() > 2 ** 31
