@@ -169,7 +169,7 @@ def compile_one(job: tuple) -> dict:
                BLOCK_M=bm, BLOCK_N=bn, resident=bn if name in KEY_SIDE else bm, num_warps=warps,
                num_stages=stages, autotune=autotune)
     block_d = max(16, triton.next_power_of_2(head_dim))
-    meta = dict(HEAD_D=head_dim, BLOCK_D=block_d, PREC="tf32", **K.config_meta(name, cfg))
+    meta = dict(HEAD_D=head_dim, BLOCK_D=block_d, PREC="tf32", REF_ROWS=K.REF_ROWS, **K.config_meta(name, cfg))
     t0 = time.perf_counter()
     try:
         sig, consts, attrs = _signature(fn, DTYPES[dtype], head_dim, meta)

@@ -10,20 +10,27 @@ has the derivation):
 Backward-of-backward, for cotangents (gdQ, gdK, gdV) of (dQ, dK, dV):
 
     G = scale * (gdQ K^T + Q gdK^T),  H = dO gdV^T
-    C = rowsum(P * G),  W0 = G * (dP - D) + H,  E0 = rowsum(P * W0),  E = E0 - C * D
-    W = W0 - C * dP,  dS2 = P * (W - E),  Z = P * (G - C)
-    gQ  = scale * (dS gdK + dS2 K)      = scale * (dS gdK + (P*W0) K - C * (dS K) - E0 * (P K))
+    C = rowsum(P * G),  E0 = rowsum(P * (G * (dP - D) + H))
+    dS2 = P * ((G - C) * (dP - D) + H - E0),  Z = P * (G - C)
+    gQ  = scale * (dS gdK + dS2 K)
     gK  = scale * (dS^T gdQ + dS2^T Q)
     gV  = Z^T dO
-    gdO = P gdV + Z V                   = P gdV + (P*G) V - C * O
+    gdO = P gdV + Z V
 
 Kernels (one launcher each, below):
     _attn_fwd_kernel       query blocks, one sweep over keys: O, lse (online softmax)
     _attn_bwd_dq_kernel    query blocks: D = rowsum(dO*O) (stored), dQ
     _attn_bwd_dkdv_kernel  key blocks, sweep over queries: dK, dV (reads D)
-    _attn_bwdbwd_q_kernel  query blocks, one sweep over keys: gQ, gdO and row stats D, C, E
-                           (gQ uses the linear split above, so no second sweep is needed)
-    _attn_bwdbwd_kv_kernel key blocks, sweep over queries: gK, gV (reads D, C, E)
+    _attn_bwdbwd_q_kernel  query blocks: gQ, gdO and row stats D, C, E0; one sweep over keys
+                           (gQ, gdO by a linear split) or two (variant TWO_SWEEP)
+    _attn_bwdbwd_kv_kernel key blocks, sweep over queries: gK, gV (reads D, C, E0)
+
+Cancellation. Only G - C enters the results, so the query kernel shifts G by a row constant r
+(G at a reference key row) before any sum, and every dot with K on the query side (dS K, dS2 K,
+and the split's (P*W0) K, P K) is corrected by the row sums of its rounded left tile times the
+reference key row k_ref (mean of the first REF_ROWS keys): a large component that every key
+shares (a key bias) then cancels in fp32 instead of multiplying each tile's rounding error
+(docs/kernels.md, "Cancellation").
 
 Layouts. Every (N, head_dim) matrix of one (batch b, head h) is addressed with three strides
 (b, h, row); the head-dim stride must be 1. Three stride families per kernel:
@@ -31,15 +38,18 @@ Layouts. Every (N, head_dim) matrix of one (batch b, head h) is addressed with t
     g family  (s_g*): dq, dk, dv / gq, gk, gv outputs and the gdq, gdk, gdv cotangents
     o family  (s_o*): o, do, gdo
 So the same kernels serve (batch, heads, N, head_dim) tensors and the packed layout of a qkv
-projection, qkv (B, N, 3, H, d) with o in (B, N, H, d), without copies. Row statistics (lse, D,
-C, E) are fp32, (B, H, N) contiguous. Grid: (cdiv(N, BLOCK), H, B).
+projection, qkv (B, N, 3, H, d) with o in (B, N, H, d), without copies. Offsets are int64 (the
+(batch, head) offset and row * row stride both pass 2^31 on large inputs). Row statistics (lse,
+D, C, E0) are fp32, (B, H, N) contiguous. Grid: (cdiv(N, BLOCK), H, B).
 
-No atomics: every output tile is written by exactly one program (deterministic).
-
-Under the Triton interpreter (TRITON_INTERPRET=1, CPU tensors) a single fixed block config is
-used; on GPU an autotune set keyed on (N, head_dim, row stride of q, dtypes). fp32 inputs use
-TF32 tensor-core dots on GPU unless ``ALLOW_TF32`` is set to False (then IEEE fp32 dots). In the
-interpreter fp32 dots are IEEE.
+No atomics: every output tile is written by exactly one program, so a given config gives
+bit-identical results run to run. Configs differ in rounding, though (block sizes and warps change
+the fp32 summation order; TWO_SWEEP is another formula), and which config runs is decided per
+launch key by kernels/config_choice.py: autotuned on GPU (never inside a CUDA-graph capture), pinned
+in deterministic mode (ENERGYVIT_DETERMINISTIC=1 or DETERMINISTIC = True), or loaded from a file
+(save_tuned_configs / load_tuned_configs). Under the Triton interpreter (TRITON_INTERPRET=1, CPU
+tensors) a single fixed config is used. fp32 inputs use TF32 tensor-core dots on GPU unless
+``ALLOW_TF32`` is set to False (then IEEE fp32 dots). In the interpreter fp32 dots are IEEE.
 """
 from __future__ import annotations
 
@@ -48,6 +58,9 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from . import config_choice
+from .config_choice import ConfigChooser, LaunchKey, deterministic_from_env
 
 try:  # triton >= 3.2 reads TRITON_INTERPRET through knobs; the jit decorator decides at import.
     from triton import knobs as _knobs
@@ -73,6 +86,9 @@ INTERPRET_BLOCKS: dict = {"BLOCK_M": 32, "BLOCK_N": 32}
 #: Variant constexprs and their defaults: an autotune config may override them; the interpreter
 #: runs the defaults (the tests flip them to cover every variant).
 VARIANT_DEFAULTS: dict = {"bwdbwd_q": {"TWO_SWEEP": False}}
+#: Rows averaged into the reference key row (k_ref, gdk_ref) of the dq and bwd-of-bwd query
+#: kernels: a component every key shares cancels against it (docs/kernels.md, "Cancellation").
+REF_ROWS: int = 16
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -85,15 +101,49 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _load_rows(base, rows, mask_r, offs_d, mask_d, s_n):
-    """Load a (len(rows), BLOCK_D) tile of an (N, head_dim) matrix with row stride s_n, zero-padded."""
-    ptrs = base + rows[:, None] * s_n + offs_d[None, :]
-    return tl.load(ptrs, mask=mask_r[:, None] & mask_d[None, :], other=0.0)
+    """Load a (len(rows), BLOCK_D) tile of an (N, head_dim) matrix with row stride s_n, zero-padded.
+    Row offsets are int64: rows * s_n passes 2^31 once N * s_n does (e.g. N * 3 * H * d, packed)."""
+    return tl.load(base + _row_offsets(rows, offs_d, s_n), mask=mask_r[:, None] & mask_d[None, :], other=0.0)
 
 
 @triton.jit
 def _store_rows(base, rows, mask_r, offs_d, mask_d, s_n, val):
-    ptrs = base + rows[:, None] * s_n + offs_d[None, :]
-    tl.store(ptrs, val.to(base.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
+    tl.store(base + _row_offsets(rows, offs_d, s_n), val.to(base.dtype.element_ty),
+             mask=mask_r[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _row_offsets(rows, offs_d, s_n):
+    """int64 element offsets of a (len(rows), BLOCK_D) tile."""
+    return rows[:, None].to(tl.int64) * s_n + offs_d[None, :]
+
+
+@triton.jit
+def _head_offset(s_b, s_h):
+    """Element offset of this program's (batch, head), program ids (2, 1), in int64: h * s_h alone
+    passes 2^31 when H * N * d does."""
+    return tl.program_id(2).to(tl.int64) * s_b + tl.program_id(1).to(tl.int64) * s_h
+
+
+@triton.jit
+def _row_stats_offset(N, H):
+    """Offset of this program's (batch, head) rows in a (B, H, N) fp32 row-statistics buffer (int64)."""
+    return (tl.program_id(2).to(tl.int64) * H + tl.program_id(1)) * N
+
+
+@triton.jit
+def _ref_row(base, N, offs_d, mask_d, s_n, REF_ROWS: tl.constexpr):
+    """fp32 mean of the first min(N, REF_ROWS) rows of an (N, head_dim) matrix: the reference key row."""
+    rows = tl.arange(0, REF_ROWS)
+    t = _load_rows(base, rows, rows < N, offs_d, mask_d, s_n).to(tl.float32)
+    return tl.sum(t, 0) / tl.minimum(N, REF_ROWS).to(tl.float32)
+
+
+@triton.jit
+def _rounded(x, dtype):
+    """x cast to the dot's input dtype, and the row sums of the cast values (fp32)."""
+    xc = x.to(dtype)
+    return xc, tl.sum(xc.to(tl.float32), 1)
 
 
 @triton.jit
@@ -104,10 +154,9 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    q_off = b * s_qb + h * s_qh
-    o_off = b * s_ob + h * s_oh
+    q_off = _head_offset(s_qb, s_qh)
+    o_off = _head_offset(s_ob, s_oh)
+    row0 = _row_stats_offset(N, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -134,7 +183,7 @@ def _attn_fwd_kernel(
     acc = acc / l_i[:, None]
     _store_rows(O + o_off, offs_m, mask_m, offs_d, mask_d, s_on, acc)
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural-log logsumexp of S
-    tl.store(LSE + (b * H + h) * N + offs_m, lse, mask=mask_m)
+    tl.store(LSE + row0 + offs_m, lse, mask=mask_m)
 
 
 @triton.jit
@@ -142,15 +191,13 @@ def _attn_bwd_dq_kernel(
     Q, K, V, O, LSE, DO, DQ, DELTA,
     N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REF_ROWS: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    q_off = b * s_qb + h * s_qh
-    g_off = b * s_gb + h * s_gh
-    o_off = b * s_ob + h * s_oh
-    row0 = (b * H + h) * N
+    q_off = _head_offset(s_qb, s_qh)
+    g_off = _head_offset(s_gb, s_gh)
+    o_off = _head_offset(s_ob, s_oh)
+    row0 = _row_stats_offset(N, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -165,6 +212,7 @@ def _attn_bwd_dq_kernel(
     lse2 = tl.load(LSE + row0 + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    ds_sum = tl.zeros([BLOCK_M], tl.float32)  # row sums of the rounded dS tiles
     for start_n in range(0, N, BLOCK_N):
         offs_n = start_n + offs_n0
         mask_n = offs_n < N
@@ -174,8 +222,13 @@ def _attn_bwd_dq_kernel(
         valid = mask_m[:, None] & mask_n[None, :]
         p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PREC)
+        ds, ds_rows = _rounded(p * (dp - delta[:, None]), k.dtype)
+        ds_sum += ds_rows
+        dq = tl.dot(ds, k, dq, input_precision=PREC)
+    # dS K = dS (K - k_ref) as rowsum(dS) = 0: a component all keys share cancels here, in fp32,
+    # instead of being multiplied with the rounding error of each dS tile.
+    k_ref = _ref_row(K + q_off, N, offs_d, mask_d, s_qn, REF_ROWS)  # loaded here: not live in the loop
+    dq -= ds_sum[:, None] * k_ref[None, :]
     _store_rows(DQ + g_off, offs_m, mask_m, offs_d, mask_d, s_gn, dq * scale)
 
 
@@ -187,12 +240,10 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    q_off = b * s_qb + h * s_qh
-    g_off = b * s_gb + h * s_gh
-    o_off = b * s_ob + h * s_oh
-    row0 = (b * H + h) * N
+    q_off = _head_offset(s_qb, s_qh)
+    g_off = _head_offset(s_gb, s_gh)
+    o_off = _head_offset(s_ob, s_oh)
+    row0 = _row_stats_offset(N, H)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -224,8 +275,8 @@ def _attn_bwd_dkdv_kernel(
 
 @triton.jit
 def _bwdbwd_q_tile(q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, mask_n, offs_d, mask_d, s_qn, s_gn,
-                   lse2, mask_m, qk_scale, scale, PREC: tl.constexpr):
-    """One key tile seen from a query block: k, gdk, v, gdv and P, dP, G, H (fp32 tiles)."""
+                   lse2, mask_m, r, qk_scale, scale, PREC: tl.constexpr):
+    """One key tile seen from a query block: k, gdk, v, gdv and P, dP, G - r, H (fp32 tiles)."""
     k = _load_rows(K + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
     v = _load_rows(V + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
     gdk = _load_rows(GDK + g_off, offs_n, mask_n, offs_d, mask_d, s_gn)
@@ -235,7 +286,7 @@ def _bwdbwd_q_tile(q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, mask_n, off
     dp = tl.dot(do, tl.trans(v), input_precision=PREC)
     g = tl.dot(q, tl.trans(gdk), tl.dot(gdq, tl.trans(k), input_precision=PREC), input_precision=PREC) * scale
     h = tl.dot(do, tl.trans(gdv), input_precision=PREC)
-    return k, v, gdk, gdv, p, dp, g, h
+    return k, v, gdk, gdv, p, dp, g - r[:, None], h
 
 
 @triton.jit
@@ -243,23 +294,26 @@ def _attn_bwdbwd_q_kernel(
     Q, K, V, O, LSE, DO, GDQ, GDK, GDV, GQ, GDO, STATS,
     N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO_SWEEP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REF_ROWS: tl.constexpr, TWO_SWEEP: tl.constexpr,
 ):
-    """Query side of bwd-of-bwd: gQ, gdO and the row statistics D, C, E.
+    """Query side of bwd-of-bwd: gQ, gdO and the row statistics D, C, E0.
 
     TWO_SWEEP=False: one sweep over the keys with four [BLOCK_M, d] fp32 accumulators (gQ by the
-    linear split). TWO_SWEEP=True: sweep 1 accumulates gdO and the row statistics, sweep 2 forms
-    dS2 with the finished statistics and accumulates gQ: 14 instead of 11 tile matmuls per key
-    tile, but one live accumulator instead of four, which is what lets BLOCK_M = 64/128 tiles
-    (Hopper wgmma) fit in registers. The autotuner picks between them on the GPU.
+    linear split). TWO_SWEEP=True: sweep 1 accumulates the row statistics, sweep 2 forms dS2 and
+    Z with the finished statistics and accumulates gQ and gdO: 14 instead of 11 tile matmuls per
+    key tile, but two live accumulators instead of four, which is what lets BLOCK_M = 64/128 tiles
+    (Hopper wgmma) fit in registers.
+
+    Cancellation: G is used shifted by a row constant r (its value at the reference key row), which
+    changes none of the results (only G - C enters) but keeps a large component that every key
+    shares out of the sums; and every dot with K is corrected by the row sums of its rounded left
+    tile times the reference key row (see _attn_bwd_dq_kernel). docs/kernels.md has the derivation.
     """
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    q_off = b * s_qb + h * s_qh
-    g_off = b * s_gb + h * s_gh
-    o_off = b * s_ob + h * s_oh
-    row0 = (b * H + h) * N
+    q_off = _head_offset(s_qb, s_qh)
+    g_off = _head_offset(s_gb, s_gh)
+    o_off = _head_offset(s_ob, s_oh)
+    row0 = _row_stats_offset(N, H)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -272,65 +326,82 @@ def _attn_bwdbwd_q_kernel(
     o = _load_rows(O + o_off, offs_m, mask_m, offs_d, mask_d, s_on)
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     lse2 = tl.load(LSE + row0 + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    # r = G at the reference key row: scale * (gdq . k_ref + q . gdk_ref)
+    r = tl.sum(gdq.to(tl.float32) * _ref_row(K + q_off, N, offs_d, mask_d, s_qn, REF_ROWS)[None, :]
+               + q.to(tl.float32) * _ref_row(GDK + g_off, N, offs_d, mask_d, s_gn, REF_ROWS)[None, :], 1) * scale
 
-    acc_do = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # P gdV + (P*G) V
-    c_i = tl.zeros([BLOCK_M], tl.float32)                # rowsum(P*G)
-    e0_i = tl.zeros([BLOCK_M], tl.float32)               # rowsum(P*W0)
+    c_i = tl.zeros([BLOCK_M], tl.float32)    # rowsum(P * (G - r)) = C - r
+    e0_i = tl.zeros([BLOCK_M], tl.float32)   # E0 = rowsum(P * ((G - r) * (dP - D) + H))
+    acc_do = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if TWO_SWEEP:
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + offs_n0
             k, v, gdk, gdv, p, dp, g, h_ = _bwdbwd_q_tile(
                 q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, offs_n < N, offs_d, mask_d, s_qn, s_gn,
-                lse2, mask_m, qk_scale, scale, PREC)
-            pg = p * g
-            c_i += tl.sum(pg, 1)
+                lse2, mask_m, r, qk_scale, scale, PREC)
+            c_i += tl.sum(p * g, 1)
             e0_i += tl.sum(p * (g * (dp - delta[:, None]) + h_), 1)
-            acc_do = tl.dot(p.to(v.dtype), gdv, acc_do, input_precision=PREC)
-            acc_do = tl.dot(pg.to(v.dtype), v, acc_do, input_precision=PREC)
-        e_i = e0_i - c_i * delta
         acc_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # dS gdK + dS2 K
+        k_sum = tl.zeros([BLOCK_M], tl.float32)           # rowsum of the rounded dS2 tiles
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + offs_n0
             k, v, gdk, gdv, p, dp, g, h_ = _bwdbwd_q_tile(
                 q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, offs_n < N, offs_d, mask_d, s_qn, s_gn,
-                lse2, mask_m, qk_scale, scale, PREC)
+                lse2, mask_m, r, qk_scale, scale, PREC)
             dpd = dp - delta[:, None]
-            ds = p * dpd
-            ds2 = p * (g * dpd + h_ - c_i[:, None] * dp - e_i[:, None])
-            acc_q = tl.dot(ds.to(k.dtype), gdk, acc_q, input_precision=PREC)
-            acc_q = tl.dot(ds2.to(k.dtype), k, acc_q, input_precision=PREC)
-        gq = acc_q * scale
+            gc = g - c_i[:, None]                            # G - C
+            ds2, ds2_rows = _rounded(p * (gc * dpd + h_ - e0_i[:, None]), k.dtype)
+            k_sum += ds2_rows
+            acc_q = tl.dot((p * dpd).to(k.dtype), gdk, acc_q, input_precision=PREC)
+            acc_q = tl.dot(ds2, k, acc_q, input_precision=PREC)
+            acc_do = tl.dot(p.to(v.dtype), gdv, acc_do, input_precision=PREC)
+            acc_do = tl.dot((p * gc).to(v.dtype), v, acc_do, input_precision=PREC)  # Z V
+        k_ref = _ref_row(K + q_off, N, offs_d, mask_d, s_qn, REF_ROWS)  # reloaded: not live in the loops
+        gq = (acc_q - k_sum[:, None] * k_ref[None, :]) * scale
+        gdo = acc_do
     else:
         acc_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)    # dS gdK + (P*W0) K
         acc_dsk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # dS K
         acc_pk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # P K
+        pw0_sum = tl.zeros([BLOCK_M], tl.float32)           # row sums of the rounded P*W0, dS, P tiles
+        ds_sum = tl.zeros([BLOCK_M], tl.float32)
+        p_sum = tl.zeros([BLOCK_M], tl.float32)
         for start_n in range(0, N, BLOCK_N):
             offs_n = start_n + offs_n0
             k, v, gdk, gdv, p, dp, g, h_ = _bwdbwd_q_tile(
                 q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, offs_n < N, offs_d, mask_d, s_qn, s_gn,
-                lse2, mask_m, qk_scale, scale, PREC)
+                lse2, mask_m, r, qk_scale, scale, PREC)
             dpd = dp - delta[:, None]
-            ds = p * dpd
             pg = p * g
             pw0 = p * (g * dpd + h_)
             c_i += tl.sum(pg, 1)
             e0_i += tl.sum(pw0, 1)
-            acc_q = tl.dot(ds.to(k.dtype), gdk, acc_q, input_precision=PREC)
-            acc_q = tl.dot(pw0.to(k.dtype), k, acc_q, input_precision=PREC)
-            acc_dsk = tl.dot(ds.to(k.dtype), k, acc_dsk, input_precision=PREC)
-            acc_pk = tl.dot(p.to(k.dtype), k, acc_pk, input_precision=PREC)
-            acc_do = tl.dot(p.to(v.dtype), gdv, acc_do, input_precision=PREC)
+            ds, ds_rows = _rounded(p * dpd, k.dtype)
+            pw0, pw0_rows = _rounded(pw0, k.dtype)
+            pc, p_rows = _rounded(p, k.dtype)
+            ds_sum += ds_rows
+            pw0_sum += pw0_rows
+            p_sum += p_rows
+            acc_q = tl.dot(ds, gdk, acc_q, input_precision=PREC)
+            acc_q = tl.dot(pw0, k, acc_q, input_precision=PREC)
+            acc_dsk = tl.dot(ds, k, acc_dsk, input_precision=PREC)
+            acc_pk = tl.dot(pc, k, acc_pk, input_precision=PREC)
+            acc_do = tl.dot(pc, gdv, acc_do, input_precision=PREC)
             acc_do = tl.dot(pg.to(v.dtype), v, acc_do, input_precision=PREC)
-        gq = (acc_q - c_i[:, None] * acc_dsk - e0_i[:, None] * acc_pk) * scale
+        # dS2 = P*W0 - (C - r) dS - E0 P per element, so dS2 K = (P*W0) K - (C - r)(dS K) - E0 (P K)
+        k_sum = pw0_sum - c_i * ds_sum - e0_i * p_sum
+        k_ref = _ref_row(K + q_off, N, offs_d, mask_d, s_qn, REF_ROWS)
+        gq = (acc_q - c_i[:, None] * acc_dsk - e0_i[:, None] * acc_pk - k_sum[:, None] * k_ref[None, :]) * scale
+        # o is loaded again rather than kept live across the sweep (a [BLOCK_M, d] tile of registers)
+        o = _load_rows(O + o_off, offs_m, mask_m, offs_d, mask_d, s_on).to(tl.float32)
+        gdo = acc_do - c_i[:, None] * o   # Z V = (P*(G - r)) V - (C - r) O
     _store_rows(GQ + g_off, offs_m, mask_m, offs_d, mask_d, s_gn, gq)
-    # o is loaded again rather than kept live across the sweep (a [BLOCK_M, d] tile of registers)
-    o = _load_rows(O + o_off, offs_m, mask_m, offs_d, mask_d, s_on).to(tl.float32)
-    _store_rows(GDO + o_off, offs_m, mask_m, offs_d, mask_d, s_on, acc_do - c_i[:, None] * o)
-    # STATS is (3, B*H, N) fp32: D, C, E
+    _store_rows(GDO + o_off, offs_m, mask_m, offs_d, mask_d, s_on, gdo)
+    # STATS is (3, B*H, N) fp32: D, C, E0
     zn = tl.num_programs(2).to(tl.int64) * H * N
     tl.store(STATS + row0 + offs_m, delta, mask=mask_m)
-    tl.store(STATS + zn + row0 + offs_m, c_i, mask=mask_m)
-    tl.store(STATS + 2 * zn + row0 + offs_m, e0_i - c_i * delta, mask=mask_m)
+    tl.store(STATS + zn + row0 + offs_m, c_i + r, mask=mask_m)
+    tl.store(STATS + 2 * zn + row0 + offs_m, e0_i, mask=mask_m)
 
 
 @triton.jit
@@ -340,14 +411,12 @@ def _attn_bwdbwd_kv_kernel(
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Key side of bwd-of-bwd: gK, gV (needs the finished row statistics D, C, E)."""
+    """Key side of bwd-of-bwd: gK, gV (needs the finished row statistics D, C, E0)."""
     pid_n = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2).to(tl.int64)
-    q_off = b * s_qb + h * s_qh
-    g_off = b * s_gb + h * s_gh
-    o_off = b * s_ob + h * s_oh
-    row0 = (b * H + h) * N
+    q_off = _head_offset(s_qb, s_qh)
+    g_off = _head_offset(s_gb, s_gh)
+    o_off = _head_offset(s_ob, s_oh)
+    row0 = _row_stats_offset(N, H)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m0 = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -371,7 +440,7 @@ def _attn_bwdbwd_kv_kernel(
         lse2 = tl.load(LSE + row, mask=mask_m, other=0.0) * 1.4426950408889634
         delta = tl.load(STATS + row, mask=mask_m, other=0.0)
         c_i = tl.load(STATS + zn + row, mask=mask_m, other=0.0)
-        e_i = tl.load(STATS + 2 * zn + row, mask=mask_m, other=0.0)
+        e0_i = tl.load(STATS + 2 * zn + row, mask=mask_m, other=0.0)
         # transposed tiles: rows are keys, columns are queries
         st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
         valid = mask_n[:, None] & mask_m[None, :]
@@ -380,13 +449,12 @@ def _attn_bwdbwd_kv_kernel(
         gt = tl.dot(gdk, tl.trans(q), tl.dot(k, tl.trans(gdq), input_precision=PREC),
                     input_precision=PREC) * scale
         ht = tl.dot(gdv, tl.trans(do), input_precision=PREC)
-        dst = pt * (dpt - delta[None, :])
-        wt = gt * (dpt - delta[None, :]) + ht - c_i[None, :] * dpt
-        ds2t = pt * (wt - e_i[None, :])
-        zt = pt * (gt - c_i[None, :])
-        acc_k = tl.dot(dst.to(q.dtype), gdq, acc_k, input_precision=PREC)
+        dpd = dpt - delta[None, :]
+        gc = gt - c_i[None, :]  # G - C per element: a row constant of G cancels here, in fp32
+        ds2t = pt * (gc * dpd + ht - e0_i[None, :])
+        acc_k = tl.dot((pt * dpd).to(q.dtype), gdq, acc_k, input_precision=PREC)
         acc_k = tl.dot(ds2t.to(q.dtype), q, acc_k, input_precision=PREC)
-        acc_v = tl.dot(zt.to(do.dtype), do, acc_v, input_precision=PREC)
+        acc_v = tl.dot((pt * gc).to(do.dtype), do, acc_v, input_precision=PREC)
     _store_rows(GK + g_off, offs_n, mask_n, offs_d, mask_d, s_gn, acc_k * scale)
     _store_rows(GV + g_off, offs_n, mask_n, offs_d, mask_d, s_gn, acc_v)
 
@@ -419,9 +487,25 @@ AUTOTUNE_CONFIGS = {
     + [(m, n, w, s, {"TWO_SWEEP": True}) for m, n, w, s in ((64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2))],
     "bwdbwd_kv": [(32, 32, 4, 2), (32, 64, 4, 1), (32, 64, 4, 2), (32, 128, 8, 1)],
 }
-#: Autotune key: sequence length, head dim and the row stride of q (the layout: packed qkv rows
-#: are 3*H*d apart, (B, H, N, d) rows d); triton adds the tensor dtypes.
-AUTOTUNE_KEY = ["N", "HEAD_D", "s_qn"]
+#: One config per kernel and head-dim class (BLOCK_D <= 64, or 128) for deterministic mode and for
+#: a CUDA-graph capture of a shape that was never tuned. Not timed: chosen from the static sm_90a
+#: report (bench/ptxas_report.py, docs/kernels.md) among configs without spills at bf16, head_dim 64
+#: (resp. the fewest spills at 80), preferring the H200 autotuner's picks of 2026-11-29. The same
+#: table serves every device (a launch key's capability only separates tuned choices).
+PINNED_CONFIGS = {
+    "fwd": {64: (64, 64, 4, 3), 128: (64, 32, 4, 3)},
+    "bwd_dq": {64: (64, 64, 4, 2), 128: (64, 32, 4, 2)},
+    "bwd_dkdv": {64: (32, 64, 4, 2), 128: (32, 128, 8, 2)},
+    "bwdbwd_q": {64: (32, 32, 4, 1), 128: (32, 64, 8, 2)},
+    "bwdbwd_kv": {64: (32, 64, 4, 1), 128: (32, 32, 4, 2)},
+}
+#: Deterministic mode (see kernels/config_choice.py): pinned configs, nothing timed. Read from
+#: ENERGYVIT_DETERMINISTIC at import; may be set here at run time.
+DETERMINISTIC: bool = deterministic_from_env()
+
+
+def pinned_config(name: str, head_dim: int) -> tuple:
+    return PINNED_CONFIGS[name][64 if head_dim <= 64 else 128]
 
 
 def config_meta(name: str, cfg: tuple) -> dict:
@@ -430,28 +514,105 @@ def config_meta(name: str, cfg: tuple) -> dict:
     return {"BLOCK_M": cfg[0], "BLOCK_N": cfg[1], **VARIANT_DEFAULTS.get(name, {}), **extra}
 
 
-def _cfgs(name):
-    return [triton.Config(config_meta(name, c), num_warps=c[2], num_stages=c[3]) for c in AUTOTUNE_CONFIGS[name]]
-
-
-def _tuned(name):
-    fn = globals()[KERNEL_FUNCTIONS[name]]
-    return fn if INTERPRET else triton.autotune(_cfgs(name), key=AUTOTUNE_KEY)(fn)
-
-
-_fwd = _tuned("fwd")
-_bwd_dq = _tuned("bwd_dq")
-_bwd_dkdv = _tuned("bwd_dkdv")
-_bwdbwd_q = _tuned("bwdbwd_q")
-_bwdbwd_kv = _tuned("bwdbwd_kv")
-_NO_META: dict = {}
-
-
 def _meta(name: str) -> dict:
-    """Constexprs passed at launch: none on GPU (the autotuner sets them), fixed ones in the interpreter."""
-    if not INTERPRET:
-        return _NO_META
+    """Constexprs of the interpreter's fixed config (the tests flip VARIANT_DEFAULTS to cover variants)."""
     return {**INTERPRET_BLOCKS, **VARIANT_DEFAULTS.get(name, {})}
+
+
+def _config_failures() -> tuple:
+    """Exceptions that rule a config out while timing (as triton's own autotuner treats them)."""
+    from triton.runtime import errors
+
+    names = ("OutOfResources", "PTXASError")
+    found = tuple(getattr(errors, n) for n in names if hasattr(errors, n))
+    try:
+        from triton.compiler.errors import CompileTimeAssertionFailure
+        found += (CompileTimeAssertionFailure,)
+    except ImportError:  # pragma: no cover - older triton
+        pass
+    return found
+
+
+class _Launcher:
+    """``kernel[grid, key](*args, **constexprs)``: launch one jit kernel with the config its
+    ConfigChooser picks for the LaunchKey ``key`` (GPU), or with the interpreter's fixed config."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.fn = globals()[KERNEL_FUNCTIONS[name]]
+        self.chooser = ConfigChooser(name, AUTOTUNE_CONFIGS[name], lambda d, n=name: pinned_config(n, d))
+        self.best_config = None  # the last launch's config (bench/gpu_check.py reports it)
+        self._kwargs: dict = {}  # id(config) -> (config, launch kwargs): built once per config
+
+    def __getitem__(self, grid_key):
+        grid, key = grid_key
+        return lambda *args, **kw: self._launch(grid, key, args, kw)
+
+    def _launch(self, grid, key, args, kw):
+        if INTERPRET:
+            meta = _meta(self.name)
+        else:
+            cfg = None if DETERMINISTIC else self.chooser.cache.get(key)  # the common case, inlined
+            if cfg is None:
+                cfg = self.chooser.choose(key, DETERMINISTIC, torch.cuda.is_current_stream_capturing,
+                                          lambda c: self._time(grid, args, kw, c))
+            self.best_config = cfg
+            meta = self._kwargs.get(id(cfg))
+            if meta is None or meta[0] is not cfg:  # (cfg, kwargs) kept: the id stays cfg's
+                meta = self._kwargs[id(cfg)] = (cfg, {**config_meta(self.name, cfg), "num_warps": cfg[2],
+                                                      "num_stages": cfg[3]})
+            meta = meta[1]
+        self.fn[grid(meta)](*args, **kw, **meta)
+
+    def _time(self, grid, args, kw, cfg) -> float:
+        """Median ms of one config. Every output is fully rewritten by each launch (no atomics, no
+        accumulation into outputs), so repeated launches need no restore."""
+        from triton.testing import do_bench
+
+        meta = config_meta(self.name, cfg)
+        try:
+            return do_bench(
+                lambda: self.fn[grid(meta)](*args, **kw, **meta, num_warps=cfg[2], num_stages=cfg[3]),
+                warmup=5, rep=25)
+        except _config_failures():
+            return float("inf")
+
+
+_fwd = _Launcher("fwd")
+_bwd_dq = _Launcher("bwd_dq")
+_bwd_dkdv = _Launcher("bwd_dkdv")
+_bwdbwd_q = _Launcher("bwdbwd_q")
+_bwdbwd_kv = _Launcher("bwdbwd_kv")
+LAUNCHERS = {"fwd": _fwd, "bwd_dq": _bwd_dq, "bwd_dkdv": _bwd_dkdv, "bwdbwd_q": _bwdbwd_q, "bwdbwd_kv": _bwdbwd_kv}
+
+
+def save_tuned_configs(path: str) -> None:
+    """Write the configs tuned so far (every kernel, every launch key) to a JSON file."""
+    config_choice.save({n: launcher.chooser for n, launcher in LAUNCHERS.items()}, path)
+
+
+def load_tuned_configs(path: str) -> None:
+    """Use the configs of a file written by save_tuned_configs for its keys, without timing:
+    runs that load one file launch the same configs (bit-identical results on the same device)."""
+    config_choice.load({n: launcher.chooser for n, launcher in LAUNCHERS.items()}, path)
+
+
+_CAPABILITY: dict = {}
+
+
+def _capability(index: int) -> tuple:
+    cap = _CAPABILITY.get(index)
+    if cap is None:
+        cap = _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return cap
+
+
+def _launch_key(t: torch.Tensor, b: int, h: int, n: int, d: int, *strides: tuple) -> LaunchKey | None:
+    """What changes the best config (kernels/config_choice.py); None under the interpreter. The
+    strides are the launchers' (batch, head, row) tuples."""
+    if INTERPRET:
+        return None
+    return LaunchKey(_capability(t.get_device()), str(t.dtype), b, h, n, d, strides)
 
 
 # --------------------------------------------------------------------------------------------
@@ -621,8 +782,8 @@ def _launch_consts(dtype, d: int, scale: float):
 def _launch_fwd(q, k, v, o, lse, b, h, n, d, sq, so, scale):
     block_d, prec, qk_scale = _launch_consts(q.dtype, d, scale)
     grid = lambda meta: (-(-n // meta["BLOCK_M"]), h, b)  # noqa: E731
-    _fwd[grid](q, k, v, o, lse, n, h, *sq, *so, qk_scale,
-               HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta("fwd"))
+    _fwd[grid, _launch_key(q, b, h, n, d, sq, so)](q, k, v, o, lse, n, h, *sq, *so, qk_scale,
+                                                   HEAD_D=d, BLOCK_D=block_d, PREC=prec)
 
 
 def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, b, h, n, d, sq, sg, so, scale):
@@ -630,21 +791,23 @@ def _launch_bwd(q, k, v, o, lse, do, dq, dk, dv, b, h, n, d, sq, sg, so, scale):
     delta = _alloc((b, h, n), torch.float32, q.device)
     grid_m = lambda meta: (-(-n // meta["BLOCK_M"]), h, b)  # noqa: E731
     grid_n = lambda meta: (-(-n // meta["BLOCK_N"]), h, b)  # noqa: E731
-    _bwd_dq[grid_m](q, k, v, o, lse, do, dq, delta, n, h, *sq, *sg, *so, qk_scale, scale,
-                    HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta("bwd_dq"))
-    _bwd_dkdv[grid_n](q, k, v, lse, do, delta, dk, dv, n, h, *sq, *sg, *so, qk_scale, scale,
-                      HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta("bwd_dkdv"))
+    key = _launch_key(q, b, h, n, d, sq, sg, so)
+    _bwd_dq[grid_m, key](q, k, v, o, lse, do, dq, delta, n, h, *sq, *sg, *so, qk_scale, scale,
+                         HEAD_D=d, BLOCK_D=block_d, PREC=prec, REF_ROWS=REF_ROWS)
+    _bwd_dkdv[grid_n, key](q, k, v, lse, do, delta, dk, dv, n, h, *sq, *sg, *so, qk_scale, scale,
+                           HEAD_D=d, BLOCK_D=block_d, PREC=prec)
 
 
 def _launch_bwdbwd(q, k, v, o, lse, do, gdq, gdk, gdv, gq, gk, gv, gdo, b, h, n, d, sq, sg, so, scale):
     block_d, prec, qk_scale = _launch_consts(q.dtype, d, scale)
-    stats = _alloc((3, b, h, n), torch.float32, q.device)  # D, C, E per row
+    stats = _alloc((3, b, h, n), torch.float32, q.device)  # D, C, E0 per row
     grid_m = lambda meta: (-(-n // meta["BLOCK_M"]), h, b)  # noqa: E731
     grid_n = lambda meta: (-(-n // meta["BLOCK_N"]), h, b)  # noqa: E731
-    _bwdbwd_q[grid_m](q, k, v, o, lse, do, gdq, gdk, gdv, gq, gdo, stats, n, h, *sq, *sg, *so, qk_scale, scale,
-                      HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta("bwdbwd_q"))
-    _bwdbwd_kv[grid_n](q, k, v, lse, do, gdq, gdk, gdv, stats, gk, gv, n, h, *sq, *sg, *so, qk_scale, scale,
-                       HEAD_D=d, BLOCK_D=block_d, PREC=prec, **_meta("bwdbwd_kv"))
+    key = _launch_key(q, b, h, n, d, sq, sg, so)
+    _bwdbwd_q[grid_m, key](q, k, v, o, lse, do, gdq, gdk, gdv, gq, gdo, stats, n, h, *sq, *sg, *so, qk_scale,
+                           scale, HEAD_D=d, BLOCK_D=block_d, PREC=prec, REF_ROWS=REF_ROWS)
+    _bwdbwd_kv[grid_n, key](q, k, v, lse, do, gdq, gdk, gdv, stats, gk, gv, n, h, *sq, *sg, *so, qk_scale, scale,
+                            HEAD_D=d, BLOCK_D=block_d, PREC=prec)
 
 
 def _bhn(t: torch.Tensor):
