@@ -192,3 +192,38 @@ def test_cpu_generator_gives_the_same_masks_on_cuda():
     assert torch.equal(mask_cpu, mask_cuda.cpu())
     cuda_gen = torch.Generator(device="cuda").manual_seed(0)
     assert torch.isfinite(model.forward_loss(x.cuda(), cuda_gen))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_sdpa_backend_gives_the_math_loss_and_gradients(one_thread, dtype, tol):
+    """attn_backend="sdpa" (first order, what `energyvit bench` times MAE with) in encoder and
+    decoder: the same loss and parameter gradients as the math path, same weights and masks."""
+    math_mae, sdpa_mae = tiny_mae(dtype=dtype), tiny_mae(dtype=dtype, attn_backend="sdpa")
+    sdpa_mae.load_state_dict(math_mae.state_dict())
+    assert {b.attn.backend for b in [*sdpa_mae.encoder.blocks, *sdpa_mae.decoder_blocks]} == {"sdpa"}
+    assert {b.attn.backend for b in math_mae.decoder_blocks} == {"math"}
+    x = images(batch=3).to(dtype)
+    losses, grads = [], []
+    for model in (math_mae, sdpa_mae):
+        loss = model.forward_loss(x, gen(4))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=tol)
+    assert grads[0].abs().sum() > 0 and ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < tol
+
+
+def test_energy_training_refuses_a_first_order_attention(one_thread):
+    """sdpa has no second derivative: training restoration (eager or compiled) says so in one line
+    instead of failing deep inside autograd; inference restoration (first order) runs."""
+    from energyvit.compiled import compiled_train_step
+    from energyvit.restore import restore
+
+    torch.manual_seed(0)
+    model = EnergyViT(model_config("vit_pico_patch2", in_chans=1, attn_backend="sdpa", restore_steps=1)).double()
+    x = images(batch=2)
+    with pytest.raises(ValueError, match="'sdpa' has no second derivative"):
+        restore(model, x, create_graph=True)
+    with pytest.raises(ValueError, match="'sdpa' has no second derivative"):
+        compiled_train_step(model)
+    assert restore(model, x).restored.shape == x.shape
