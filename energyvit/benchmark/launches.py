@@ -5,15 +5,11 @@ import collections
 import functools
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from energyvit.benchmark.timing import make_sync
-
-if TYPE_CHECKING:
-    from energyvit.benchmark.cases_step import StepCase
 
 # aten ops that launch no kernel although their schema is not a view: allocations, and the
 # view _unsafe_view (a reshape whose result is not marked as aliasing its input)
@@ -129,9 +125,9 @@ class LaunchCount:
     counter: str
 
 
-def count_launches(case: StepCase, device: torch.device) -> LaunchCount:
-    """What one call of case.fn launches (see the module docstring: CUDA kernels on a GPU; on CPU
-    a proxy of them)."""
+def count_launches(case, device: torch.device) -> LaunchCount:
+    """What one call of case.fn (a cases_step.StepCase) launches (see the package docstring: CUDA
+    kernels on a GPU; on CPU a proxy of them)."""
     if device.type == "cuda":
         events = _profile(case.fn, device)
         dev = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]

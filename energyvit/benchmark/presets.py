@@ -45,6 +45,6 @@ PRESETS = {
     "gpu": dict(attn=[(32, 12, 197, 64), (32, 12, 577, 64)], attn_dtype="bf16",
                 steps=[("vit_tiny_patch16", 224, 64), ("vit_small_patch16", 224, 64), ("vit_base_patch16", 224, 64)],
                 ks=(1, 2), amp="bf16", matmul=(8192, "bf16"), min_reps=25, min_time=0.0, compile_steps=None,
-                step_rep_ms=1000, data=DATA_SIZES["full"]),
+                step_rep_ms=500, data=DATA_SIZES["full"]),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
