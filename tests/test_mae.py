@@ -227,3 +227,24 @@ def test_energy_training_refuses_a_first_order_attention(one_thread):
     with pytest.raises(ValueError, match="'sdpa' has no second derivative"):
         compiled_train_step(model)
     assert restore(model, x).restored.shape == x.shape
+
+
+def test_pretrain_mae_attention_sdpa_is_the_math_step(one_thread):
+    """`pretrain --method mae --mae_attention sdpa`: the method's MAE runs SDPA in encoder and
+    decoder and its step loss equals the math one's (same weights, seed and images); --fused
+    with it is refused in one line."""
+    from energyvit.methods.mae import MAEMethod, MAEOptions
+    from energyvit.options import OptionError
+    from energyvit.pretrain import PretrainOptions
+
+    torch.manual_seed(0)
+    encoder = EnergyViT(model_config("vit_pico_patch2", in_chans=1))
+    math_method, sdpa_method = MAEMethod(encoder, MAEOptions()), MAEMethod(encoder, MAEOptions(mae_attention="sdpa"))
+    sdpa_method.module.load_state_dict(math_method.module.state_dict())
+    assert {b.attn.backend for b in sdpa_method.module.decoder_blocks} == {"sdpa"}
+    assert sdpa_method.encoder.cfg.attn_backend == "sdpa" and math_method.encoder.cfg.attn_backend == "math"
+    x = images(batch=3).float()
+    (_, loss_math), (_, loss_sdpa) = (m.step_loss()(x, None, 7) for m in (math_method, sdpa_method))
+    assert loss_sdpa.item() == pytest.approx(loss_math.item(), rel=1e-5)
+    with pytest.raises(OptionError, match="mae_attention"):
+        PretrainOptions.from_flat({"method": "mae", "mae_attention": "sdpa", "fused": True})

@@ -257,6 +257,9 @@ class MAEBaseline(nn.Module):
 class MAEOptions:
     mae_mask_ratio: float = option(0.75, "mae: fraction of patches hidden from the encoder", rule=open_unit)
     norm_pix_loss: bool = option(False, "per-patch normalized targets (as MAE)")
+    mae_attention: str = option("math", "mae: attention in encoder and decoder: math (the encoder's as --fused "
+                                "says, math in the decoder) or sdpa (F.scaled_dot_product_attention, flash where "
+                                "available: MAE's step is first order)", choices=("math", "sdpa"), resumable=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -266,7 +269,8 @@ class MAEMethod:
     name = "mae"
 
     def __init__(self, encoder: EnergyViT, opts: MAEOptions) -> None:
-        self.module = MAEBaseline(encoder.cfg, mask_ratio=opts.mae_mask_ratio, norm_pix_loss=opts.norm_pix_loss)
+        self.module = MAEBaseline(encoder.cfg, mask_ratio=opts.mae_mask_ratio, norm_pix_loss=opts.norm_pix_loss,
+                                  attn_backend="sdpa" if opts.mae_attention == "sdpa" else None)
         self.module.encoder.load_state_dict(encoder.state_dict())  # the same initial encoder as the energy method
         self.encoder = self.module.encoder
         self.task_names = ["mae"]
