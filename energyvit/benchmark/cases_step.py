@@ -188,6 +188,9 @@ def mae_case(mode: str, model_name: str, img_size, batch: int, device: torch.dev
         with autocast():
             return loss(clean, ids_shuffle, ids_restore)
 
+    sync = make_sync(device)
+    sync()
+    t = time.perf_counter()  # first_call_s: compiling, or the graph's warm-up steps and capture, and one call
     if "cuda-graphs" in parts:
         graphed = GraphedStep(loss_fn, params, GRAPH_WARMUP)
 
@@ -201,9 +204,6 @@ def mae_case(mode: str, model_name: str, img_size, batch: int, device: torch.dev
             out.backward()
             return out.detach()
 
-    sync = make_sync(device)
-    sync()
-    t = time.perf_counter()
     fn()
     sync()
     attn = "math attention" if mode == "mae-math" else "SDPA attention"
