@@ -6,8 +6,9 @@ CUDA (default): ViT shapes, batch 64 x heads 12, head_dim 64, N in 197, 577, 102
      heads); relative error ||out - ref|| / ||ref||, with the eager math path in the same dtype
      alongside for context.
   2. timings (triton.testing.do_bench, median) of fwd, fwd+bwd and bwd-of-bwd: fused vs eager
-     math vs SDPA (flash for 16-bit, memory-efficient for fp32; fwd and fwd+bwd only: SDPA has no
-     second derivative). TFLOP/s use nominal counts: fwd 4*B*H*N^2*d, fwd+bwd 3.5x that,
+     math vs SDPA (flash, torch's bundled FlashAttention-2, and cuDNN's for 16-bit, memory-efficient
+     for fp32; fwd and fwd+bwd only: SDPA has no second derivative); ms through autograd (host-bound
+     at small N) and device_ms, the kernels alone (profiler, summed per call). TFLOP/s use nominal counts: fwd 4*B*H*N^2*d, fwd+bwd 3.5x that,
      bwd-of-bwd 6x (the fused kernels execute about 9.5x; see docs/kernels.md). Peak memory from
      torch.cuda.max_memory_allocated, reset before each one-off run.
   3. --ops: each fused op alone (the launcher functions the custom ops run: fwd, bwd, bwd-of-bwd),
@@ -78,7 +79,7 @@ def _import_package():
 
 
 EK, EA = _import_package()
-from energyvit.benchmark import git_commit  # noqa: E402
+from energyvit.benchmark import device_ms, git_commit  # noqa: E402
 from energyvit.kernels import triton_attention as KMOD  # noqa: E402
 math_attention = EA.math_attention
 attn_fwd, attn_bwd, attn_bwdbwd = EK.attn_fwd, EK.attn_bwd, EK.attn_bwdbwd
@@ -118,7 +119,7 @@ if ARGS.timing_dtypes:
     TIME_DTYPES = [DTYPES[x] for x in ARGS.timing_dtypes.split(",")]
 
 FIELDS = ["kind", "op", "dtype", "batch", "heads", "n", "head_dim", "impl", "output",
-          "rel_err", "tol", "ok", "ms", "tflops", "peak_mib", "extra_mib", "note"]
+          "rel_err", "tol", "ok", "ms", "device_ms", "tflops", "peak_mib", "extra_mib", "note"]
 ROWS: list[dict] = []
 
 
@@ -235,11 +236,14 @@ class Rotate:
         return self.sets[self.i]
 
 
-def sdpa_attention(dtype, scale):
-    """(name, att(q, k, v)): SDPA pinned to the backend sdpa_backend picks (CPU: its default)."""
+def sdpa_attention(dtype, scale, backend=None):
+    """(name, att(q, k, v)): SDPA pinned to `backend` (an SDPBackend), by default the one
+    sdpa_backend picks (CPU: its own choice)."""
     from torch.nn.attention import sdpa_kernel
 
-    backend, name = sdpa_backend(dtype)
+    name = SDPA_NAMES.get(backend, "sdpa-default")
+    if backend is None:
+        backend, name = sdpa_backend(dtype)
 
     def sdpa(q, k, v):
         if backend is None:
@@ -250,14 +254,25 @@ def sdpa_attention(dtype, scale):
     return name, sdpa
 
 
+def _sdpa_names():
+    from torch.nn.attention import SDPBackend
+
+    names = {SDPBackend.FLASH_ATTENTION: "sdpa-flash (FA2)", SDPBackend.EFFICIENT_ATTENTION: "sdpa-mem-efficient"}
+    if hasattr(SDPBackend, "CUDNN_ATTENTION"):
+        names[SDPBackend.CUDNN_ATTENTION] = "sdpa-cudnn"
+    return names
+
+
+SDPA_NAMES = _sdpa_names()  # flash: torch's bundled FlashAttention-2 kernels
+
+
 def sdpa_backend(dtype):
     from torch.nn.attention import SDPBackend
 
     if DEVICE != "cuda":
         return None, "sdpa-default"
-    if dtype == torch.float32:
-        return SDPBackend.EFFICIENT_ATTENTION, "sdpa-mem-efficient"
-    return SDPBackend.FLASH_ATTENTION, "sdpa-flash"
+    backend = SDPBackend.EFFICIENT_ATTENTION if dtype == torch.float32 else SDPBackend.FLASH_ATTENTION
+    return backend, SDPA_NAMES[backend]
 
 
 def timing(n, dtype):
@@ -271,11 +286,15 @@ def timing(n, dtype):
     impls = {"fused": lambda q, k, v: EK.attention(q, k, v, scale=scale),
              "eager-math": lambda q, k, v: math_attention(q, k, v, scale),
              sdpa_name: sdpa}
+    cudnn = [b for b, name in SDPA_NAMES.items() if name == "sdpa-cudnn"]
+    if DEVICE == "cuda" and dtype != torch.float32 and cudnn:  # the other fast first-order kernel on Hopper
+        impls.update([sdpa_attention(dtype, scale, cudnn[0])])
 
-    def emit(op, impl, ms, flop, mem, note=""):
+    def emit(op, impl, ms, flop, mem, note="", fn=None):
+        """A timing row: ms through autograd, device_ms of fn's kernels alone (profiler)."""
         row(kind="timing", op=op, dtype=DNAME[dtype], batch=BATCH, heads=HEADS, n=n, head_dim=HEAD_D,
-            impl=impl, ms=f"{ms:.4f}", tflops=f"{flop / ms / 1e9:.4g}", peak_mib=mem[0], extra_mib=mem[1],
-            note=note)
+            impl=impl, ms=f"{ms:.4f}", device_ms=device_ms(fn, torch.device(DEVICE)) if fn is not None else "",
+            tflops=f"{flop / ms / 1e9:.4g}", peak_mib=mem[0], extra_mib=mem[1], note=note)
 
     def guarded(op, impl, body):
         try:
@@ -297,8 +316,9 @@ def timing(n, dtype):
             o = att(q, k, v)
             return torch.autograd.grad(o, (q, k, v), do)
 
-        guarded("fwd", impl, lambda: emit("fwd", impl, bench_ms(fwd), fwd_flop, peak_mem(fwd)))
-        guarded("fwd+bwd", impl, lambda: emit("fwd+bwd", impl, bench_ms(fwdbwd), 3.5 * fwd_flop, peak_mem(fwdbwd)))
+        guarded("fwd", impl, lambda: emit("fwd", impl, bench_ms(fwd), fwd_flop, peak_mem(fwd), fn=fwd))
+        guarded("fwd+bwd", impl, lambda: emit("fwd+bwd", impl, bench_ms(fwdbwd), 3.5 * fwd_flop, peak_mem(fwdbwd),
+                                              fn=fwdbwd))
 
     # bwd-of-bwd: time only the double-backward pass through a prebuilt create_graph graph,
     # rotating the cotangents (gdq, gdk, gdv); memory is for the whole second-order step.
@@ -321,7 +341,7 @@ def timing(n, dtype):
             g = torch.autograd.grad(o, (q, k, v), do, create_graph=True)
             bb = lambda: torch.autograd.grad(g, (q, k, v, do), crot.next(), retain_graph=True)  # noqa: E731
             emit("bwdbwd", impl, bench_ms(bb), 6 * fwd_flop, mem,
-                 note="double-backward pass only; memory = fwd + create_graph bwd + double bwd")
+                 note="double-backward pass only; memory = fwd + create_graph bwd + double bwd", fn=bb)
             del g, o
 
         guarded("bwdbwd", impl, body)
@@ -331,7 +351,8 @@ def timing(n, dtype):
         o, lse = attn_fwd(q, k, v, scale)
         cots = Rotate([[randn(shape, dtype, 3000 + 10 * j + i) for i in range(3)] for j in range(2)])
         fn = lambda: attn_bwdbwd(q, k, v, o, lse, do, *cots.next(), scale)  # noqa: E731
-        emit("bwdbwd", "fused-op", bench_ms(fn), 6 * fwd_flop, peak_mem(fn), note="attn_bwdbwd op alone (2 kernels)")
+        emit("bwdbwd", "fused-op", bench_ms(fn), 6 * fwd_flop, peak_mem(fn), note="attn_bwdbwd op alone (2 kernels)",
+             fn=fn)
 
     guarded("bwdbwd", "fused-op", body_op)
 

@@ -7,25 +7,30 @@
 #                CUDA-only checks skipped or falling back), to check the script without a GPU. Its
 #                numbers are CPU numbers.
 # Results in ${OUT:-bench/results/local}: parts.csv (each part's status, seconds, limit), PART.log,
-# gpu_check.csv, bench-*.csv/json, test_cuda_graphs.xml, pretrain_smoke/, combo/, precompile/, summary.txt.
+# gpu_check.csv, bench-*.csv/json, test_cuda_graphs.xml, pretrain_smoke/, precompile/, summary.txt.
 #
 # Parts, each its own process under a hard timeout (limit in s on GPU; a part gets no more than
 # what is left of TOTAL_S after the summary's 10 s, and is skipped below 5 s):
 #   env          15  versions, packages, GPU; energyvit importable with energyvit.kernels
 #   attention   110  bench/gpu_check.py --ops: fwd, fwd+bwd, bwd-of-bwd at N = 197 and 1024 (B=64, H=12,
-#                    d=64): correctness vs float64 (fp32, bf16), timings fused vs eager math vs SDPA flash
-#                    (bf16), each op alone with the autotuner's configs, host vs device time of a fwd+bwd chain
+#                    d=64): correctness vs float64 (fp32, bf16), timings fused vs eager math vs SDPA's flash
+#                    (FlashAttention-2) and cuDNN kernels (bf16), through autograd and kernels alone
+#                    (device ms), each op alone with the autotuner's configs, host vs device time of a chain
 #   graphs-test  70  pytest tests/test_cuda_graphs.py: replayed step and AdamW vs eager (fp32), compiled too
-#   bench       200  energyvit bench --preset gpu: AdamW step eager vs graphed; steps of ViT-Ti/S/B at 224 px,
-#                    batch 64, bf16 autocast, with their kernels per step: eager, fused, cuda-graphs and
-#                    fused+cuda-graphs at K = 1, MAE, the compiled modes at K = 1, then K = 2 the same way,
-#                    while BENCH_BUDGET_S = 150 s lasts (rows after it: skipped)
+#   bench       240  energyvit bench --preset gpu: AdamW step eager vs graphed; steps of ViT-Ti/S/B at 224 px,
+#                    batch 64, bf16 autocast, with their kernels per step, MFU against the datasheet peak and
+#                    a matmul timed before each row, at least 25 repeats each (median and quartiles): energy
+#                    (the model pretrain builds, energy head included) eager, fused and fused+cuda-graphs at
+#                    K = 1; MAE with SDPA eager and CUDA-graphed, and with math attention (the old reference);
+#                    per model fused+compiled, fused+compiled+cuda-graphs, mae+compiled and
+#                    mae+compiled+cuda-graphs; then K = 2 the same way, while BENCH_BUDGET_S = 185 s lasts
+#                    (rows after it: skipped)
 #   smoke        75  bench/pretrain_smoke.py: pretrain math vs fused vs fused --cuda_graphs, bf16
-#   combo        45  energyvit bench --inductor combo_kernels=True: eager and fused+compiled at K = 1 for
-#                    ViT-Ti and ViT-B, with their kernels per step (Inductor's combo kernels, which the
-#                    GPU-codegen proxy says bring fused+compiled to 1/5 of eager's launches; in the time left)
+# (issue 21 cut the combo part, Inductor's combo kernels, for the bench's MAE rows and repeats; the
+# math-attention energy modes compiled, cuda-graphs and compiled+cuda-graphs are not in the bench part:
+# the fused ones are each one's faster twin; `energyvit bench` still runs them by default)
 # and, from the start, in the background until the last part has ended: precompile, one process per
-# compiled step graph of the bench and combo parts (energyvit bench --suites compile: compiled, not run, so
+# compiled step graph of the bench part (energyvit bench --suites compile: compiled, not run, so
 # nothing of it touches the GPU's timings), which fills Inductor's caches on disk: the bench's
 # compiled rows then load their graphs in seconds instead of compiling for a minute or more each
 # (a row whose graph is not compiled yet when it starts compiles it itself; the summary shows the
@@ -43,7 +48,7 @@ if [ "${1:-}" = "--cpu-small" ]; then CPU_SMALL=1; shift; fi
 mkdir -p "${OUT:-$ROOT/bench/results/local}"
 OUT_DIR="$(cd "${OUT:-$ROOT/bench/results/local}" && pwd)"
 rm -f "$OUT_DIR/parts.csv" "$OUT_DIR"/bench-*.csv "$OUT_DIR"/bench-*.json "$OUT_DIR/test_cuda_graphs.xml"
-rm -rf "$OUT_DIR/precompile" "$OUT_DIR/combo"
+rm -rf "$OUT_DIR/precompile"
 if [ -f "$ROOT/.venv/bin/activate" ]; then . "$ROOT/.venv/bin/activate"; fi
 PY="${PYTHON:-python3}"
 if [ -z "${ENERGYVIT_GIT_COMMIT:-}" ]; then
@@ -54,25 +59,25 @@ export ENERGYVIT_GIT_COMMIT
 if [ "$CPU_SMALL" = 1 ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""
   TOTAL_S="${TOTAL_S:-2400}"
-  LIMITS=(env=60 attention=300 graphs-test=300 bench=1200 smoke=600 combo=300)
+  LIMITS=(env=60 attention=300 graphs-test=300 bench=1200 smoke=600)
   BENCH_PRESET=smoke BENCH_DEVICE=cpu BENCH_BUDGET=()
   SMOKE_ARGS=(--cpu)
   GPU_CHECK_ARGS=(--cpu-small --ops)
-  PRECOMPILE_MODELS=(vit_pico_patch2) PRECOMPILE_KS=(1) COMBO_MODELS=vit_pico_patch2
+  PRECOMPILE_MODELS=(vit_pico_patch2) PRECOMPILE_KS=(1)
 else
   TOTAL_S="${TOTAL_S:-470}"
-  LIMITS=(env=15 attention=110 graphs-test=70 bench=200 smoke=75 combo=45)
+  LIMITS=(env=15 attention=110 graphs-test=70 bench=240 smoke=75)
   BENCH_PRESET=gpu BENCH_DEVICE=cuda
-  BENCH_BUDGET=(--budget_s "${BENCH_BUDGET_S:-150}")
+  BENCH_BUDGET=(--budget_s "${BENCH_BUDGET_S:-185}")
   SMOKE_ARGS=()
   GPU_CHECK_ARGS=(--ns 197,1024 --timing-dtypes bf16 --ops)
   PRECOMPILE_MODELS=(vit_tiny_patch16 vit_small_patch16 vit_base_patch16) PRECOMPILE_KS=(1 2)
-  COMBO_MODELS=vit_tiny_patch16,vit_base_patch16
 fi
 BENCH_ARGS=(--preset "$BENCH_PRESET" --device "$BENCH_DEVICE")
-PRECOMPILE_MODES=(compiled fused+compiled)
-COMBO=combo_kernels=True  # the combo part: Inductor's combo kernels, untimed so far (docs/benchmarks.md)
-OPTIONAL_PART=combo  # runs in the time the others leave: skipped or stopped by the limit, it fails nothing
+# the energy modes with fused attention (their math-attention twins are slower) and every MAE mode
+BENCH_MODES=eager,fused,fused+cuda-graphs,fused+compiled,fused+compiled+cuda-graphs
+BENCH_MODES+=,mae,mae+cuda-graphs,mae+compiled,mae+compiled+cuda-graphs,mae-math
+PRECOMPILE_MODES=(fused+compiled)  # per K; and mae+compiled once per model (MAE has no K)
 START=$(date +%s)
 DEADLINE=$((START + TOTAL_S))
 SUMMARY_S=10
@@ -113,7 +118,7 @@ run_part() {
   if [ "$limit" -lt 5 ]; then
     echo "=== $name: skipped, the total time (TOTAL_S=$TOTAL_S) is used up"
     echo "$name,skipped (total time used up),0,$limit" >> "$OUT_DIR/parts.csv"
-    [ "$name" = "$OPTIONAL_PART" ] || FAILED=1
+    FAILED=1
     return
   fi
   echo "=== $name (limit ${limit} s) ==="
@@ -123,7 +128,7 @@ run_part() {
   rc="${PIPESTATUS[0]}"
   case "$rc" in
     0) status=ok ;;
-    124|137) status="timed out (partial results kept)"; [ "$name" = "$OPTIONAL_PART" ] || FAILED=1 ;;
+    124|137) status="timed out (partial results kept)"; FAILED=1 ;;
     *) status="failed (exit $rc)"; FAILED=1 ;;
   esac
   echo "$name,$status,$(($(date +%s) - t0)),$limit" >> "$OUT_DIR/parts.csv"
@@ -139,18 +144,18 @@ start_precompile() {
   { for k in "${PRECOMPILE_KS[@]}"; do for m in "${PRECOMPILE_MODELS[@]}"; do for mode in "${PRECOMPILE_MODES[@]}"; do
       echo "$m $k $mode"
     done; done; done
-    for m in ${COMBO_MODELS//,/ }; do echo "$m 1 fused+compiled $COMBO"; done
+    for m in "${PRECOMPILE_MODELS[@]}"; do echo "$m ${PRECOMPILE_KS[0]} mae+compiled"; done
   } > "$OUT_DIR/precompile/graphs.txt"
   local graphs; graphs=$(wc -l < "$OUT_DIR/precompile/graphs.txt")
   [ "$jobs" -gt "$graphs" ] && jobs=$graphs
   PRECOMPILE_T0=$(date +%s)
-  # shellcheck disable=SC2016  # $1.. expand in the job's shell: model, K, mode and (the combo graphs) $COMBO
+  # shellcheck disable=SC2016  # $1.. expand in the job's shell: model, K, mode
   PRECOMPILE_DIR="$OUT_DIR" PRECOMPILE_PY="$PY" PRECOMPILE_PRESET="$BENCH_PRESET" PRECOMPILE_DEVICE="$BENCH_DEVICE" \
   TORCHINDUCTOR_COMPILE_THREADS=$(( (NCPU - 2) / jobs > 1 ? (NCPU - 2) / jobs : 1 )) \
     ${SETSID[@]+"${SETSID[@]}"} ${BG[@]+"${BG[@]}"} xargs -P "$jobs" -L 1 -a "$OUT_DIR/precompile/graphs.txt" sh -c \
     'cd "$PRECOMPILE_DIR" && "$PRECOMPILE_PY" -m energyvit.cli bench --preset "$PRECOMPILE_PRESET" --device "$PRECOMPILE_DEVICE" \
-       --suites compile --models "$1" --ks "$2" --step_modes "$3" ${4:+--inductor "$4"} --out precompile \
-       --tag "$1-k$2-$3${4:+-combo}" > "precompile/$1-k$2-$3${4:+-combo}.log" 2>&1' precompile &
+       --suites compile --models "$1" --ks "$2" --step_modes "$3" --out precompile \
+       --tag "$1-k$2-$3" > "precompile/$1-k$2-$3.log" 2>&1' precompile &
   PRECOMPILE_PID=$!
   echo "=== precompile: $graphs graphs, $jobs at a time, in the background (logs in $OUT_DIR/precompile) ==="
 }
@@ -179,11 +184,8 @@ run_part attention "$PY" "$ROOT/bench/gpu_check.py" --out "$OUT_DIR" "${GPU_CHEC
 run_part graphs-test "$PY" -m pytest -q -p no:cacheprovider "$ROOT/tests/test_cuda_graphs.py" \
   --junitxml="$OUT_DIR/test_cuda_graphs.xml"
 run_part bench "$PY" -m energyvit.cli bench --out "$OUT_DIR" --suites matmul,step,launches,optimizer "${BENCH_ARGS[@]}" \
-  ${BENCH_BUDGET[@]+"${BENCH_BUDGET[@]}"}
+  --step_modes "$BENCH_MODES" ${BENCH_BUDGET[@]+"${BENCH_BUDGET[@]}"}
 run_part smoke "$PY" "$ROOT/bench/pretrain_smoke.py" --out "$OUT_DIR" "${SMOKE_ARGS[@]}"
-mkdir -p "$OUT_DIR/combo"
-run_part combo "$PY" -m energyvit.cli bench --out "$OUT_DIR/combo" --suites step,launches "${BENCH_ARGS[@]}" \
-  --models "$COMBO_MODELS" --ks 1 --step_modes eager,fused+compiled --inductor "$COMBO" --tag combo
 stop_precompile
 
 "$PY" "$ROOT/bench/gpu_summary.py" "$OUT_DIR" | tee "$OUT_DIR/summary.txt"

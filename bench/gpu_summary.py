@@ -1,7 +1,8 @@
 """The short summary bench/gpu_check.sh prints last, from the files its parts wrote in OUT:
 parts.csv (each part's status and seconds), gpu_check.csv (attention), bench-*.csv (steps,
-launches, optimizer), precompile/bench-*.csv (the background compiles), combo/bench-*.csv
-(combo kernels), test_cuda_graphs.xml (pytest) and pretrain_smoke/summary.json.
+launches, optimizer), precompile/bench-*.csv (the background compiles), test_cuda_graphs.xml
+(pytest) and pretrain_smoke/summary.json. Standard library only, but for the energy-vs-MAE lines
+(energyvit.benchmark.report).
 
     python bench/gpu_summary.py OUT
 """
@@ -49,10 +50,15 @@ def attention(out: Path) -> str:
     lines = [f"attention on {header.get('device', '?')}: correctness {header.get('all_correctness_ok', '?')}"
              + "".join(f"; FAILED {r['dtype']} N={r['n']} {r['output']} rel err {r['rel_err']} (tol {r['tol']})"
                        for r in bad)]
-    timing = {(r["dtype"], r["n"], r["op"], r["impl"]): r["ms"] or r["note"][:12] for r in rows if r["kind"] == "timing"}
+    def cell(r):
+        device = r.get("device_ms", "")
+        return (r["ms"] + (f" ({device})" if device and device[0].isdigit() else "")) if r["ms"] else r["note"][:12]
+
+    timing = {(r["dtype"], r["n"], r["op"], r["impl"]): cell(r) for r in rows if r["kind"] == "timing"}
     impls = sorted({k[3] for k in timing}, key=lambda i: (i != "fused", i))
     keys = sorted({k[:3] for k in timing}, key=lambda k: (k[0], int(k[1]), ["fwd", "fwd+bwd", "bwdbwd"].index(k[2])))
     if keys:
+        lines.append("attention ms through autograd (in parentheses: its kernels alone on the device, profiler):")
         lines.append(table(["dtype", "N", "op", *[f"{i} ms" for i in impls]],
                            [[*k, *[timing.get((*k, i), "") for i in impls]] for k in keys]))
     ops = [[r["dtype"], r["n"], r["op"], r["impl"], r["ms"], r["note"][:110]] for r in rows if r["kind"] == "op"]
@@ -74,18 +80,16 @@ def bench_rows(out: Path) -> list[dict]:
 
 def compiles(out: Path, rows: list[dict]) -> str:
     """The background precompile's graphs (seconds to compile, cache) beside the first call of the
-    bench's row of the same graph (which loads it from the cache when the precompile finished first);
-    the graphs with combo kernels beside the combo part's rows."""
-    pre = [(r, "combo" in path.stem) for path in sorted((out / "precompile").glob("bench-*.csv"))
+    bench's row of the same graph (which loads it from the cache when the precompile finished first)."""
+    pre = [r for path in sorted((out / "precompile").glob("bench-*.csv"))
            for r in csv.DictReader(path.open()) if r["suite"] == "compile"]
     if not pre:
         return ""
     key = lambda r: (r["model"], r["restore_steps"], r["backend"])  # noqa: E731
-    first = {False: {key(r): r for r in rows if r["suite"] == "step"},
-             True: {key(r): r for r in bench_rows(out / "combo") if r["suite"] == "step"}}
+    first = {key(r): r for r in rows if r["suite"] == "step"}
 
-    def bench_cell(r, combo):
-        b = first[combo].get(key(r))
+    def bench_cell(r):
+        b = first.get(key(r))
         if b is None or not b["first_call_s"]:
             return b["status"] if b else "no row"
         cache = [part for part in b["note"].split("; ") if part.startswith("Inductor cache")]
@@ -93,32 +97,9 @@ def compiles(out: Path, rows: list[dict]) -> str:
 
     return "compiled graphs: background precompile (compiled, not run) and the first call of the row:\n" + table(
         ["model", "K", "mode", "precompile", "s", "cache", "first call s (cache)"],
-        [[r["model"].replace("_patch16", ""), r["restore_steps"], r["backend"] + (" combo" if combo else ""),
-          r["status"], r["first_call_s"],
+        [[r["model"].replace("_patch16", ""), r["restore_steps"], r["backend"], r["status"], r["first_call_s"],
           r["note"][len("Inductor cache: "):] if r["note"].startswith("Inductor cache") else r["error"][:40],
-          bench_cell(r, combo)] for r, combo in pre])
-
-
-def combo(out: Path, rows: list[dict]) -> str:
-    """The combo part (Inductor's combo kernels) beside the bench's rows of the same model and mode."""
-    combo_rows = [r for r in bench_rows(out / "combo") if r["suite"] in ("step", "launches") and r["backend"] != "eager"]
-    if not combo_rows:
-        return ""
-    plain = {(r["suite"], r["model"], r["restore_steps"], r["backend"]): r for r in rows}
-
-    def value(r):
-        if r is None:
-            return "no row"
-        if r["status"] not in ("ok", "fallback-eager"):
-            return r["status"]
-        if r["suite"] == "step":
-            return f"{float(r['ms']):.1f} ms" + (f" ({float(r['speedup_vs_eager']):.2f}x)" if r["speedup_vs_eager"] else "")
-        return r["launches"] + (f" ({r['launches_vs_eager']})" if r["launches_vs_eager"] else "")
-
-    return "combo kernels (--inductor combo_kernels=True) against the defaults, same model and mode:\n" + table(
-        ["model", "K", "mode", "measure", "defaults", "combo kernels"],
-        [[r["model"].replace("_patch16", ""), r["restore_steps"], r["backend"], "ms" if r["suite"] == "step" else "launches",
-          value(plain.get((r["suite"], r["model"], r["restore_steps"], r["backend"]))), value(r)] for r in combo_rows])
+          bench_cell(r)] for r in pre])
 
 
 def steps(rows: list[dict]) -> str:
@@ -137,11 +118,27 @@ def steps(rows: list[dict]) -> str:
         x = f" ({float(r['speedup_vs_eager']):.2f}x)" if r["speedup_vs_eager"] else ""
         return f"{float(r['ms']):.1f}{x}" + ("*" if r["status"] == "fallback-eager" else "")
 
-    lines = [f"train step ms (x eager); {step[0]['dtype']}, batch {step[0]['batch']}, {step[0]['img_size']} px; "
-             "* = fell back; mae: MAE loss + backward on the same encoder"]
-    lines.append(table(["model", "K", *modes], [[m.replace("_patch16", ""), k or "-", *[cell(by.get((m, k, mode)))
-                                                                                        for mode in modes]]
-                                                 for m, k in shapes]))
+    def mfu(r):
+        if r is None or r["status"] != "ok" or not r["mfu"]:
+            return ""
+        iqr = 100 * (float(r["ms_q3"]) - float(r["ms_q1"])) / float(r["ms"]) if r.get("ms_q1") else float("nan")
+        return f"{r['mfu']} / {r['mfu_peak']} ±{iqr:.0f}%"
+
+    lines = [f"train step ms (x eager: energy vs eager, MAE vs mae); {step[0]['dtype']}, batch {step[0]['batch']}, "
+             f"{step[0]['img_size']} px; * = fell back; energy: the model pretrain builds (energy head included); "
+             "mae*: MAE loss + backward (SDPA; mae-math: math attention)"]
+    grid = [[m.replace("_patch16", ""), k or "-"] for m, k in shapes]
+    lines.append(table(["model", "K", *modes], [g + [cell(by.get((m, k, mode))) for mode in modes]
+                                                for g, (m, k) in zip(grid, shapes)]))
+    lines.append("MFU vs the matmul timed before the row / vs the datasheet peak, ±IQR of the step's time in %:")
+    lines.append(table(["model", "K", *modes], [g + [mfu(by.get((m, k, mode))) for mode in modes]
+                                                for g, (m, k) in zip(grid, shapes)]))
+    try:
+        from energyvit.benchmark.report import energy_vs_mae
+
+        lines += energy_vs_mae(step)
+    except ImportError as e:  # no energyvit on the path: the tables above still stand
+        lines.append(f"energy vs MAE: not computed ({e})")
     checks = [r for r in step if r["grad_rel_err_vs_eager"]]
     if checks:
         lines.append("gradients vs the eager step (relative error): " + "; ".join(
@@ -203,8 +200,8 @@ def smoke(out: Path) -> str:
 def main() -> int:
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "bench/results/local")
     rows = bench_rows(out)
-    sections = [parts(out), attention(out), steps(rows), compiles(out, rows), launches(rows), combo(out, rows),
-                optimizer(rows), graph_tests(out), smoke(out)]
+    sections = [parts(out), attention(out), steps(rows), compiles(out, rows), launches(rows), optimizer(rows),
+                graph_tests(out), smoke(out)]
     print("\n===== summary =====")
     for section in sections:
         if section:

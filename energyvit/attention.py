@@ -1,25 +1,28 @@
 """Attention backends, selected by name.
 
-Every backend computes softmax(q k^T * scale) v on (batch, heads, tokens, head_dim) tensors and
-must be differentiable to second order: restoration takes dE/dx with create_graph=True and the
-training loss backpropagates through it.
+Every backend computes softmax(q k^T * scale) v on (batch, heads, tokens, head_dim) tensors. The
+energy method's training needs a second derivative (restoration takes dE/dx with create_graph=True
+and the training loss backpropagates through it): math and fused have one, sdpa does not.
 
 - ``math``: plain matmul + softmax in aten ops. The reference path and the CPU default. It keeps
   the N x N attention matrix per layer for autograd.
 - ``fused``: the Triton kernels of ``energyvit.kernels`` (forward, backward and
   backward-of-backward as chained custom ops); no N x N tensor in global memory.
 
-F.scaled_dot_product_attention is deliberately not used: its flash, memory-efficient, cuDNN and
-CPU-flash kernels have no second derivative.
+- ``sdpa``: F.scaled_dot_product_attention (flash, memory-efficient or cuDNN kernels where the
+  device has them). First order only: those kernels have no second derivative, so the energy
+  method's training refuses it (energyvit.restore); MAE, whose step is first order, may use it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-BACKENDS = ("math", "fused")
+BACKENDS = ("math", "fused", "sdpa")
+SECOND_ORDER_BACKENDS = ("math", "fused")  # differentiable twice: the energy method's training needs it
 
 
 def math_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
@@ -54,6 +57,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "math", scale: flo
         return math_attention(q, k, v, scale)
     if backend == "fused":
         return _fused().attention(q, k, v, scale=scale)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
@@ -65,7 +70,7 @@ def packed_attention(qkv: Tensor, backend: str = "math", scale: float | None = N
     """
     if backend == "fused":
         return _fused().attention_packed(qkv, scale=scale)
-    if backend == "math":
+    if backend in ("math", "sdpa"):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-        return math_attention(q, k, v, scale).transpose(1, 2)
+        return attention(q, k, v, backend, scale).transpose(1, 2)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")

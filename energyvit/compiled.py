@@ -61,7 +61,7 @@ from torch import Tensor
 from energyvit.losses import restoration_loss
 from energyvit.model import EnergyViT
 from energyvit.objective import EnergyOptions, energy_contrast, task_loss
-from energyvit.restore import Restoration, check_restore_inputs, descend, draw_noise, restore
+from energyvit.restore import Restoration, check_restore_inputs, check_second_order, descend, draw_noise, restore
 from energyvit.tasks import Corrupted
 
 _WARNED: set[str] = set()
@@ -301,6 +301,7 @@ def compiled_train_step(model: EnergyViT, opts: EnergyOptions = EnergyOptions(),
     kwargs: verify_first_step (True), pad_batches (True), max_graphs (4), and torch.compile's
     arguments (fullgraph=True by default).
     """
+    check_second_order(model)
     return CompiledTrainStep(model, opts, generator, **kwargs)
 
 

@@ -95,6 +95,8 @@ class PretrainOptions:
     def __post_init__(self) -> None:
         if self.run.compile and self.run.method != "energy":
             raise OptionError("compile", True, f"left off with --method {self.run.method} (it compiles the energy step)")
+        if self.mae.mae_attention == "sdpa" and self.model.fused:
+            raise OptionError("mae_attention", "sdpa", "math with --fused (--fused runs the encoder's attention)")
         if self.run.cuda_graphs and self.run.method != "energy":
             raise OptionError("cuda_graphs", True, f"left off with --method {self.run.method} (it captures the energy "
                               "step)")

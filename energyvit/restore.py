@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from energyvit.attention import SECOND_ORDER_BACKENDS
 from energyvit.model import EnergyViT
 
 
@@ -41,6 +42,13 @@ def check_restore_inputs(model: EnergyViT, corrupted: Tensor, update_mask: Tenso
     if update_mask is not None and (update_mask.ndim != 4 or update_mask.shape[2:] != corrupted.shape[2:]):
         raise ValueError(f"update_mask of shape {tuple(update_mask.shape)} does not match images {tuple(corrupted.shape)}")
     return K
+
+
+def check_second_order(model: EnergyViT) -> None:
+    """ValueError unless the model's attention has a second derivative (training restoration needs it)."""
+    if model.cfg.attn_backend not in SECOND_ORDER_BACKENDS:
+        raise ValueError(f"attention backend {model.cfg.attn_backend!r} has no second derivative: training "
+                         f"restoration needs one of {', '.join(SECOND_ORDER_BACKENDS)}")
 
 
 def draw_noise(x: Tensor, steps: int, noise_std: float, generator: torch.Generator | None) -> Tensor | None:
@@ -98,6 +106,8 @@ def restore(
     (whose forward makes the outer backward all-reduce the parameter gradients).
     """
     K = check_restore_inputs(model, corrupted, update_mask, steps)
+    if create_graph:
+        check_second_order(model)
     step_sizes = model.step_sizes[:K]
     noise = draw_noise(corrupted, K, noise_std, generator)
     # training may differentiate through an input that already requires grad; otherwise x_0 is a new leaf

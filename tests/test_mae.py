@@ -192,3 +192,59 @@ def test_cpu_generator_gives_the_same_masks_on_cuda():
     assert torch.equal(mask_cpu, mask_cuda.cpu())
     cuda_gen = torch.Generator(device="cuda").manual_seed(0)
     assert torch.isfinite(model.forward_loss(x.cuda(), cuda_gen))
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_sdpa_backend_gives_the_math_loss_and_gradients(one_thread, dtype, tol):
+    """attn_backend="sdpa" (first order, what `energyvit bench` times MAE with) in encoder and
+    decoder: the same loss and parameter gradients as the math path, same weights and masks."""
+    math_mae, sdpa_mae = tiny_mae(dtype=dtype), tiny_mae(dtype=dtype, attn_backend="sdpa")
+    sdpa_mae.load_state_dict(math_mae.state_dict())
+    assert {b.attn.backend for b in [*sdpa_mae.encoder.blocks, *sdpa_mae.decoder_blocks]} == {"sdpa"}
+    assert {b.attn.backend for b in math_mae.decoder_blocks} == {"math"}
+    x = images(batch=3).to(dtype)
+    losses, grads = [], []
+    for model in (math_mae, sdpa_mae):
+        loss = model.forward_loss(x, gen(4))
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=tol)
+    assert grads[0].abs().sum() > 0 and ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < tol
+
+
+def test_energy_training_refuses_a_first_order_attention(one_thread):
+    """sdpa has no second derivative: training restoration (eager or compiled) says so in one line
+    instead of failing deep inside autograd; inference restoration (first order) runs."""
+    from energyvit.compiled import compiled_train_step
+    from energyvit.restore import restore
+
+    torch.manual_seed(0)
+    model = EnergyViT(model_config("vit_pico_patch2", in_chans=1, attn_backend="sdpa", restore_steps=1)).double()
+    x = images(batch=2)
+    with pytest.raises(ValueError, match="'sdpa' has no second derivative"):
+        restore(model, x, create_graph=True)
+    with pytest.raises(ValueError, match="'sdpa' has no second derivative"):
+        compiled_train_step(model)
+    assert restore(model, x).restored.shape == x.shape
+
+
+def test_pretrain_mae_attention_sdpa_is_the_math_step(one_thread):
+    """`pretrain --method mae --mae_attention sdpa`: the method's MAE runs SDPA in encoder and
+    decoder and its step loss equals the math one's (same weights, seed and images); --fused
+    with it is refused in one line."""
+    from energyvit.methods.mae import MAEMethod, MAEOptions
+    from energyvit.options import OptionError
+    from energyvit.pretrain import PretrainOptions
+
+    torch.manual_seed(0)
+    encoder = EnergyViT(model_config("vit_pico_patch2", in_chans=1))
+    math_method, sdpa_method = MAEMethod(encoder, MAEOptions()), MAEMethod(encoder, MAEOptions(mae_attention="sdpa"))
+    sdpa_method.module.load_state_dict(math_method.module.state_dict())
+    assert {b.attn.backend for b in sdpa_method.module.decoder_blocks} == {"sdpa"}
+    assert sdpa_method.encoder.cfg.attn_backend == "sdpa" and math_method.encoder.cfg.attn_backend == "math"
+    x = images(batch=3).float()
+    (_, loss_math), (_, loss_sdpa) = (m.step_loss()(x, None, 7) for m in (math_method, sdpa_method))
+    assert loss_sdpa.item() == pytest.approx(loss_math.item(), rel=1e-5)
+    with pytest.raises(OptionError, match="mae_attention"):
+        PretrainOptions.from_flat({"method": "mae", "mae_attention": "sdpa", "fused": True})

@@ -8,7 +8,7 @@ import argparse
 import torch
 
 from energyvit.benchmark import (DEFAULT_SUITES, PRESETS, STEP_MODES, SUITES, BenchConfig, collect,
-                                 format_table, inductor_option)
+                                 energy_vs_mae, format_table, inductor_option)
 from energyvit.commands.args import add, device_flag, flag_type, non_negative_float, non_negative_int
 
 HELP = "benchmark attention backends, the training step and the input pipeline"
@@ -28,7 +28,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "data: one CPU core's JPEG decode + augmentation rate and the collate cost, uint8 vs float32; neither runs "
         "by default)")
     add(p, "--step_modes", default=",".join(STEP_MODES), help=f"comma list of the step modes to run: "
-        f"{', '.join(STEP_MODES)} (the cuda-graphs modes need CUDA)")
+        f"{', '.join(STEP_MODES)} (the cuda-graphs modes need CUDA; mae*: the MAE step with SDPA attention, "
+        "mae-math with math attention)")
     add(p, "--models", default="", help="comma list of the preset's step models to run (default: all)")
     add(p, "--ks", default="", help="comma list of the preset's restoration step counts K to run (default: all)")
     add(p, "--no_compile", action="store_true", help="skip the torch.compile rows (recorded as skipped)")
@@ -65,4 +66,6 @@ def run(args: argparse.Namespace) -> None:
     print(f"\n# {meta['device_name']}; torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}, "
           f"commit {meta['git_commit']}, {meta['date_utc']}")
     print(f"# telemetry: {meta['telemetry']}; MFU reference: {meta['mfu_reference'] or 'n/a'}")
+    for line in energy_vs_mae(rows):
+        print(f"# {line}")
     print(f"# x eager = eager ms / row ms; wall {meta['wall_s']} s; wrote {paths[0]} and {paths[1]}")

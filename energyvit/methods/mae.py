@@ -110,20 +110,25 @@ class MAEBaseline(nn.Module):
         decoder: MAEDecoderConfig | None = None,
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = False,
+        attn_backend: str | None = None,
     ) -> None:
+        """attn_backend: the attention of encoder and decoder, e.g. "sdpa" (MAE's step is first
+        order, so any backend serves); None: the encoder's config's, and math in the decoder."""
         super().__init__()
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.decoder_cfg = decoder or default_decoder(encoder_cfg)
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
+        if attn_backend is not None:
+            encoder_cfg = replace(encoder_cfg, attn_backend=attn_backend)
         self.encoder = EnergyViT(encoder_cfg)
 
         dec = self.decoder_cfg
         num_patches = encoder_cfg.num_patches
         # Block takes a full EnergyViTConfig; the decoder's only changes width, depth and heads.
         block_cfg = replace(encoder_cfg, embed_dim=dec.embed_dim, depth=dec.depth, num_heads=dec.num_heads,
-                            mlp_ratio=dec.mlp_ratio, attn_backend="math")
+                            mlp_ratio=dec.mlp_ratio, attn_backend=attn_backend or "math")
         self.decoder_embed = nn.Linear(encoder_cfg.embed_dim, dec.embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dec.embed_dim))
         grid = encoder_cfg.img_size // encoder_cfg.patch_size
@@ -171,10 +176,14 @@ class MAEBaseline(nn.Module):
         first), mask (B, L) with 1 on the hidden patches, and ids_restore (B, L).
         """
         ids_shuffle, ids_restore = self.random_masking(images.shape[0], images.device, generator)
-        mask = images.new_ones(ids_shuffle.shape)
-        mask[:, : self.num_visible] = 0
-        mask = mask.gather(1, ids_restore)  # back to patch order
+        mask = self.hidden_mask(ids_restore).to(images.dtype)
         return self.encode_kept(images, ids_shuffle[:, : self.num_visible]), mask, ids_restore
+
+    def hidden_mask(self, ids_restore: Tensor) -> Tensor:
+        """(B, L) float, 1 on the patches `random_masking` hid, in patch order."""
+        mask = torch.ones(ids_restore.shape, device=ids_restore.device)
+        mask[:, : self.num_visible] = 0
+        return mask.gather(1, ids_restore)  # back to patch order
 
     def encode_kept(self, images: Tensor, ids_keep: Tensor) -> Tensor:
         """The encoder's latent (B, 1 + V, D), after its final norm, of the V patches `ids_keep`
@@ -213,8 +222,12 @@ class MAEBaseline(nn.Module):
 
     def forward_loss(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """MAE's loss: mean squared error of the predicted pixels over the hidden patches only."""
-        latent, mask, ids_restore = self.encode_visible(images, generator)
-        return masked_patch_loss(self.decode(latent, ids_restore), self.targets(images), mask)
+        return self.masked_loss(images, *self.random_masking(images.shape[0], images.device, generator))
+
+    def masked_loss(self, images: Tensor, ids_shuffle: Tensor, ids_restore: Tensor) -> Tensor:
+        """MAE's loss under given masks (`random_masking`'s output), e.g. fixed ones."""
+        latent = self.encode_kept(images, ids_shuffle[:, : self.num_visible])
+        return masked_patch_loss(self.decode(latent, ids_restore), self.targets(images), self.hidden_mask(ids_restore))
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Same as `forward_loss`."""
@@ -244,6 +257,9 @@ class MAEBaseline(nn.Module):
 class MAEOptions:
     mae_mask_ratio: float = option(0.75, "mae: fraction of patches hidden from the encoder", rule=open_unit)
     norm_pix_loss: bool = option(False, "per-patch normalized targets (as MAE)")
+    mae_attention: str = option("math", "mae: attention in encoder and decoder: math (the encoder's as --fused "
+                                "says, math in the decoder) or sdpa (F.scaled_dot_product_attention, flash where "
+                                "available: MAE's step is first order)", choices=("math", "sdpa"), resumable=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -253,7 +269,8 @@ class MAEMethod:
     name = "mae"
 
     def __init__(self, encoder: EnergyViT, opts: MAEOptions) -> None:
-        self.module = MAEBaseline(encoder.cfg, mask_ratio=opts.mae_mask_ratio, norm_pix_loss=opts.norm_pix_loss)
+        self.module = MAEBaseline(encoder.cfg, mask_ratio=opts.mae_mask_ratio, norm_pix_loss=opts.norm_pix_loss,
+                                  attn_backend="sdpa" if opts.mae_attention == "sdpa" else None)
         self.module.encoder.load_state_dict(encoder.state_dict())  # the same initial encoder as the energy method
         self.encoder = self.module.encoder
         self.task_names = ["mae"]
