@@ -1,5 +1,5 @@
 """Energy pretraining vs the MAE baseline vs random init vs raw pixels on a labeled dataset, over
-seeds, at equal epochs and at equal training time.
+seeds, at equal epochs, at equal training time, and against training compute.
 
 Per seed:
 - each energy configuration (`--config NAME="FLAGS"`, default: one, `energy`, with the
@@ -11,6 +11,13 @@ Per seed:
   through the same classifiers of the frozen mean-pooled final tokens: the linear probe, the
   weighted kNN (k=200, t=0.1) and a few-labels linear probe (--labels_per_class labels per
   class, the mean over --draws random draws); with --finetune_epochs, `energyvit finetune`.
+
+Compute: every run records its training's model FLOPs (the matmul FLOPs of one step as
+energyvit.benchmark.flops counts them, times the optimizer steps taken: the same count MFU uses)
+and its training time. With `--budgets E1 E2 ...` every method is pretrained once per budget, each
+a whole run of that many epochs (its own lr schedule, not a checkpoint of a longer one), and
+`curves` gives each method's scores against FLOPs and time; the equal-time MAE run is then left
+out (the curves hold it).
 
 Writes a JSON file (machine, torch, date, commit, the commands, every run's numbers, mean and
 sample standard deviation over seeds) and prints a table.
@@ -34,28 +41,49 @@ from pathlib import Path
 import torch
 
 from energyvit.benchmark import cpu_model, git_commit, mean_std
-from energyvit.checkpoint import load_model
+from energyvit.benchmark.flops import energy_step_flops, mae_step_flops
+from energyvit.checkpoint import load_checkpoint, load_model
 from energyvit.data.in_memory import SplitDataset
 from energyvit.data.splits import DataOptions, load_splits
 from energyvit.evaluation.features import features
 from energyvit.evaluation.knn import knn_scores, topk_accuracy
 from energyvit.evaluation.probes import linear_probe
+from energyvit.methods.mae import load_mae
 from energyvit.model import EnergyViT
 
 METRICS = ("linear", "knn", "few_labels")
 
 
-def pretrain(name: str, flags: list[str], args, seed: int) -> dict:
-    """One `energyvit pretrain` process; its checkpoint and training time."""
+def pretrain(name: str, flags: list[str], args, seed: int, epochs: int) -> dict:
+    """One `energyvit pretrain` process; its checkpoint, training time and training FLOPs."""
     out = Path(args.work_dir) / f"{name}_seed{seed}"
-    cmd = [sys.executable, "-m", "energyvit", "pretrain", "--seed", str(seed), "--epochs", str(args.epochs),
+    cmd = [sys.executable, "-m", "energyvit", "pretrain", "--seed", str(seed), "--epochs", str(epochs),
            "--model", args.model, "--output_dir", str(out), "--no-tensorboard", "--grid_rows", "0",
            "--probe_images", "500", "--num_threads", str(args.num_threads), *data_flags(args), *args.common, *flags]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    return {"checkpoint": out / "checkpoint-last.pth", "train_s": sum(r["epoch_s"] for r in log),
-            "wall_s": time.perf_counter() - t0, "command": shlex.join(cmd[1:])}
+    ckpt = out / "checkpoint-last.pth"
+    return {"checkpoint": ckpt, "epochs": epochs, "train_s": sum(r["epoch_s"] for r in log),
+            "train_flops": training_flops(ckpt), "wall_s": time.perf_counter() - t0, "command": shlex.join(cmd[1:])}
+
+
+def training_flops(checkpoint: Path) -> float:
+    """Model FLOPs of a finished single-process pretraining run: its optimizer steps x the images
+    of one (batch size x accumulation) x one image's step FLOPs for its method and model."""
+    state = load_checkpoint(checkpoint)
+    args = state["args"]
+    images = state["global_step"] * args["batch_size"] * args["accum_iter"]
+    if state["method"] == "mae":
+        mae = load_mae(checkpoint)
+        return images * mae_step_flops(mae.encoder.cfg, mae.decoder_cfg, mae.num_visible, 1)
+    cfg = load_model(checkpoint)[0].cfg
+    return images * energy_step_flops(cfg, cfg.restore_steps, 1, contrast=args["contrast_weight"] > 0)
+
+
+def run_name(name: str, epochs: int, budgets: list[int]) -> str:
+    """A run's name: the method's, with its budget when there are several."""
+    return name if len(budgets) == 1 else f"{name}_e{epochs}"
 
 
 def data_flags(args) -> list[str]:
@@ -107,6 +135,8 @@ def main() -> None:
                    help="an energy configuration: its name and extra pretrain flags (repeatable)")
     p.add_argument("--common", default="", help="pretrain flags for every run, MAE included (e.g. batch size)")
     p.add_argument("--no_equal_time", action="store_true", help="skip the MAE run of equal training time")
+    p.add_argument("--budgets", type=int, nargs="+", default=None, metavar="EPOCHS",
+                   help="pretrain every method once per budget (epochs) for curves against compute (default: --epochs)")
     p.add_argument("--labels_per_class", type=int, default=10)
     p.add_argument("--draws", type=int, default=5, help="random draws of the few-labels probe")
     p.add_argument("--probe_images", type=int, default=10000, help="training images the classifiers fit on")
@@ -116,6 +146,9 @@ def main() -> None:
     p.add_argument("--work_dir", default="/tmp/energyvit_compare")
     p.add_argument("--out", required=True, help="results JSON")
     args = p.parse_args()
+    budgets = args.budgets or [args.epochs]
+    if min(budgets) < 1 or len(set(budgets)) < len(budgets):
+        p.error(f"--budgets: distinct epoch counts >= 1, got {budgets}")
     args.common = shlex.split(args.common) + ["--eval_images", str(args.eval_images)]
     configs = dict(c.split("=", 1) for c in args.config) if args.config else {"energy": ""}
     configs = {name: shlex.split(flags) for name, flags in configs.items()}
@@ -123,14 +156,17 @@ def main() -> None:
 
     runs: dict[str, list[dict]] = {}
     for seed in args.seeds:
-        trained = {name: pretrain(name, flags, args, seed) for name, flags in configs.items()}
-        trained["mae"] = pretrain("mae", ["--method", "mae"], args, seed)
-        if not args.no_equal_time:
+        trained = {}
+        for epochs in budgets:
+            for name, flags in (*configs.items(), ("mae", ["--method", "mae"])):
+                trained[run_name(name, epochs, budgets)] = pretrain(run_name(name, epochs, budgets), flags, args, seed,
+                                                                    epochs)
+        mae_ckpt = trained[run_name("mae", budgets[-1], budgets)]["checkpoint"]
+        if len(budgets) == 1 and not args.no_equal_time:
             first = trained[next(iter(configs))]
             epochs = max(1, math.floor(args.epochs * first["train_s"] / trained["mae"]["train_s"] + 0.5))
-            trained["mae_time"] = pretrain("mae_time", ["--method", "mae", "--epochs", str(epochs)], args, seed)
-            trained["mae_time"]["epochs"] = epochs
-        reference = load_model(trained["mae"]["checkpoint"], need_energy=False)[0]
+            trained["mae_time"] = pretrain("mae_time", ["--method", "mae"], args, seed, epochs)
+        reference = load_model(mae_ckpt, need_energy=False)[0]
         data = load_splits(DataOptions(data_path=args.data_path, eval_images=args.eval_images),
                            reference.cfg.img_size, reference.cfg.in_chans, gray_to_rgb=True)
         for name, run in trained.items():
@@ -143,7 +179,7 @@ def main() -> None:
         torch.manual_seed(seed)
         row, pixels = frozen(EnergyViT(reference.cfg), data, args, seed)
         if args.finetune_epochs:
-            row["finetune"] = finetune(trained["mae"]["checkpoint"], "random_init", args, seed, random_init=True)
+            row["finetune"] = finetune(mae_ckpt, "random_init", args, seed, random_init=True)
         runs.setdefault("random_init", []).append(row)
         runs.setdefault("raw_pixels", []).append(pixels)
         for name in (*trained, "random_init", "raw_pixels"):
@@ -151,20 +187,23 @@ def main() -> None:
             print(f"seed {seed} {name:<14}" + "".join(f"  {k} {r[k]:.4f}" for k in (*METRICS, "finetune") if k in r)
                   + (f"  ({r['train_s']:.0f} s training)" if "train_s" in r else ""), flush=True)
 
-    keys = [*METRICS, "finetune", "train_s", "epochs"]
+    keys = [*METRICS, "finetune", "train_s", "train_flops", "epochs"]
     summary = {name: {k: mean_std([r[k] for r in rows]) for k in keys if k in rows[0]} for name, rows in runs.items()}
+    curves = {name: [summary[run_name(name, b, budgets)] for b in budgets]
+              for name in (*configs, "mae")} if len(budgets) > 1 else {}
     results = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                            "python": platform.python_version(), "threads": args.num_threads},
                "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "command": shlex.join(sys.argv),
                "data": args.data_path or "embedded digits", "model": args.model, "epochs": args.epochs,
-               "seeds": args.seeds, "summary": summary, "runs": runs}
+               "budgets": budgets, "seeds": args.seeds, "summary": summary, "curves": curves, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
     shown = [k for k in (*METRICS, "finetune") if k in summary["energy" if "energy" in summary else next(iter(summary))]]
-    print(f"\n{'':<14}" + "".join(f"{k:>18}" for k in shown) + f"{'training s':>14}")
+    print(f"\n{'':<14}" + "".join(f"{k:>18}" for k in shown) + f"{'training s':>12}{'GFLOP':>10}")
     for name, agg in summary.items():
         cells = "".join(f"{agg[k]['mean']:>11.4f}±{agg[k]['std']:.4f}" if k in agg else f"{'':>18}" for k in shown)
-        print(f"{name:<14}{cells}" + (f"{agg['train_s']['mean']:>14.0f}" if "train_s" in agg else ""))
+        print(f"{name:<14}{cells}" + (f"{agg['train_s']['mean']:>12.0f}{agg['train_flops']['mean'] / 1e9:>10.1f}"
+                                       if "train_s" in agg else ""))
     print(f"wrote {args.out}")
 
 

@@ -53,6 +53,10 @@ def test_energy_step_flops_are_what_the_timed_step_executes(one_thread, head_dep
     corrupted = energyvit.corrupt(clean, "mim", patch_size=2, generator=torch.Generator().manual_seed(0), mask_ratio=0.5)
     flops = measured_flops(lambda: task_loss(model, clean, corrupted, EnergyOptions()).backward())
     assert bench.energy_step_flops(cfg, restore_steps, 3) == pytest.approx(flops, rel=1e-9)
+    # with the explicit energy term: E of the clean and of the negative images, backward to the weights
+    opts = EnergyOptions(contrast_weight=0.5)
+    flops = measured_flops(lambda: task_loss(model, clean, corrupted, opts).backward())
+    assert bench.energy_step_flops(cfg, restore_steps, 3, contrast=True) == pytest.approx(flops, rel=1e-9)
 
 
 def test_mae_step_flops_are_what_the_timed_step_executes(one_thread):

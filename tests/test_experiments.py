@@ -1,5 +1,6 @@
-"""Smoke run of the method comparison (experiments/compare_methods.py) on a tiny shapes set: every
-method, the equal-time MAE run, random init and raw pixels through every classifier."""
+"""Smoke runs of the method comparison (experiments/compare_methods.py) on a tiny shapes set: every
+method, the equal-time MAE run, random init and raw pixels through every classifier; budgets of
+epochs as curves against training FLOPs."""
 import json
 import subprocess
 import sys
@@ -10,9 +11,14 @@ from energyvit.data import shapes
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_compare_methods_runs_every_method_and_metric(tmp_path):
+def tiny_shapes(tmp_path: Path) -> Path:
     data = tmp_path / "shapes"
     shapes.generate(data, train_per_class=8, val_per_class=3, size=8)
+    return data
+
+
+def test_compare_methods_runs_every_method_and_metric(tmp_path):
+    data = tiny_shapes(tmp_path)
     out = tmp_path / "results.json"
     cmd = [sys.executable, str(ROOT / "experiments" / "compare_methods.py"), "--data_path", str(data),
            "--model", "vit_pico_patch2", "--epochs", "1", "--seeds", "0", "--config", "energy=",
@@ -28,3 +34,25 @@ def test_compare_methods_runs_every_method_and_metric(tmp_path):
         assert all(0.0 <= summary[name][k]["mean"] <= 1.0 for k in ("linear", "knn", "few_labels", "finetune"))
     assert summary["mae_time"]["epochs"]["mean"] >= 1 and summary["energy"]["train_s"]["mean"] > 0
     assert "finetune" not in summary["raw_pixels"] and result["seeds"] == [0]
+
+
+def test_compare_methods_budgets_give_curves_against_training_flops(tmp_path):
+    """Each budget is its own run; its FLOPs are its optimizer steps x the step's model FLOPs, so
+    twice the epochs is twice the FLOPs, and an energy image costs more than an MAE image."""
+    data = tiny_shapes(tmp_path)
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, str(ROOT / "experiments" / "compare_methods.py"), "--data_path", str(data),
+           "--model", "vit_pico_patch2", "--budgets", "1", "2", "--seeds", "0", "--common", "--batch_size 20",
+           "--labels_per_class", "2", "--draws", "1", "--work_dir", str(tmp_path / "runs"), "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    result = json.loads(out.read_text())
+    assert set(result["summary"]) == {"energy_e1", "energy_e2", "mae_e1", "mae_e2", "random_init", "raw_pixels"}
+    curves = result["curves"]
+    assert set(curves) == {"energy", "mae"} and result["budgets"] == [1, 2]
+    for points in curves.values():
+        assert [p["epochs"]["mean"] for p in points] == [1, 2]
+        assert points[1]["train_flops"]["mean"] == 2 * points[0]["train_flops"]["mean"] > 0
+        assert 0.0 <= points[0]["linear"]["mean"] <= 1.0
+    assert curves["energy"][0]["train_flops"]["mean"] > curves["mae"][0]["train_flops"]["mean"]
+    bad = subprocess.run(cmd[:-2] + ["--budgets", "2", "2", "--out", str(out)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--budgets" in bad.stderr

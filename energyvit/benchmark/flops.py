@@ -77,10 +77,17 @@ def energy_forward_flops(cfg: EnergyViTConfig) -> tuple[float, float]:
     return linear, attn
 
 
-def energy_step_flops(cfg: EnergyViTConfig, restore_steps: int, batch: int) -> float:
-    """Model FLOPs of one energy training step (module docstring: 6x linear, 9x attention per step)."""
+def energy_step_flops(cfg: EnergyViTConfig, restore_steps: int, batch: int, contrast: bool = False) -> float:
+    """Model FLOPs of one energy training step (module docstring: 6x linear, 9x attention per step).
+    contrast: with the explicit energy term (`--contrast_weight` > 0): E of the clean image and of
+    the detached negative, each forward + backward to the weights (3x, the patch embedding 2x: its
+    input, the pixels, needs no gradient)."""
     linear, attn = energy_forward_flops(cfg)
-    return batch * restore_steps * (6.0 * linear + 9.0 * attn)
+    flops = restore_steps * (6.0 * linear + 9.0 * attn)
+    if contrast:
+        embed = patch_embed_flops(cfg, cfg.num_patches)
+        flops += 2 * (3.0 * (linear - embed + attn) + 2.0 * embed)
+    return batch * flops
 
 
 def mae_step_flops(cfg: EnergyViTConfig, decoder, num_visible: int, batch: int) -> float:
