@@ -33,8 +33,8 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) 
     return torch.matmul(attn.softmax(dim=-1), v)
 
 
-def _fused():
-    """energyvit.kernels, or one line that says what to do when it cannot be imported."""
+def fused_kernels():
+    """energyvit.kernels (attention, LayerNorm, GELU), or one line that says what to do when it cannot be imported."""
     try:  # imported here: only the fused backend needs triton
         import energyvit.kernels as kernels
     except ModuleNotFoundError as e:
@@ -56,7 +56,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "math", scale: flo
     if backend == "math":
         return math_attention(q, k, v, scale)
     if backend == "fused":
-        return _fused().attention(q, k, v, scale=scale)
+        return fused_kernels().attention(q, k, v, scale=scale)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -69,7 +69,7 @@ def packed_attention(qkv: Tensor, backend: str = "math", scale: float | None = N
     (B, N, H * d) is a view; its gradient w.r.t. qkv is one packed tensor (no permute copies).
     """
     if backend == "fused":
-        return _fused().attention_packed(qkv, scale=scale)
+        return fused_kernels().attention_packed(qkv, scale=scale)
     if backend in ("math", "sdpa"):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         return attention(q, k, v, backend, scale).transpose(1, 2)

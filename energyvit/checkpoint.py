@@ -123,7 +123,8 @@ def load_model(path: str | Path, need_energy: bool = True, attn_backend: str = "
 
     need_energy: the caller restores images, so the energy readout and step sizes must be in the
     file; an encoder-only export then raises. attn_backend replaces the saved one: the weights do
-    not depend on it, and the evaluation tools should run where the training backend may not.
+    not depend on it, and the evaluation tools should run where the training backend may not (the
+    LayerNorm/GELU backend goes back to aten for the same reason).
     """
     path = Path(path)
     if not path.is_file():
@@ -151,7 +152,7 @@ def load_model(path: str | Path, need_energy: bool = True, attn_backend: str = "
         if isinstance(trained.get("tasks"), str):
             meta["tasks"] = trained["tasks"]
     try:
-        model = EnergyViT(replace(config_from_dict(config), attn_backend=attn_backend))
+        model = EnergyViT(replace(config_from_dict(config), attn_backend=attn_backend, ln_gelu_backend="aten"))
     except (TypeError, ValueError) as e:
         raise ValueError(f"{path} has an unusable model config: {e}") from None
     missing, unexpected = load_weights(model, state, path, strict=False)

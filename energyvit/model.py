@@ -14,10 +14,10 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from energyvit.attention import BACKENDS, attention, packed_attention
+from energyvit.norm_act import LN_GELU_BACKENDS, gelu, layer_norm
 from energyvit.options import OptionError, check_fields, in_range, non_negative, option, positive
 
 ENERGY_READOUTS = ("norm", "linear", "cls")
@@ -44,6 +44,7 @@ class EnergyViTConfig:
     restore_steps: int = 2  # K, gradient steps of restoration (1..8)
     step_size_init: float = 1.0  # initial a_k for every step
     attn_backend: str = "math"
+    ln_gelu_backend: str = "aten"  # LayerNorm and GELU: aten, or fused Triton kernels (energyvit.norm_act)
     pixel_mean: tuple[float, ...] = field(default=IMAGENET_MEAN)
     pixel_std: tuple[float, ...] = field(default=IMAGENET_STD)
 
@@ -56,6 +57,9 @@ class EnergyViTConfig:
             raise ValueError(f"unknown energy readout {self.energy!r}; choose one of {', '.join(ENERGY_READOUTS)}")
         if self.attn_backend not in BACKENDS:
             raise ValueError(f"unknown attention backend {self.attn_backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.ln_gelu_backend not in LN_GELU_BACKENDS:
+            raise ValueError(f"unknown LayerNorm/GELU backend {self.ln_gelu_backend!r}; choose one of "
+                             f"{', '.join(LN_GELU_BACKENDS)}")
         if self.energy_head_depth < 0 or self.energy_head_dim < 0 or self.energy_head_dim % 4:
             raise ValueError(f"energy head depth and width must be >= 0, the width a multiple of 4, got "
                              f"{self.energy_head_depth} and {self.energy_head_dim}")
@@ -120,8 +124,8 @@ class ModelOptions:
                                          parse=int, rule=positive)
     restore_steps: int = option(1, "K, gradient steps of restoration (1..8)", rule=in_range(1, 8), metavar="K")
     step_size_init: float = option(1.0, "initial step size a_k (a_k = exp(learned log step))", rule=positive)
-    fused: bool = option(False, "fused Triton attention (needs triton and a CUDA GPU, or TRITON_INTERPRET=1 on CPU)",
-                         resumable=True)
+    fused: bool = option(False, "fused Triton attention, LayerNorm and GELU, to second order (needs triton and a CUDA "
+                         "GPU, or TRITON_INTERPRET=1 on CPU)", resumable=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -144,7 +148,11 @@ class ModelOptions:
         return model_config(self.model, img_size=self.input_size, in_chans=in_chans, energy=self.energy,
                             energy_head_depth=self.energy_head_depth, energy_head_dim=head_dim,
                             restore_steps=self.restore_steps, step_size_init=self.step_size_init,
-                            attn_backend="fused" if self.fused else "math", pixel_mean=pixel_mean, pixel_std=pixel_std)
+                            pixel_mean=pixel_mean, pixel_std=pixel_std, **self.backends())
+
+    def backends(self) -> dict:
+        """The config fields --fused sets: how the model runs, not what it is (a resumed run may change them)."""
+        return {"attn_backend": "fused" if self.fused else "math", "ln_gelu_backend": "fused" if self.fused else "aten"}
 
 
 class PatchEmbed(nn.Module):
@@ -177,23 +185,35 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
+    def __init__(self, dim: int, hidden: int, backend: str = "aten") -> None:
         super().__init__()
+        self.backend = backend
         self.fc1 = nn.Linear(dim, hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        return self.fc2(gelu(self.fc1(x), self.backend))
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm (timm's parameter names) run by the named backend (energyvit.norm_act)."""
+
+    def __init__(self, dim: int, eps: float, backend: str = "aten") -> None:
+        super().__init__(dim, eps=eps)
+        self.backend = backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        return layer_norm(x, self.weight, self.bias, self.eps, self.backend)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: EnergyViTConfig) -> None:
         super().__init__()
         dim = cfg.embed_dim
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = LayerNorm(dim, 1e-6, cfg.ln_gelu_backend)
         self.attn = Attention(dim, cfg.num_heads, cfg.attn_backend)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio))
+        self.norm2 = LayerNorm(dim, 1e-6, cfg.ln_gelu_backend)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.ln_gelu_backend)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
@@ -238,7 +258,7 @@ class EnergyViT(nn.Module):
         pos = torch.cat([torch.zeros(1, cfg.embed_dim), sincos_pos_embed(cfg.embed_dim, grid)])
         self.pos_embed = nn.Parameter(pos.unsqueeze(0), requires_grad=False)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.norm = LayerNorm(cfg.embed_dim, 1e-6, cfg.ln_gelu_backend)
         # No bias: a constant shift of the energy has no gradient, so it could never train.
         self.energy_head = nn.Linear(cfg.embed_dim, 1, bias=False) if cfg.energy == "linear" else None
         self.energy_embed = self.energy_pos_embed = self.energy_blocks = None

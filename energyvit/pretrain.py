@@ -203,9 +203,8 @@ def setup(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -
             raise ValueError(f"{', '.join(changed)}: a resumed run keeps the options of {resume_path} (build them "
                              "with PretrainOptions.from_flat(checkpoint['args']))")
         model_name = resume_state["args"]["model"]
-        try:  # the attention backend is how it runs, not what it is: --fused decides
-            arch = replace(config_from_dict(resume_state["model_config"]),
-                           attn_backend="fused" if options.model.fused else "math")
+        try:  # the backends are how it runs, not what it is: --fused decides
+            arch = replace(config_from_dict(resume_state["model_config"]), **options.model.backends())
         except (TypeError, ValueError) as e:
             raise ValueError(f"{resume_path} has an unusable model config: {e}") from None
     else:

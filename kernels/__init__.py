@@ -1,4 +1,4 @@
-"""Fused Triton softmax attention, differentiable to second order.
+"""Fused Triton softmax attention, LayerNorm and GELU, differentiable to second order.
 
 Public API:
 
@@ -8,7 +8,10 @@ Public API:
   in place and write o so that ``o.reshape(batch, N, heads * head_dim)`` is a view; the gradient
   w.r.t. qkv is one (batch, N, 3, heads, head_dim) tensor;
 - ``attn_fwd / attn_bwd / attn_bwdbwd`` and ``attn_packed_fwd / attn_packed_bwd /
-  attn_packed_bwdbwd``: the custom ops behind them, called with input checks.
+  attn_packed_bwdbwd``: the custom ops behind them, called with input checks;
+- ``layer_norm(x, weight, bias, eps)`` over the last dim and ``gelu(x)`` (exact, erf): chained
+  custom ops for the forward, backward and backward-of-backward (layernorm_ops, gelu_ops); float64
+  runs their torch reference formulas.
 
 Inputs are validated once per call of these functions; the ops in ``torch.ops.energyvit`` do not
 check their inputs (inside an autograd chain they only see tensors the chain itself made).
@@ -19,11 +22,12 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import ops, triton_attention
+from . import gelu_ops, layernorm_ops, ops, triton_attention, triton_gelu, triton_layernorm
 from .triton_attention import validate_bwd, validate_packed, validate_packed_bwd, validate_qkv
 
 __all__ = ["attention", "attention_packed", "attn_fwd", "attn_bwd", "attn_bwdbwd", "attn_packed_fwd",
-           "attn_packed_bwd", "attn_packed_bwdbwd", "ops", "triton_attention"]
+           "attn_packed_bwd", "attn_packed_bwdbwd", "gelu", "gelu_ops", "layer_norm", "layernorm_ops", "ops",
+           "triton_attention", "triton_gelu", "triton_layernorm"]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float | None = None) -> Tensor:
@@ -68,3 +72,15 @@ def attn_packed_bwd(qkv, o, lse, do, scale: float) -> Tensor:
 def attn_packed_bwdbwd(qkv, o, lse, do, gdqkv, scale: float) -> tuple[Tensor, Tensor]:
     validate_packed_bwd(qkv, o, lse, do, scale, gdqkv)
     return ops.attn_packed_bwdbwd(qkv, o, lse, do, gdqkv, float(scale))
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:
+    """F.layer_norm(x, (D,), weight, bias, eps) with fused Triton kernels to second order."""
+    triton_layernorm.validate(x, weight, bias, eps)
+    return layernorm_ops.ln_fwd(x, weight, bias, float(eps))[0]
+
+
+def gelu(x: Tensor) -> Tensor:
+    """F.gelu(x) (exact, erf) with fused Triton kernels to second order."""
+    triton_gelu.validate(x)
+    return gelu_ops.gelu_fwd(x)
