@@ -24,7 +24,8 @@ kernels (independent kernels launched as one) are disabled for CPU tensors insid
 script lifts that one exclusion so that they are grouped as they would be on a GPU.
 
 Usage: python bench/triton_launch_proxy.py [--mode compiled|fused+compiled] [--model vit_tiny_patch16]
-       [--img 224] [--batch 64] [--ks 1] [--amp fp16] [--inductor KEY=VALUE ...] [--out FILE.json]
+       [--img 224] [--batch 64] [--ks 1] [--amp fp16] [--ln_gelu aten|fused] [--inductor KEY=VALUE ...]
+       [--out FILE.json]
 The fused mode needs TRITON_INTERPRET=1 (set here before triton is imported). bf16 autocast is
 refused by the fused ops under the interpreter; fp16 gives the same kernel count.
 """
@@ -70,6 +71,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--ks", type=int, default=1, help="restoration steps K")
     ap.add_argument("--amp", default="fp16", choices=["fp16", "fp32"], help="autocast dtype (fp32: none)")
+    ap.add_argument("--ln_gelu", default=None, choices=["aten", "fused"],
+                    help="LayerNorm/GELU backend (default: the mode's; fused+compiled sets fused)")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     type=flag_type(bench.inductor_option),
                     help="an option of torch._inductor.config (a Python literal), repeatable")
@@ -159,7 +162,7 @@ def main(argv=None) -> int:
     with GpuCodegen() as gen, inductor_config.patch(options):
         try:
             case = bench.step_case(args.mode, args.model, args.img, args.ks, args.batch, torch.device("cpu"), amp,
-                                   compile_only=True)
+                                   compile_only=True, ln_gelu=args.ln_gelu)
             sys.exit(f"the step was not compiled ({case.note})")
         except bench.CompiledOnly:
             pass
@@ -170,7 +173,8 @@ def main(argv=None) -> int:
         "what": "CPU proxy of a GPU's kernel launches per compiled training step: Inductor's Triton codegen "
                 "with an H200's device properties, nothing compiled or run (bench/triton_launch_proxy.py)",
         "mode": args.mode, "model": args.model, "img_size": args.img, "batch": args.batch, "restore_steps": args.ks,
-        "autocast": amp or "none", "inductor_options": options, **count(wrappers[0]),
+        "autocast": amp or "none", "ln_gelu": args.ln_gelu or "the mode's", "inductor_options": options,
+        **count(wrappers[0]),
         "codegen_s": round(time.perf_counter() - t, 1), "torch": torch.__version__,
         "python": platform.python_version(), "cpu": bench.cpu_model(), "git_commit": bench.git_commit(ROOT),
         "date_utc": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -110,6 +110,8 @@ def test_kernel_accounting():
     assert bench.kernel_category("triton_poi_fused_add_mul_sum_7") == "other"
     assert bench.kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32") == "cuBLAS/cuDNN"
     assert bench.kernel_category("_attn_bwdbwd_q_kernel") == "fused attention"
+    assert bench.kernels_per_op("energyvit::ln_bwdbwd") == 2 and bench.kernels_per_op("energyvit::gelu_bwdbwd") == 1
+    assert bench.kernel_category("_ln_bwdbwd_kernel") == bench.kernel_category("_col_sum_kernel") == "fused layernorm/gelu"
 
 
 def test_compiled_launches_are_counted_from_inductor_kernels(tmp_path):

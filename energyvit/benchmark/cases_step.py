@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -46,14 +46,15 @@ def _images(cfg, batch: int, device: torch.device):
 
 def step_case(mode: str, model_name: str, img_size, restore_steps: int, batch: int, device: torch.device,
               amp: str | None, kernel_profile: bool = False, compile_only: bool = False,
-              inductor: dict | None = None) -> StepCase:
+              inductor: dict | None = None, ln_gelu: str | None = None) -> StepCase:
     """The training step of `mode` on random images (seeded; mim corruption), called once (a
     cuda-graphs mode: until its first replay). Energy modes build the model as `pretrain` does
     with its defaults (energy head included; ModelOptions), K = restore_steps; MAE modes (MAE_MODES)
     ignore K. kernel_profile: compiled code records each of its CPU kernels for the profiler
     (torch._inductor.config.cpp.enable_kernel_profile). compile_only (a compiled mode): compile the
     step, then raise CompiledOnly instead of running it. inductor: options for Inductor in the
-    compiled modes (torch.compile's options)."""
+    compiled modes (torch.compile's options). ln_gelu: the LayerNorm/GELU backend ("aten" or "fused"),
+    in place of the one the mode's --fused sets (energyvit.norm_act)."""
     if mode not in STEP_MODES:
         raise ValueError(f"unknown step mode {mode!r}; choose from {', '.join(STEP_MODES)}")
     if "cuda-graphs" in mode and device.type != "cuda":
@@ -72,6 +73,8 @@ def step_case(mode: str, model_name: str, img_size, restore_steps: int, batch: i
     torch.manual_seed(0)
     cfg = ModelOptions(model=model_name, input_size=img_size, restore_steps=restore_steps,
                        fused=backend == "fused").config(in_chans=3)
+    if ln_gelu is not None:
+        cfg = replace(cfg, ln_gelu_backend=ln_gelu)
     model = EnergyViT(cfg).to(device)
     model.train()
     clean, corrupted = _images(cfg, batch, device)

@@ -21,9 +21,11 @@ _LAYOUT_WORDS = {"clone", "permute", "transpose", "view", "select", "unsafe", "e
                  "slice", "t", "cat", "copy", "alias", "reshape", "as", "strided"}
 
 
-# the project's attention ops (energyvit.kernels.ops) and the Triton kernels each one launches
+# the project's custom ops (energyvit.kernels: attention, LayerNorm, GELU) and the Triton kernels each
+# one launches (the LayerNorm backward ops: the row kernel and the parameter-gradient column sum)
 _CUSTOM_OP_KERNELS = {"attn_fwd": 1, "attn_bwd": 2, "attn_bwdbwd": 2, "attn_packed_fwd": 1, "attn_packed_bwd": 2,
-                      "attn_packed_bwdbwd": 2}
+                      "attn_packed_bwdbwd": 2, "ln_fwd": 1, "ln_bwd": 2, "ln_bwdbwd": 2, "gelu_fwd": 1,
+                      "gelu_bwd": 1, "gelu_bwdbwd": 1}
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,6 +60,8 @@ def kernel_category(name: str) -> str:
         return "layout" if set(ops.split("_")) <= _LAYOUT_WORDS else "other"
     if re.match(r"_?attn_\w*kernel|_?(fwd|bwd_dq|bwd_dkdv|bwdbwd_q|bwdbwd_kv)$", name):
         return "fused attention"
+    if re.match(r"_?(ln|gelu)_(fwd|bwd|bwdbwd)_kernel$|_?col_sum_kernel$", name):
+        return "fused layernorm/gelu"
     if re.search(r"gemm|nvjet|cutlass|xmma|cublas|cudnn|conv|wgmma", name, re.IGNORECASE):
         return "cuBLAS/cuDNN"
     return "aten"
