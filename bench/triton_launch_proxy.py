@@ -72,7 +72,7 @@ def parse_args(argv=None):
     ap.add_argument("--ks", type=int, default=1, help="restoration steps K")
     ap.add_argument("--amp", default="fp16", choices=["fp16", "fp32"], help="autocast dtype (fp32: none)")
     ap.add_argument("--ln_gelu", default=None, choices=["aten", "fused"],
-                    help="LayerNorm/GELU backend (default: the mode's; fused+compiled sets fused)")
+                    help="LayerNorm/GELU backend (default: pretrain's for the mode, aten when compiled)")
     ap.add_argument("--inductor", action="append", default=[], metavar="KEY=VALUE",
                     type=flag_type(bench.inductor_option),
                     help="an option of torch._inductor.config (a Python literal), repeatable")

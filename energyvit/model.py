@@ -124,8 +124,9 @@ class ModelOptions:
                                          parse=int, rule=positive)
     restore_steps: int = option(1, "K, gradient steps of restoration (1..8)", rule=in_range(1, 8), metavar="K")
     step_size_init: float = option(1.0, "initial step size a_k (a_k = exp(learned log step))", rule=positive)
-    fused: bool = option(False, "fused Triton attention, LayerNorm and GELU, to second order (needs triton and a CUDA "
-                         "GPU, or TRITON_INTERPRET=1 on CPU)", resumable=True)
+    fused: bool = option(False, "fused Triton attention, LayerNorm and GELU, to second order (LayerNorm and GELU "
+                         "stay aten's under --compile, which fuses them itself; needs triton and a CUDA GPU, or "
+                         "TRITON_INTERPRET=1 on CPU)", resumable=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -143,16 +144,20 @@ class ModelOptions:
         the best measured on shapes: docs/results.md)."""
         return self.energy_head_dim or MODEL_ARCHS[self.model]["embed_dim"] // 2
 
-    def config(self, in_chans: int, pixel_mean=None, pixel_std=None) -> EnergyViTConfig:
+    def config(self, in_chans: int, pixel_mean=None, pixel_std=None, compiled: bool = False) -> EnergyViTConfig:
         head_dim = self.head_width() if self.energy_head_depth else 0
         return model_config(self.model, img_size=self.input_size, in_chans=in_chans, energy=self.energy,
                             energy_head_depth=self.energy_head_depth, energy_head_dim=head_dim,
                             restore_steps=self.restore_steps, step_size_init=self.step_size_init,
-                            pixel_mean=pixel_mean, pixel_std=pixel_std, **self.backends())
+                            pixel_mean=pixel_mean, pixel_std=pixel_std, **self.backends(compiled))
 
-    def backends(self) -> dict:
-        """The config fields --fused sets: how the model runs, not what it is (a resumed run may change them)."""
-        return {"attn_backend": "fused" if self.fused else "math", "ln_gelu_backend": "fused" if self.fused else "aten"}
+    def backends(self, compiled: bool = False) -> dict:
+        """The config fields --fused sets: how the model runs, not what it is (a resumed run may change
+        them). The fused LayerNorm/GELU ops run in an eager (or graphed) step only: in a compiled step
+        Inductor fuses aten's LayerNorm and GELU with their neighbours into fewer kernels than the
+        opaque custom ops leave (docs/kernels.md, "Launch counts")."""
+        return {"attn_backend": "fused" if self.fused else "math",
+                "ln_gelu_backend": "fused" if self.fused and not compiled else "aten"}
 
 
 class PatchEmbed(nn.Module):

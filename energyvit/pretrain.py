@@ -204,14 +204,14 @@ def setup(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -
                              "with PretrainOptions.from_flat(checkpoint['args']))")
         model_name = resume_state["args"]["model"]
         try:  # the backends are how it runs, not what it is: --fused decides
-            arch = replace(config_from_dict(resume_state["model_config"]), **options.model.backends())
+            arch = replace(config_from_dict(resume_state["model_config"]), **options.model.backends(options.run.compile))
         except (TypeError, ValueError) as e:
             raise ValueError(f"{resume_path} has an unusable model config: {e}") from None
     else:
         model_name, arch = options.model.model, model_config(options.model.model, img_size=options.model.input_size)
     data = load_splits(options.data, arch.img_size, arch.in_chans if resume_state is not None else None)
     if resume_state is None:
-        arch = options.model.config(data.in_chans, *data.pixel_stats())
+        arch = options.model.config(data.in_chans, *data.pixel_stats(), compiled=options.run.compile)
         if run_opts.method == "mae":  # MAE never reads the energy: no blocks for it to carry untrained
             arch = replace(arch, energy_head_depth=0, energy_head_dim=0)
     model = EnergyViT(arch)

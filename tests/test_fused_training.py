@@ -68,7 +68,7 @@ def test_unrolled_restoration_parameter_grads_fused_ln_gelu_match_eager(attn_bac
         assert err < 1e-5, (name, err)
 
 
-def test_fused_flag_selects_fused_ln_gelu_and_keeps_timm_names():
+def test_fused_flag_selects_fused_ln_gelu_when_eager_and_keeps_timm_names():
     from energyvit.model import ModelOptions
 
     cfg = ModelOptions(model="vit_pico_patch2", fused=True, energy_head_depth=0).config(in_chans=1)
@@ -76,3 +76,6 @@ def test_fused_flag_selects_fused_ln_gelu_and_keeps_timm_names():
     fused, plain = EnergyViT(cfg), EnergyViT(model_config("vit_pico_patch2", in_chans=1))
     assert list(fused.state_dict()) == list(plain.state_dict())
     assert fused.blocks[0].norm1.backend == fused.blocks[0].mlp.backend == fused.norm.backend == "fused"
+    # compiled, Inductor fuses aten's LayerNorm/GELU into fewer kernels than the custom ops leave
+    compiled = ModelOptions(model="vit_pico_patch2", fused=True).config(in_chans=1, compiled=True)
+    assert (compiled.attn_backend, compiled.ln_gelu_backend) == ("fused", "aten")

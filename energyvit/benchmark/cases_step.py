@@ -54,7 +54,8 @@ def step_case(mode: str, model_name: str, img_size, restore_steps: int, batch: i
     (torch._inductor.config.cpp.enable_kernel_profile). compile_only (a compiled mode): compile the
     step, then raise CompiledOnly instead of running it. inductor: options for Inductor in the
     compiled modes (torch.compile's options). ln_gelu: the LayerNorm/GELU backend ("aten" or "fused"),
-    in place of the one the mode's --fused sets (energyvit.norm_act)."""
+    in place of the one pretrain would pick for the mode (fused in fused eager and graphed modes, aten
+    when compiled: ModelOptions.backends)."""
     if mode not in STEP_MODES:
         raise ValueError(f"unknown step mode {mode!r}; choose from {', '.join(STEP_MODES)}")
     if "cuda-graphs" in mode and device.type != "cuda":
@@ -72,7 +73,7 @@ def step_case(mode: str, model_name: str, img_size, restore_steps: int, batch: i
     cache_before = cache_counts()
     torch.manual_seed(0)
     cfg = ModelOptions(model=model_name, input_size=img_size, restore_steps=restore_steps,
-                       fused=backend == "fused").config(in_chans=3)
+                       fused=backend == "fused").config(in_chans=3, compiled="compiled" in parts)
     if ln_gelu is not None:
         cfg = replace(cfg, ln_gelu_backend=ln_gelu)
     model = EnergyViT(cfg).to(device)
