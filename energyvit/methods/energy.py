@@ -20,11 +20,15 @@ from energyvit.training import StepLoss
 class EnergyMethod:
     name = "energy"
 
-    def __init__(self, model: EnergyViT, mixture: TaskMixture, opts: EnergyOptions, compiled: bool = False) -> None:
+    def __init__(self, model: EnergyViT, mixture: TaskMixture, opts: EnergyOptions, compiled: bool = False,
+                 eval_mixture: TaskMixture | None = None) -> None:
         """compiled: the training step and the evaluation's restoration run through torch.compile
-        (energyvit.compiled; eager fallback with a warning where this torch cannot)."""
+        (energyvit.compiled; eager fallback with a warning where this torch cannot).
+        eval_mixture: the tasks of the held-out evaluation, if not the training ones (pretrain's
+        sparse restoration is evaluated on every hidden patch, with every patch entering)."""
         self.encoder = self.module = model
         self.mixture, self.opts = mixture, opts
+        self.eval_mixture = eval_mixture or mixture
         self.task_names = mixture.names
         # DDP (and AllReduceGradients) need a gradient for every trainable parameter: freeze what the
         # readout never uses
@@ -57,7 +61,7 @@ class EnergyMethod:
 
     def evaluate(self, images: Tensor, seed: int, keep_samples: int = 0) -> tuple[dict, Samples]:
         """Per task: held-out MSE/PSNR of corrupted and restored images, energies; grid samples."""
-        return evaluate_restoration(self.module, images, self.mixture, seed, restore_fn=self.restore_fn,
+        return evaluate_restoration(self.module, images, self.eval_mixture, seed, restore_fn=self.restore_fn,
                                     keep_samples=keep_samples)
 
     def record(self) -> dict:
