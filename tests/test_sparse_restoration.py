@@ -132,7 +132,8 @@ def test_full_fraction_is_mains_mim_bitwise_and_its_loss_and_gradients():
     opts = EnergyOptions(langevin_std=0.05, contrast_weight=0.5)
     loss = task_loss(model, x, c, opts, torch.Generator().manual_seed(3))
     grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
-    r = restore(model, c.image, c.update_mask, create_graph=True, noise_std=0.05, generator=torch.Generator().manual_seed(3))
+    r = restore(model, c.image, c.update_mask, create_graph=True, noise_std=0.05,
+                generator=torch.Generator().manual_seed(3))
     ref = restoration_loss(r.restored, x, c.loss_mask)
     ref = ref + 0.5 * torch.relu((model(x) - model(r.restored.detach())) / L).mean()
     ref_grads = torch.autograd.grad(ref, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
