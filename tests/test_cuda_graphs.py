@@ -3,7 +3,7 @@
 On the CPU: the support checks, the fallbacks (one warning, the ordinary step's exact results),
 the captured loss function against the eager step, the optimizer's state dict, and everything
 around the graph with the graph replaced by running its function eagerly (helpers.eager_replay_step):
-accumulation over micro-batches and the loss weight check. With CUDA (bench/gpu_check.sh runs this
+accumulation over micro-batches, the loss weight check and sparse restoration's kept patches. With CUDA (bench/gpu_check.sh runs this
 file there): replayed gradients and optimizer updates against the eager step and AdamW, in a task
 mixture with Langevin noise, through the training loop (also accumulating over micro-batches, and
 with the gradient all-reduce of a one-process group between the two graphs), compiled, and the
@@ -185,6 +185,34 @@ def test_replays_give_the_eager_gradients_and_none_where_the_step_never_reaches(
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-13)
         assert_grads_close(grads, ref, 1e-12)  # the same parameters without a gradient, too
     assert step.mode == "graph" and model.norm.weight.grad is None and model.norm.weight.requires_grad
+
+
+def sparse_tasks(x, seed):
+    """mim with restore_fraction 0.5: its own kept patches at every seed (a static input to copy)."""
+    return build_task("mim", 2, mask_ratio=0.5, restore_fraction=0.5)(x, torch.Generator(x.device).manual_seed(seed))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_replays_of_sparse_restoration_give_the_eager_gradients(compiled):
+    """Sparse restoration: the indices of the patches that enter are a static input, refilled at each
+    replay (new indices every call); eager or compiled (aot_eager) inside, float64, against eager."""
+    from energyvit.compiled import compile_support, compiled_train_step
+
+    if compiled and not compile_support()[0]:
+        pytest.skip(compile_support()[1])
+    opts = EnergyOptions() if compiled else OPTS  # the compiled step under a graph draws no noise
+    model = tiny_model()
+    x = images(3)
+    inner = compiled_train_step(model, opts, backend="aot_eager") if compiled else None
+    step = eager_replay_step(model, opts, inner, warmup_steps=1)
+    for seed in range(3):
+        c = sparse_tasks(x, seed)
+        loss, grads = run_step(step, model, x, c, seed)
+        ref_loss, ref = eager_step(model, x, c, seed, opts)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+        assert_grads_close(grads, ref, 1e-10)
+    assert step.mode == "graph" and step.static_inputs[-1].shape == (3, 12)
+    assert torch.equal(step.static_inputs[-1], c.keep)
 
 
 def test_a_replayed_loss_backpropagated_with_another_weight_is_refused():
@@ -375,6 +403,27 @@ def test_graphs_with_the_gradient_all_reduce_of_a_process_group(fp32_cuda):
         assert_same_training(got, train_with_graphs(fp32_cuda, False, accum=2))
     finally:
         dist.destroy_process_group()
+
+
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_replayed_sparse_restoration_matches_eager(fp32_cuda, compiled):
+    """Sparse restoration under a real graph, eager or compiled inside: new kept patches each call."""
+    from energyvit.compiled import compile_support, compiled_train_step
+
+    if compiled and not compile_support()[0]:
+        pytest.skip(compile_support()[1])
+    opts = EnergyOptions() if compiled else OPTS
+    model = tiny_model(dtype=torch.float32).to(fp32_cuda)
+    x = images(4, dtype=torch.float32).to(fp32_cuda)
+    step = cg.GraphedLossStep(model, opts, compiled_train_step(model, opts) if compiled else None, warmup_steps=1)
+    for seed in range(4):
+        c = sparse_tasks(x, seed)
+        loss, grads = run_step(step, model, x, c, seed)
+        ref_loss, ref = eager_step(model, x, c, seed, opts)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-4)
+        assert_grads_close(grads, ref, 1e-4)
+    assert step.mode == "graph"
 
 
 @needs_cuda
