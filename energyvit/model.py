@@ -300,9 +300,9 @@ class EnergyViT(nn.Module):
 
     def check_keep(self, keep: Tensor | None, batch: int, values: bool = True) -> None:
         """ValueError unless `keep` is None or (batch, n) int64 patch indices, 1 <= n <= num_patches.
-        values: also check that every index is a patch of the image (reads them: a host sync, so
-        the forward, which may run inside a compiled graph or a CUDA-graph capture, checks the shape
-        only and the callers of restoration check the values once)."""
+        values: also check that every index is a patch of the image. That reads them, a host sync:
+        the forward, which may run inside a compiled graph, checks the shape only, the callers of
+        restoration the values too, except inside a CUDA-graph capture (where a sync is an error)."""
         if keep is None:
             return
         num_patches = self.cfg.num_patches
@@ -311,7 +311,8 @@ class EnergyViT(nn.Module):
                              f"{tuple(keep.shape)}")
         if keep.dtype != torch.int64:
             raise TypeError(f"keep must hold int64 patch indices, got dtype {keep.dtype}")
-        if values and (keep.min() < 0 or keep.max() >= num_patches):
+        capturing = keep.is_cuda and torch.cuda.is_current_stream_capturing()
+        if values and not capturing and (keep.min() < 0 or keep.max() >= num_patches):
             raise ValueError(f"keep holds indices outside 0..{num_patches - 1} (the image's patches)")
 
     def normalize(self, x: Tensor) -> Tensor:
