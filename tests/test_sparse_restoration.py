@@ -273,3 +273,16 @@ def test_pretrain_trains_sparse_and_evaluates_every_hidden_patch():
     assert name == "mim" and torch.isfinite(loss)
     dense = build_method(PretrainOptions(), tiny_model(dtype=torch.float32), SimpleNamespace(in_chans=1))
     assert dense.eval_mixture is dense.mixture
+
+
+def test_evaluating_a_sparse_task_restores_its_kept_patches():
+    from energyvit.methods.energy import evaluate_restoration
+    from energyvit.tasks import TaskMixture
+
+    model = tiny_model()
+    x = images(4)
+    results, _ = evaluate_restoration(model, x, TaskMixture({"mim": sparse_mim(0.5)}, {"mim": 1.0}), seed=3)
+    c = corrupt(x, 0.5, seed=3)
+    r = restore(model, c.image, c.update_mask, keep=c.keep)
+    assert results["mim"]["mse_restored"] == pytest.approx(restoration_loss(r.restored, x, c.loss_mask).item(), rel=1e-12)
+    assert results["mim"]["energy_restored"] == pytest.approx(r.energies[-1].mean().item(), rel=1e-12)

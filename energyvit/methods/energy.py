@@ -92,7 +92,8 @@ def evaluate_restoration(
     `images`, over each task's loss region, with corruptions drawn from a fixed seed; also mean
     energies of clean, corrupted and restored images.
 
-    restore_fn(image, update_mask) -> Restoration replaces eager inference restoration.
+    restore_fn(image, update_mask) -> Restoration replaces eager inference restoration (not for a
+    sparse task's corruptions, restored eagerly with their kept patches).
     keep_samples: also return, per task, (corrupted, every restoration step, clean) of the first
     keep_samples images (on the CPU), for pictures."""
     restore_fn = restore_fn or (lambda image, mask: restore(model, image, mask))
@@ -109,7 +110,10 @@ def evaluate_restoration(
         for i, clean in enumerate(chunks):
             corrupted = task(clean, gen).to(device)
             clean = clean.to(device)
-            result = restore_fn(corrupted.image, corrupted.update_mask)
+            if corrupted.keep is None:
+                result = restore_fn(corrupted.image, corrupted.update_mask)
+            else:  # a sparse task (pretrain evaluates a full one instead): eager, the kept patches entering
+                result = restore(model, corrupted.image, corrupted.update_mask, keep=corrupted.keep)
             with torch.no_grad():
                 w = len(clean)
                 totals["mse_corrupted"] += w * restoration_loss(corrupted.image, clean, corrupted.loss_mask).item()
