@@ -14,9 +14,9 @@ two graphs are captured:
   (`energyvit.compiled`), is captured as it is. Before each replay the step's inputs
   are copied into static tensors: the clean and corrupted images, the update mask (all ones for a
   task without one: `delta * 1` is exact), the loss region, the Langevin noise and, for sparse
-  restoration, the indices of the patches that enter (their number is fixed by the task's options). The corruption
-  itself (task choice, masks, noise) still runs eagerly from the step's seed, exactly as in the
-  ordinary step, so one graph serves every task of a mixture.
+  restoration, the indices of the patches that enter (their number is fixed by the task's
+  options). The corruption itself (task choice, masks, noise) still runs eagerly from the step's
+  seed, exactly as in the ordinary step, so one graph serves every task of a mixture.
 - graph B, `GraphedAdamW`: the AdamW update (`capturable=True`: the step count lives on the
   device; the learning rate is read from a device tensor that is filled, before each replay,
   with the value the training loop set).

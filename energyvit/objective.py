@@ -66,7 +66,8 @@ def entering_patches(model: EnergyViT, keep: Tensor | None) -> int:
 def energy_contrast(energy_fn: Callable[[Tensor], Tensor], clean: Tensor, negative: Tensor, opts: EnergyOptions,
                     num_patches: int, weight: Tensor | None = None) -> Tensor:
     """The explicit energy term: the mean over images of relu(margin + (E(clean) - E(negative)) /
-    num_patches), num_patches those the energy reads. The negative is detached: only the energies train, not the path that made it.
+    num_patches), num_patches those the energy reads. The negative is detached: only the energies
+    train, not the path that made it.
     weight: per-image weights (the compiled step gives its padding rows 0)."""
     gap = (energy_fn(clean) - energy_fn(negative.detach())) / num_patches
     per_image = torch.relu(opts.contrast_margin + gap)

@@ -3,9 +3,9 @@
 On the CPU: the support checks, the fallbacks (one warning, the ordinary step's exact results),
 the captured loss function against the eager step, the optimizer's state dict, and everything
 around the graph with the graph replaced by running its function eagerly (helpers.eager_replay_step):
-accumulation over micro-batches, the loss weight check and sparse restoration's kept patches. With CUDA (bench/gpu_check.sh runs this
-file there): replayed gradients and optimizer updates against the eager step and AdamW, in a task
-mixture with Langevin noise, through the training loop (also accumulating over micro-batches, and
+accumulation over micro-batches, the loss weight check and sparse restoration's kept patches.
+With CUDA (bench/gpu_check.sh runs this file there): replayed gradients and optimizer updates
+against the eager step and AdamW, in a task mixture with Langevin noise, through the training loop (also accumulating over micro-batches, and
 with the gradient all-reduce of a one-process group between the two graphs), compiled, and the
 fallbacks after a capture error and for a batch of another shape.
 """
