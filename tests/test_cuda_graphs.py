@@ -5,9 +5,10 @@ the captured loss function against the eager step, the optimizer's state dict, a
 around the graph with the graph replaced by running its function eagerly (helpers.eager_replay_step):
 accumulation over micro-batches, the loss weight check and sparse restoration's kept patches.
 With CUDA (bench/gpu_check.sh runs this file there): replayed gradients and optimizer updates
-against the eager step and AdamW, in a task mixture with Langevin noise, through the training loop (also accumulating over micro-batches, and
-with the gradient all-reduce of a one-process group between the two graphs), compiled, and the
-fallbacks after a capture error and for a batch of another shape.
+against the eager step and AdamW, in a task mixture with Langevin noise, through the training
+loop (also accumulating over micro-batches, and with the gradient all-reduce of a one-process
+group between the two graphs), compiled, with sparse restoration, and the fallbacks after a
+capture error and for a batch of another shape.
 """
 import warnings
 
