@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from energyvit.model import EnergyViT
-from energyvit.objective import EnergyOptions, score, task_loss
+from energyvit.objective import EnergyOptions, restored_loss, task_loss
 from energyvit.restore import bind_keep, descend, draw_noise
 from energyvit.tasks import Corrupted
 
@@ -173,7 +173,7 @@ class GraphedLossStep:
         restored, _, _ = descend(bind_keep(self.model, keep), image.detach().requires_grad_(True),
                                  self.model.step_sizes[: self.steps], mask, noise if noise.numel() else None,
                                  self.opts.langevin_std, create_graph=True)
-        return score(restored, clean, region, self.opts, self.model.cfg.patch_size)
+        return restored_loss(self.model, clean, image, restored, region, keep, self.opts)
 
     def _forward_backward(self) -> None:
         """What graph A holds: the loss on the static inputs into static_loss, and the backward of

@@ -47,12 +47,20 @@ def task_loss(model: EnergyViT, clean: Tensor, corrupted: Corrupted, opts: Energ
     energy_fn: what computes E(x) if not the model itself (the DDP wrapper, which syncs gradients).
     With sparse restoration (corrupted.keep) every energy, the explicit term's too, reads only the
     patches that enter."""
-    keep = corrupted.keep
     result = restore(model, corrupted.image, corrupted.update_mask, create_graph=True,
-                     noise_std=opts.langevin_std, generator=generator, energy_fn=energy_fn, keep=keep)
-    loss = score(result.restored, clean, corrupted.loss_mask, opts, model.cfg.patch_size)
+                     noise_std=opts.langevin_std, generator=generator, energy_fn=energy_fn, keep=corrupted.keep)
+    return restored_loss(model, clean, corrupted.image, result.restored, corrupted.loss_mask, corrupted.keep, opts,
+                         energy_fn)
+
+
+def restored_loss(model: EnergyViT, clean: Tensor, corrupted: Tensor, restored: Tensor, loss_mask: Tensor,
+                  keep: Tensor | None, opts: EnergyOptions,
+                  energy_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """The training loss of a restored batch: the restoration score over loss_mask, plus the
+    explicit energy term when opts.contrast_weight > 0 (the ordinary and the graphed step share it)."""
+    loss = score(restored, clean, loss_mask, opts, model.cfg.patch_size)
     if opts.contrast_weight:
-        negative = corrupted.image if opts.contrast_negative == "corrupted" else result.restored
+        negative = corrupted if opts.contrast_negative == "corrupted" else restored
         loss = loss + opts.contrast_weight * energy_contrast(bind_keep(energy_fn or model, keep), clean, negative,
                                                              opts, entering_patches(model, keep))
     return loss

@@ -74,14 +74,17 @@ def test_support_says_why_not():
         assert not cg.cuda_graphs_usable(cpu)
 
 
-def test_captured_loss_is_the_eager_step():
+@pytest.mark.parametrize("opts", [OPTS, EnergyOptions(langevin_std=0.05, contrast_weight=0.5, contrast_margin=1.0)],
+                         ids=["restoration", "with_energy_term"])
+def test_captured_loss_is_the_eager_step(opts):
     """What the graph captures (the step on static inputs: noise drawn up front, an all-ones mask
-    for a task without one) gives the eager step's loss and gradients, float64."""
+    for a task without one) gives the eager step's loss and gradients, float64, the explicit
+    energy term (--contrast_weight) included."""
     model = tiny_model()
     x = images(3)
-    step = cg.GraphedLossStep(model, OPTS)
+    step = cg.GraphedLossStep(model, opts)
     for i, c in enumerate(tasks(x)):
-        ref_loss, ref = eager_step(model, x, c, seed=i)
+        ref_loss, ref = eager_step(model, x, c, seed=i, opts=opts)
         model.zero_grad(set_to_none=True)
         loss = step._loss(*step._inputs(x, c, torch.Generator().manual_seed(i)))
         loss.backward()
