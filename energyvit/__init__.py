@@ -30,7 +30,8 @@ def corrupt(images: Tensor, task: str, patch_size: int = 16, generator: torch.Ge
             **options) -> Corrupted:
     """Corrupt images (B, C, H, W) in [0, 1] with a named task (mim, sort, sr, denoise, colorize).
 
-    options: mask_ratio, mask_fill, sort_fraction, sr_factor, noise_sigma (energyvit.tasks.TaskOptions).
+    options: mask_ratio, mask_fill, restore_fraction (mim: sparse restoration, the patches that enter in
+    Corrupted.keep), sort_fraction, sr_factor, noise_sigma (energyvit.tasks.TaskOptions).
     """
     return build_task(task, patch_size, TaskOptions(**options))(images, generator)
 

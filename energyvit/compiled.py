@@ -23,6 +23,9 @@ already contains every first- and second-order term. See docs/compile.md.
 - A task without an update mask (None) gets an all-ones mask, and the loss region is always a
   tensor (all ones for ``region="all"``): ``delta * 1`` is exact, the masked mean equals the mean
   up to rounding, and every task of a mixture runs in the same graph.
+- Sparse restoration (a task's ``Corrupted.keep``: the patches that enter, e.g. mim with
+  ``--restore_fraction`` < 1) is one more static input, (batch, n) indices: n is fixed by the
+  task's options, so one graph serves every step; padding rows copy the first row's indices.
 - ``compiled_restore(model)`` compiles inference restoration (``restore.descend`` with first-order
   dE/dx only) and returns the same ``Restoration`` as ``restore.restore``.
 - The images enter the compiled region already requiring grad (made so outside it):
@@ -60,8 +63,9 @@ from torch import Tensor
 
 from energyvit.losses import restoration_loss
 from energyvit.model import EnergyViT
-from energyvit.objective import EnergyOptions, energy_contrast, task_loss
-from energyvit.restore import Restoration, check_restore_inputs, check_second_order, descend, draw_noise, restore
+from energyvit.objective import EnergyOptions, energy_contrast, entering_patches, task_loss
+from energyvit.restore import Restoration, bind_keep, check_restore_inputs, check_second_order, descend, draw_noise, \
+    restore
 from energyvit.tasks import Corrupted
 
 _WARNED: set[str] = set()
@@ -211,17 +215,18 @@ class CompiledTrainStep:
         return _count_graphs(self._traced)
 
     def _loss_and_grads(self, clean: Tensor, image: Tensor, update_mask: Tensor, region: Tensor,
-                        noise: Tensor | None):
+                        noise: Tensor | None, keep: Tensor | None):
         """The compiled function: unrolled restoration, loss and d loss / d params in one graph."""
-        restored, _, _ = descend(self.model, image, self.model.step_sizes[: self.steps], update_mask, noise,
+        energy_fn = bind_keep(self.model, keep)
+        restored, _, _ = descend(energy_fn, image, self.model.step_sizes[: self.steps], update_mask, noise,
                                  self.opts.langevin_std, create_graph=True)
         norm_pix_patch = self.model.cfg.patch_size if self.opts.norm_pix_loss else None
         loss = restoration_loss(restored, clean, region, norm_pix_patch)
         if self.opts.contrast_weight:
             negative = image if self.opts.contrast_negative == "corrupted" else restored
             real = (region.flatten(1).amax(dim=1) > 0).to(region.dtype)  # padding rows have an all-zero region
-            loss = loss + self.opts.contrast_weight * energy_contrast(self.model, clean, negative, self.opts,
-                                                                      self.model.cfg.num_patches, real)
+            loss = loss + self.opts.contrast_weight * energy_contrast(energy_fn, clean, negative, self.opts,
+                                                                      entering_patches(self.model, keep), real)
         grads = torch.autograd.grad(loss, _trainable(self.model), allow_unused=True)
         return loss.detach(), grads
 
@@ -230,9 +235,10 @@ class CompiledTrainStep:
         image = corrupted.image
         update_mask = _full_mask(image, corrupted.update_mask)
         region = corrupted.loss_mask if self.opts.loss_region == "corrupted" else torch.ones_like(update_mask)
-        clean, image, update_mask, region, noise = _plain(_pad(clean, n), _pad(image, n), _pad(update_mask, n),
-                                                          _pad(region, n, zeros=True), _pad(noise, n, dim=1, zeros=True))
-        return clean, image.detach().requires_grad_(True), update_mask, region, noise
+        clean, image, update_mask, region, noise, keep = _plain(
+            _pad(clean, n), _pad(image, n), _pad(update_mask, n), _pad(region, n, zeros=True),
+            _pad(noise, n, dim=1, zeros=True), _pad(corrupted.keep, n))
+        return clean, image.detach().requires_grad_(True), update_mask, region, noise, keep
 
     def _attach(self, loss: Tensor, grads) -> Tensor:
         params = _trainable(self.model)
@@ -254,6 +260,7 @@ class CompiledTrainStep:
             return task_loss(self.model, clean, corrupted, self.opts, generator)
         image = corrupted.image
         self.model.check_input(image)  # user errors raise here, outside the compiled region
+        self.model.check_keep(corrupted.keep, image.shape[0])
         if clean.shape != image.shape:
             raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(image.shape)} differ in shape")
         batch = image.shape[0]

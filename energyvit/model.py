@@ -7,6 +7,10 @@ readout of the `linear` energy) and `restore_log_step` (the learnable restoratio
 
 Images enter in pixel space ([0, 1] per channel); the model normalizes them with the per-channel
 mean/std of its config, so corruptions, noise levels and losses are all stated in pixel units.
+
+Sparse restoration: the energy's `keep` argument, (B, n) patch indices, lets only those patches
+enter (every patch is embedded, then the others are dropped, as MAE drops hidden patches); the
+energy head reads the same tokens, with its position embedding gathered the same way.
 """
 from __future__ import annotations
 
@@ -237,6 +241,12 @@ def init_linear_and_norm(modules) -> None:
             nn.init.zeros_(m.bias)
 
 
+def gather_patches(tokens: Tensor, keep: Tensor) -> Tensor:
+    """The tokens (B or 1, num_patches, D) of the patches `keep` (B, n) indexes: (B, n, D)."""
+    index = keep.unsqueeze(-1).expand(-1, -1, tokens.shape[-1])
+    return tokens.expand(keep.shape[0], -1, -1).gather(1, index)
+
+
 def sincos_pos_embed(dim: int, grid: int) -> Tensor:
     """2D sine-cosine position embedding (MAE's), (grid*grid, dim)."""
     if dim % 4:
@@ -313,6 +323,23 @@ class EnergyViT(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"expected floating-point images, got dtype {x.dtype}")
 
+    def check_keep(self, keep: Tensor | None, batch: int, values: bool = True) -> None:
+        """ValueError unless `keep` is None or (batch, n) int64 patch indices, 1 <= n <= num_patches.
+        values: also check that every index is a patch of the image. That reads them, a host sync:
+        the forward, which may run inside a compiled graph, checks the shape only, the callers of
+        restoration the values too, except inside a CUDA-graph capture (where a sync is an error)."""
+        if keep is None:
+            return
+        num_patches = self.cfg.num_patches
+        if keep.ndim != 2 or keep.shape[0] != batch or not 1 <= keep.shape[1] <= num_patches:
+            raise ValueError(f"keep must be (batch {batch}, n) patch indices with 1 <= n <= {num_patches}, got shape "
+                             f"{tuple(keep.shape)}")
+        if keep.dtype != torch.int64:
+            raise TypeError(f"keep must hold int64 patch indices, got dtype {keep.dtype}")
+        capturing = keep.is_cuda and torch.cuda.is_current_stream_capturing()
+        if values and not capturing and (keep.min() < 0 or keep.max() >= num_patches):
+            raise ValueError(f"keep holds indices outside 0..{num_patches - 1} (the image's patches)")
+
     def normalize(self, x: Tensor) -> Tensor:
         """Pixel-space images -> the model's input space: (x - pixel_mean) / pixel_std per channel."""
         return (x - self.pixel_mean) / self.pixel_std
@@ -326,9 +353,13 @@ class EnergyViT(nn.Module):
         self.check_input(x)
         return self.patch_embed(self.normalize(x)) + self.pos_embed[:, 1:]
 
-    def forward_tokens(self, x: Tensor) -> Tensor:
-        """The residual stream after the last block (B, 1 + num_patches, D), before the final norm."""
+    def forward_tokens(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """The residual stream after the last block (B, 1 + num_patches, D), before the final norm;
+        with `keep` (B, n) patch indices, of the class token and those patches only (B, 1 + n, D)."""
         x = self.embed_patches(x)
+        if keep is not None:
+            self.check_keep(keep, x.shape[0], values=False)
+            x = gather_patches(x, keep)
         cls = self.cls_token + self.pos_embed[:, :1]
         x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
         for block in self.blocks:
@@ -339,8 +370,9 @@ class EnergyViT(nn.Module):
         """Final normalized token features (B, 1 + num_patches, D), as timm; index 0 is the class token."""
         return self.norm(self.forward_tokens(x))
 
-    def energy_from_tokens(self, z: Tensor) -> Tensor:
-        """Scalar energy per image from the residual stream z of the last block.
+    def energy_from_tokens(self, z: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Scalar energy per image from the residual stream z of the last block (of the class token
+        and the patches `keep` indexes, if given; the sums and the cls scaling are then over those).
 
         `norm`: half the squared norm of each patch token over the width D, summed over patches.
         `linear`: a learned linear map of each normalized patch token to a scalar, summed.
@@ -351,15 +383,19 @@ class EnergyViT(nn.Module):
         With an energy head, its blocks first map the normalized features norm(z), and the readout
         takes their residual stream instead.
         """
-        z = self._readout_stream(z)
+        z = self._readout_stream(z, keep)
         if self.cfg.energy == "cls":
             return 0.5 * z[:, 0].pow(2).sum(dim=1) * (z.shape[1] - 1) / z.shape[-1]
         return self._patch_terms(z).sum(dim=1)
 
-    def _readout_stream(self, z: Tensor) -> Tensor:
-        """The tokens the readout reads: the encoder's residual stream, or the energy head's."""
+    def _readout_stream(self, z: Tensor, keep: Tensor | None = None) -> Tensor:
+        """The tokens the readout reads: the encoder's residual stream, or the energy head's (whose
+        position embedding, with `keep`, is that of the class token and the kept patches)."""
         if self.energy_blocks is not None:
-            z = self.energy_embed(self.norm(z)) + self.energy_pos_embed
+            pos = self.energy_pos_embed
+            if keep is not None:
+                pos = torch.cat([pos[:, :1].expand(keep.shape[0], -1, -1), gather_patches(pos[:, 1:], keep)], dim=1)
+            z = self.energy_embed(self.norm(z)) + pos
             for block in self.energy_blocks:
                 z = block(z)
         return z
@@ -370,9 +406,10 @@ class EnergyViT(nn.Module):
             return 0.5 * z[:, 1:].pow(2).sum(dim=2) / z.shape[-1]
         return self.energy_head(self.norm(z[:, 1:])).squeeze(-1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Energy E(x), shape (batch,)."""
-        return self.energy_from_tokens(self.forward_tokens(x))
+    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """Energy E(x), shape (batch,). keep: (batch, n) int64 indices of the patches that enter (in
+        patch order, the same n for every image); None: every patch."""
+        return self.energy_from_tokens(self.forward_tokens(x, keep), keep)
 
     def patch_energies(self, x: Tensor) -> Tensor:
         """E(x) split over the patches, (batch, num_patches), row sums = forward(x): the `norm` and

@@ -12,7 +12,7 @@ from torch import Tensor
 from energyvit.losses import restoration_loss
 from energyvit.model import EnergyViT
 from energyvit.options import check_fields, non_negative, option
-from energyvit.restore import restore
+from energyvit.restore import bind_keep, restore
 from energyvit.tasks import Corrupted
 
 LOSS_REGIONS = ("corrupted", "all")
@@ -44,21 +44,38 @@ def task_loss(model: EnergyViT, clean: Tensor, corrupted: Corrupted, opts: Energ
               generator: torch.Generator | None = None, energy_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Restore in training mode (create_graph) and score against the clean batch.
 
-    energy_fn: what computes E(x) if not the model itself (the DDP wrapper, which syncs gradients)."""
+    energy_fn: what computes E(x) if not the model itself (the DDP wrapper, which syncs gradients).
+    With sparse restoration (corrupted.keep) every energy, the explicit term's too, reads only the
+    patches that enter."""
     result = restore(model, corrupted.image, corrupted.update_mask, create_graph=True,
-                     noise_std=opts.langevin_std, generator=generator, energy_fn=energy_fn)
-    loss = score(result.restored, clean, corrupted.loss_mask, opts, model.cfg.patch_size)
+                     noise_std=opts.langevin_std, generator=generator, energy_fn=energy_fn, keep=corrupted.keep)
+    return restored_loss(model, clean, corrupted.image, result.restored, corrupted.loss_mask, corrupted.keep, opts,
+                         energy_fn)
+
+
+def restored_loss(model: EnergyViT, clean: Tensor, corrupted: Tensor, restored: Tensor, loss_mask: Tensor,
+                  keep: Tensor | None, opts: EnergyOptions,
+                  energy_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """The training loss of a restored batch: the restoration score over loss_mask, plus the
+    explicit energy term when opts.contrast_weight > 0 (the ordinary and the graphed step share it)."""
+    loss = score(restored, clean, loss_mask, opts, model.cfg.patch_size)
     if opts.contrast_weight:
-        negative = corrupted.image if opts.contrast_negative == "corrupted" else result.restored
-        loss = loss + opts.contrast_weight * energy_contrast(energy_fn or model, clean, negative, opts,
-                                                             model.cfg.num_patches)
+        negative = corrupted if opts.contrast_negative == "corrupted" else restored
+        loss = loss + opts.contrast_weight * energy_contrast(bind_keep(energy_fn or model, keep), clean, negative,
+                                                             opts, entering_patches(model, keep))
     return loss
+
+
+def entering_patches(model: EnergyViT, keep: Tensor | None) -> int:
+    """How many patches enter the energy: keep's n, or all of them."""
+    return model.cfg.num_patches if keep is None else keep.shape[1]
 
 
 def energy_contrast(energy_fn: Callable[[Tensor], Tensor], clean: Tensor, negative: Tensor, opts: EnergyOptions,
                     num_patches: int, weight: Tensor | None = None) -> Tensor:
     """The explicit energy term: the mean over images of relu(margin + (E(clean) - E(negative)) /
-    num_patches). The negative is detached: only the energies train, not the path that made it.
+    num_patches), num_patches those the energy reads. The negative is detached: only the energies
+    train, not the path that made it.
     weight: per-image weights (the compiled step gives its padding rows 0)."""
     gap = (energy_fn(clean) - energy_fn(negative.detach())) / num_patches
     per_image = torch.relu(opts.contrast_margin + gap)

@@ -100,6 +100,9 @@ class PretrainOptions:
         if self.run.cuda_graphs and self.run.method != "energy":
             raise OptionError("cuda_graphs", True, f"left off with --method {self.run.method} (it captures the energy "
                               "step)")
+        if self.tasks.restore_fraction < 1 and self.run.method != "energy":
+            raise OptionError("restore_fraction", self.tasks.restore_fraction, f"1 with --method {self.run.method} "
+                              "(it sparsifies the energy method's restoration; MAE's masking is --mae_mask_ratio)")
 
     def flat(self) -> dict:
         """Every option by its flag name, as checkpoints keep them ("args")."""
@@ -187,7 +190,11 @@ class Training:
 def build_method(options: PretrainOptions, model: EnergyViT, data: DataSplits) -> PretrainingMethod:
     if options.run.method == "energy":
         mixture = build_mixture(options.tasks, model.cfg.patch_size, data.in_chans)
-        return EnergyMethod(model, mixture, options.energy, compiled=options.run.compile)
+        full = None
+        if options.tasks.restore_fraction < 1:  # held-out restoration of every hidden patch, every patch
+            # entering: one measure for every --restore_fraction (the hidden patches are the same under a seed)
+            full = build_mixture(replace(options.tasks, restore_fraction=1.0), model.cfg.patch_size, data.in_chans)
+        return EnergyMethod(model, mixture, options.energy, compiled=options.run.compile, eval_mixture=full)
     return MAEMethod(model, options.mae)
 
 
@@ -269,7 +276,8 @@ def _run(options: PretrainOptions, dist_info: DistInfo, device: torch.device) ->
     t = setup(options, dist_info, device)
     model, train_opts = t.encoder, options.train
     n_params = sum(p.numel() for p in t.method.module.parameters())
-    what = (f"tasks {options.tasks.tasks}, K={model.cfg.restore_steps}" if options.run.method == "energy"
+    sparse = f", restore fraction {options.tasks.restore_fraction:g}" if options.tasks.restore_fraction < 1 else ""
+    what = (f"tasks {options.tasks.tasks}{sparse}, K={model.cfg.restore_steps}" if options.run.method == "energy"
             else f"MAE baseline, mask ratio {options.mae.mae_mask_ratio}")
     if dist_info.is_main:
         print(f"{PROG}: {t.model_name} ({n_params / 1e6:.2f}M params, attention {model.cfg.attn_backend}), "

@@ -9,6 +9,10 @@ Two modes:
 - inference (`create_graph=False`): no step keeps a parameter graph; memory is one forward graph
   at a time, and every intermediate image is returned.
 
+Sparse restoration (`keep`, the patches that enter the energy, see EnergyViT.forward): the
+energy of every step reads only those patches, so dE/dx is zero on the others; the update mask
+(the task's) then covers only patches among them.
+
 `descend` is the one loop behind eager training, inference and the compiled step and restore of
 energyvit.compiled: Dynamo traces it into one graph, so it holds nothing Dynamo cannot trace (no
 generator draws, no requires_grad_ calls; torch 2.11 refuses the latter inside a compiled region).
@@ -33,14 +37,16 @@ class Restoration:
     energies: Tensor
 
 
-def check_restore_inputs(model: EnergyViT, corrupted: Tensor, update_mask: Tensor | None, steps: int | None) -> int:
-    """The number of steps K (default: the model's), after checking the images, mask and K."""
+def check_restore_inputs(model: EnergyViT, corrupted: Tensor, update_mask: Tensor | None, steps: int | None,
+                         keep: Tensor | None = None) -> int:
+    """The number of steps K (default: the model's), after checking the images, mask, K and keep."""
     K = model.cfg.restore_steps if steps is None else steps
     if not 1 <= K <= model.restore_log_step.numel():
         raise ValueError(f"steps must be in 1..{model.restore_log_step.numel()} (the model's restore_steps), got {K}")
     model.check_input(corrupted)
     if update_mask is not None and (update_mask.ndim != 4 or update_mask.shape[2:] != corrupted.shape[2:]):
         raise ValueError(f"update_mask of shape {tuple(update_mask.shape)} does not match images {tuple(corrupted.shape)}")
+    model.check_keep(keep, corrupted.shape[0])
     return K
 
 
@@ -58,6 +64,11 @@ def draw_noise(x: Tensor, steps: int, noise_std: float, generator: torch.Generat
         return None
     return torch.stack([torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                         for _ in range(steps)])
+
+
+def bind_keep(energy_fn: Callable[..., Tensor], keep: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """x -> energy_fn(x, keep), or energy_fn itself without keep."""
+    return energy_fn if keep is None else lambda x: energy_fn(x, keep)
 
 
 def descend(energy_fn: Callable[[Tensor], Tensor], x: Tensor, step_sizes: Tensor, update_mask: Tensor | None,
@@ -96,23 +107,27 @@ def restore(
     create_graph: bool = False,
     noise_std: float = 0.0,
     generator: torch.Generator | None = None,
-    energy_fn: Callable[[Tensor], Tensor] | None = None,
+    energy_fn: Callable[..., Tensor] | None = None,
+    keep: Tensor | None = None,
 ) -> Restoration:
     """Restore `corrupted` by `steps` (default: the model's K) gradient steps on its energy.
 
     update_mask: (B, 1 or C, H, W) in {0, 1}; 1 where pixels may change. None updates all.
     noise_std: Langevin noise, x += noise_std * sqrt(2 a_k) * N(0, 1) after each step.
     energy_fn: computes E(x) in place of model(x), e.g. the model's DistributedDataParallel wrapper
-    (whose forward makes the outer backward all-reduce the parameter gradients).
+    (whose forward makes the outer backward all-reduce the parameter gradients); called as
+    energy_fn(x, keep) when keep is given.
+    keep: (B, n) indices of the patches that enter the energy (sparse restoration); None: all.
     """
-    K = check_restore_inputs(model, corrupted, update_mask, steps)
+    K = check_restore_inputs(model, corrupted, update_mask, steps, keep)
     if create_graph:
         check_second_order(model)
     step_sizes = model.step_sizes[:K]
     noise = draw_noise(corrupted, K, noise_std, generator)
     # training may differentiate through an input that already requires grad; otherwise x_0 is a new leaf
     x0 = corrupted if create_graph and corrupted.requires_grad else corrupted.detach().requires_grad_(True)
-    restored, trajectory, energies = descend(energy_fn or model, x0, step_sizes if create_graph else step_sizes.detach(),
-                                             update_mask, noise, noise_std, create_graph)
+    restored, trajectory, energies = descend(bind_keep(energy_fn or model, keep), x0,
+                                             step_sizes if create_graph else step_sizes.detach(), update_mask, noise,
+                                             noise_std, create_graph)
     return Restoration(restored=restored if create_graph else restored.detach(), steps=trajectory,
                        energies=torch.stack(energies))

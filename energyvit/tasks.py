@@ -1,8 +1,9 @@
 """Pretext tasks: corruptions of clean images in pixel space ([0, 1] per channel).
 
 Each task maps a clean batch (B, C, H, W) to a `Corrupted`: the corrupted image, the region the
-loss covers and the region restoration may change. Masks are float {0, 1} of shape (B, 1, H, W).
-All randomness comes from the `generator` argument, so a seed reproduces a corruption.
+loss covers, the region restoration may change and, for sparse restoration (mim with
+restore_fraction < 1), the patches that enter the network. Masks are float {0, 1} of shape
+(B, 1, H, W). All randomness comes from the `generator` argument, so a seed reproduces a corruption.
 """
 from __future__ import annotations
 
@@ -25,10 +26,13 @@ class Corrupted:
     image: Tensor
     loss_mask: Tensor  # 1 where the restoration loss is computed
     update_mask: Tensor | None  # 1 where restoration may change pixels; None: everywhere
+    # (B, n) indices of the patches that enter the energy, in patch order, the same n for every
+    # image; None: every patch (EnergyViT.forward's `keep`)
+    keep: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Corrupted:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
-        return Corrupted(move(self.image), move(self.loss_mask), move(self.update_mask))
+        return Corrupted(move(self.image), move(self.loss_mask), move(self.update_mask), move(self.keep))
 
 
 def _check_images(x: Tensor, patch_size: int | None = None) -> None:
@@ -50,37 +54,70 @@ def _patch_mask_to_pixels(patch_mask: Tensor, grid_h: int, grid_w: int, patch_si
     return m.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
 
 
+def _random_patch_order(batch: int, num_patches: int, generator, device) -> Tensor:
+    """A random permutation (B, num_patches) of the patch indices of each image."""
+    noise = torch.rand(batch, num_patches, generator=generator, device=device)
+    return noise.argsort(dim=1)
+
+
 def _random_patch_choice(batch: int, num_patches: int, num_chosen: int, generator, device) -> Tensor:
     """Indices (B, num_chosen) of distinct random patches per image."""
-    noise = torch.rand(batch, num_patches, generator=generator, device=device)
-    return noise.argsort(dim=1)[:, :num_chosen]
+    return _random_patch_order(batch, num_patches, generator, device)[:, :num_chosen]
+
+
+def mim_patch_counts(num_patches: int, mask_ratio: float, restore_fraction: float = 1.0) -> tuple[int, int]:
+    """(hidden, restored): how many of `num_patches` patches mim hides in each image, and how many
+    of those enter the network and are restored (restore_fraction of them, at least 1). The
+    patches entering the network are the num_patches - hidden visible ones plus the restored."""
+    hidden = max(1, round(mask_ratio * num_patches))
+    return hidden, hidden if restore_fraction >= 1 else max(1, round(restore_fraction * hidden))
 
 
 class MaskedImageModeling:
-    """Hide a random `mask_ratio` of patches, filled with a constant or uniform noise."""
+    """Hide a random `mask_ratio` of patches, filled with a constant or uniform noise.
+
+    restore_fraction < 1 (sparse restoration): only that fraction of each image's hidden patches
+    enters the network, with every visible patch (`Corrupted.keep`); the others are dropped from
+    the token sequence, as MAE drops hidden patches, and stay as they are. The update and loss
+    masks cover the restored hidden patches only. Which hidden patches are restored is the start
+    of the same random order that chose the hidden ones: no further draw from the generator, so
+    the hidden patches (and any later draw) are those of restore_fraction = 1 under the same seed.
+    """
 
     name = "mim"
 
-    def __init__(self, patch_size: int, mask_ratio: float = 0.75, fill: str | float = 0.5) -> None:
+    def __init__(self, patch_size: int, mask_ratio: float = 0.75, fill: str | float = 0.5,
+                 restore_fraction: float = 1.0) -> None:
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         if not (fill == "noise" or isinstance(fill, (int, float))):
             raise ValueError(f"mask fill must be 'noise' or a number, got {fill!r}")
+        if not 0 < restore_fraction <= 1:  # also refuses NaN
+            raise ValueError(f"restore_fraction must be in (0, 1], got {restore_fraction}")
         self.patch_size, self.mask_ratio, self.fill = patch_size, mask_ratio, fill
+        self.restore_fraction = restore_fraction
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Corrupted:
         _check_images(x, self.patch_size)
         B, _, H, W = x.shape
         gh, gw = H // self.patch_size, W // self.patch_size
-        num_masked = max(1, round(self.mask_ratio * gh * gw))
-        chosen = _random_patch_choice(B, gh * gw, num_masked, generator, x.device)
+        num_masked, num_restored = mim_patch_counts(gh * gw, self.mask_ratio, self.restore_fraction)
+        order = _random_patch_order(B, gh * gw, generator, x.device)
+        chosen = order[:, :num_masked]
         patch_mask = torch.zeros(B, gh * gw, device=x.device, dtype=x.dtype).scatter_(1, chosen, 1.0)
         mask = _patch_mask_to_pixels(patch_mask, gh, gw, self.patch_size)
         if self.fill == "noise":
             fill = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         else:
             fill = torch.full_like(x, float(self.fill))
-        return Corrupted(x * (1 - mask) + fill * mask, mask, mask)
+        image = x * (1 - mask) + fill * mask
+        if num_restored == num_masked:
+            return Corrupted(image, mask, mask)
+        # the first num_restored hidden patches of the order are restored; the rest are dropped
+        restored = torch.zeros_like(patch_mask).scatter_(1, order[:, :num_restored], 1.0)
+        region = _patch_mask_to_pixels(restored, gh, gw, self.patch_size)
+        keep = torch.cat([order[:, :num_restored], order[:, num_masked:]], dim=1).sort(dim=1).values
+        return Corrupted(image, region, region, keep)
 
 
 class PatchSort:
@@ -188,10 +225,19 @@ class TaskOptions:
     sort_fraction: float = option(0.25, "sort: fraction of patches shuffled among themselves", rule=half_open_unit)
     sr_factor: int = option(2, "sr: average-pool down by this factor, bilinear back up", choices=(2, 4))
     noise_sigma: float = option(0.2, "denoise: Gaussian sigma in pixel units", rule=positive)
+    restore_fraction: float = option(1.0, "mim: sparse restoration, the fraction of each image's hidden patches that "
+                                     "enter the network with the visible ones and are restored (and scored); the "
+                                     "others are dropped from the token sequence, as MAE drops hidden patches "
+                                     "(1: every patch enters; below 1 needs --tasks mim alone)",
+                                     rule=half_open_unit)
 
     def __post_init__(self) -> None:
         check_fields(self)
-        self.weights()  # refuse a malformed mixture now, not at the first batch
+        weights = self.weights()  # refuse a malformed mixture now, not at the first batch
+        if self.restore_fraction < 1 and set(weights) != {"mim"}:
+            raise OptionError("restore_fraction", self.restore_fraction,
+                              f"1 with --tasks {self.tasks} (below 1 it needs --tasks mim alone: only mim hides "
+                              "patches to drop)")
 
     def weights(self) -> dict[str, float]:
         """'mim:0.5,denoise:0.25,sr' -> {'mim': 0.5, 'denoise': 0.25, 'sr': 1.0}."""
@@ -201,7 +247,7 @@ class TaskOptions:
 # name -> the task built from the options and the patch size. A new task is a class above, its
 # option as a TaskOptions field and one entry here; the flags follow from TaskOptions.
 TASKS: dict[str, Callable[[TaskOptions, int], Callable]] = {
-    "mim": lambda o, patch: MaskedImageModeling(patch, o.mask_ratio, o.mask_fill),
+    "mim": lambda o, patch: MaskedImageModeling(patch, o.mask_ratio, o.mask_fill, o.restore_fraction),
     "sort": lambda o, patch: PatchSort(patch, o.sort_fraction),
     "sr": lambda o, patch: SuperResolution(o.sr_factor),
     "denoise": lambda o, patch: Denoise(o.noise_sigma),
@@ -216,7 +262,10 @@ def build_task(name: str, patch_size: int, options: TaskOptions | None = None, *
     key = TASK_ALIASES.get(name, name)
     if key not in TASKS:
         raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASK_NAMES)}")
-    return TASKS[key](options if options is not None else TaskOptions(**overrides), patch_size)
+    options = options if options is not None else TaskOptions(**overrides)
+    if key != "mim" and options.restore_fraction < 1:
+        raise ValueError(f"restore_fraction {options.restore_fraction} is for the mim task only, not {name}")
+    return TASKS[key](options, patch_size)
 
 
 def parse_task_weights(spec: str) -> dict[str, float]:

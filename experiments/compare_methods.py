@@ -50,6 +50,7 @@ from energyvit.evaluation.knn import knn_scores, topk_accuracy
 from energyvit.evaluation.probes import linear_probe
 from energyvit.methods.mae import load_mae
 from energyvit.model import EnergyViT
+from energyvit.tasks import mim_patch_counts
 
 METRICS = ("linear", "knn", "few_labels")
 
@@ -78,7 +79,9 @@ def training_flops(checkpoint: Path) -> float:
         mae = load_mae(checkpoint)
         return images * mae_step_flops(mae.encoder.cfg, mae.decoder_cfg, mae.num_visible, 1)
     cfg = load_model(checkpoint)[0].cfg
-    return images * energy_step_flops(cfg, cfg.restore_steps, 1, contrast=args["contrast_weight"] > 0)
+    hidden, restored = mim_patch_counts(cfg.num_patches, args["mask_ratio"], args.get("restore_fraction", 1.0))
+    patches = cfg.num_patches - hidden + restored  # sparse restoration (mim alone): visible + restored hidden
+    return images * energy_step_flops(cfg, cfg.restore_steps, 1, contrast=args["contrast_weight"] > 0, patches=patches)
 
 
 def run_name(name: str, epochs: int, budgets: list[int]) -> str:

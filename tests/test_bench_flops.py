@@ -1,6 +1,8 @@
 """The benchmark's analytic model FLOPs (energyvit.benchmark.flops) against torch's FLOP counter on
 the steps the benchmark times, and the datasheet peaks MFU divides by."""
+import importlib.util
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,11 +10,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import energyvit
 from energyvit import benchmark as bench
+from energyvit.checkpoint import save_checkpoint
 from energyvit.methods.mae import MAEBaseline, default_decoder
-from energyvit.model import EnergyViT, ModelOptions, model_config
+from energyvit.model import EnergyViT, ModelOptions, config_to_dict, model_config
 from energyvit.objective import EnergyOptions, task_loss
+from energyvit.pretrain import PretrainOptions
+from energyvit.tasks import TaskOptions, build_task, mim_patch_counts
 
 CPU = torch.device("cpu")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class _NoModuleTracking:
@@ -57,6 +63,47 @@ def test_energy_step_flops_are_what_the_timed_step_executes(one_thread, head_dep
     opts = EnergyOptions(contrast_weight=0.5)
     flops = measured_flops(lambda: task_loss(model, clean, corrupted, opts).backward())
     assert bench.energy_step_flops(cfg, restore_steps, 3, contrast=True) == pytest.approx(flops, rel=1e-9)
+
+
+@pytest.mark.parametrize("head_depth,energy", [(2, "norm"), (0, "cls")])
+def test_sparse_energy_step_flops_are_what_the_step_executes(one_thread, head_depth, energy):
+    """Sparse restoration (mim, --restore_fraction 0.25 of 12 hidden patches of vit_nano_patch4's
+    16): 1 + 4 visible + 3 restored tokens enter every energy, also the explicit term's; the patch
+    embedding runs on every patch. Counted = executed, and less than the dense step."""
+    cfg = ModelOptions(model="vit_nano_patch4", restore_steps=2, energy=energy, energy_head_depth=head_depth).config(1)
+    model = EnergyViT(cfg)
+    clean = torch.rand(3, 1, 16, 16)
+    task = build_task("mim", 4, TaskOptions(restore_fraction=0.25))
+    corrupted = task(clean, torch.Generator().manual_seed(0))
+    hidden, restored = mim_patch_counts(cfg.num_patches, 0.75, 0.25)
+    patches = cfg.num_patches - hidden + restored
+    assert (hidden, restored, patches) == (12, 3, 7) and corrupted.keep.shape == (3, patches)
+    for opts, contrast in ((EnergyOptions(), False), (EnergyOptions(contrast_weight=0.5), True)):
+        flops = measured_flops(lambda: task_loss(model, clean, corrupted, opts).backward())
+        counted = bench.energy_step_flops(cfg, 2, 3, contrast=contrast, patches=patches)
+        assert counted == pytest.approx(flops, rel=1e-9)
+        assert counted < 0.6 * bench.energy_step_flops(cfg, 2, 3, contrast=contrast)
+
+
+def test_compare_methods_counts_the_runs_restore_fraction(tmp_path):
+    """experiments/compare_methods.py's training_flops reads the run's --restore_fraction from the
+    checkpoint's options (a checkpoint without it: every patch)."""
+    spec = importlib.util.spec_from_file_location("compare_methods", ROOT / "experiments" / "compare_methods.py")
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    cfg = ModelOptions(model="vit_pico_patch2").config(3)
+    path = tmp_path / "checkpoint-last.pth"
+
+    def flops_of(args: dict) -> float:
+        save_checkpoint(path, {"model": EnergyViT(cfg).state_dict(), "model_config": config_to_dict(cfg),
+                               "args": args, "global_step": 5, "method": "energy"})
+        return compare.training_flops(path)
+
+    options = PretrainOptions(tasks=TaskOptions(mask_ratio=0.5, restore_fraction=0.5)).flat()
+    per_image = bench.energy_step_flops(cfg, cfg.restore_steps, 1, patches=8 + 4)
+    assert flops_of(options) == pytest.approx(5 * options["batch_size"] * per_image, rel=1e-12)
+    dense = {k: v for k, v in options.items() if k != "restore_fraction"}  # written before the option existed
+    assert flops_of(dense) == pytest.approx(5 * options["batch_size"] * bench.energy_step_flops(cfg, 1, 1), rel=1e-12)
 
 
 def test_mae_step_flops_are_what_the_timed_step_executes(one_thread):

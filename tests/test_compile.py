@@ -260,6 +260,30 @@ def test_compiled_step_with_fused_attention_matches_eager_fused():
     assert err < 1e-5, err
 
 
+def test_compiled_sparse_restoration_matches_eager(model):
+    """mim with restore_fraction 0.5 (the patches that enter: one more static input) and the
+    explicit energy term on the same patches: compiled vs eager float64 gradients, a smaller batch
+    padded (with copies of the first row's indices) in the same graph, no fallback."""
+    opts = EnergyOptions(loss_region="all", norm_pix_loss=True, langevin_std=0.05, contrast_weight=0.5)
+    task = MaskedImageModeling(patch_size=2, mask_ratio=0.5, restore_fraction=0.5)
+    fn = compiled.compiled_train_step(model, opts)
+    for batch in (4, 3):
+        clean = images(batch=batch, seed=batch + 10)
+        c = task(clean, torch.Generator().manual_seed(batch))
+        assert c.keep.shape == (batch, 12)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            loss = fn(clean, c, torch.Generator().manual_seed(SEED))
+        ref_loss = task_loss(model, clean, c, opts, torch.Generator().manual_seed(SEED))
+        assert abs(loss.item() - ref_loss.item()) <= 1e-12 * abs(ref_loss.item())
+        ref = param_grads(model, task_loss(model, clean, c, opts, torch.Generator().manual_seed(SEED)))
+        assert rel_err(param_grads(model, loss), ref) < 1e-9
+        dense = param_grads(model, task_loss(model, clean, type(c)(c.image, c.loss_mask, c.update_mask), opts,
+                                             torch.Generator().manual_seed(SEED)))
+        assert rel_err(dense, ref) > 1e-2  # the dropped patches change the step: keep was used
+    assert fn.mode == "compiled" and fn.compiled_graphs() == 1
+
+
 def test_attached_gradients_follow_the_incoming_gradient():
     """The compiled step's loss hands each parameter its gradient times d(out)/d(loss), in one
     foreach op; a parameter without a gradient keeps none."""

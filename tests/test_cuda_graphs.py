@@ -3,11 +3,12 @@
 On the CPU: the support checks, the fallbacks (one warning, the ordinary step's exact results),
 the captured loss function against the eager step, the optimizer's state dict, and everything
 around the graph with the graph replaced by running its function eagerly (helpers.eager_replay_step):
-accumulation over micro-batches and the loss weight check. With CUDA (bench/gpu_check.sh runs this
-file there): replayed gradients and optimizer updates against the eager step and AdamW, in a task
-mixture with Langevin noise, through the training loop (also accumulating over micro-batches, and
-with the gradient all-reduce of a one-process group between the two graphs), compiled, and the
-fallbacks after a capture error and for a batch of another shape.
+accumulation over micro-batches, the loss weight check and sparse restoration's kept patches.
+With CUDA (bench/gpu_check.sh runs this file there): replayed gradients and optimizer updates
+against the eager step and AdamW, in a task mixture with Langevin noise, through the training
+loop (also accumulating over micro-batches, and with the gradient all-reduce of a one-process
+group between the two graphs), compiled, with sparse restoration, and the fallbacks after a
+capture error and for a batch of another shape.
 """
 import warnings
 
@@ -73,14 +74,17 @@ def test_support_says_why_not():
         assert not cg.cuda_graphs_usable(cpu)
 
 
-def test_captured_loss_is_the_eager_step():
+@pytest.mark.parametrize("opts", [OPTS, EnergyOptions(langevin_std=0.05, contrast_weight=0.5, contrast_margin=1.0)],
+                         ids=["restoration", "with_energy_term"])
+def test_captured_loss_is_the_eager_step(opts):
     """What the graph captures (the step on static inputs: noise drawn up front, an all-ones mask
-    for a task without one) gives the eager step's loss and gradients, float64."""
+    for a task without one) gives the eager step's loss and gradients, float64, the explicit
+    energy term (--contrast_weight) included."""
     model = tiny_model()
     x = images(3)
-    step = cg.GraphedLossStep(model, OPTS)
+    step = cg.GraphedLossStep(model, opts)
     for i, c in enumerate(tasks(x)):
-        ref_loss, ref = eager_step(model, x, c, seed=i)
+        ref_loss, ref = eager_step(model, x, c, seed=i, opts=opts)
         model.zero_grad(set_to_none=True)
         loss = step._loss(*step._inputs(x, c, torch.Generator().manual_seed(i)))
         loss.backward()
@@ -185,6 +189,34 @@ def test_replays_give_the_eager_gradients_and_none_where_the_step_never_reaches(
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-13)
         assert_grads_close(grads, ref, 1e-12)  # the same parameters without a gradient, too
     assert step.mode == "graph" and model.norm.weight.grad is None and model.norm.weight.requires_grad
+
+
+def sparse_tasks(x, seed):
+    """mim with restore_fraction 0.5: its own kept patches at every seed (a static input to copy)."""
+    return build_task("mim", 2, mask_ratio=0.5, restore_fraction=0.5)(x, torch.Generator(x.device).manual_seed(seed))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_replays_of_sparse_restoration_give_the_eager_gradients(compiled):
+    """Sparse restoration: the indices of the patches that enter are a static input, refilled at each
+    replay (new indices every call); eager or compiled (aot_eager) inside, float64, against eager."""
+    from energyvit.compiled import compile_support, compiled_train_step
+
+    if compiled and not compile_support()[0]:
+        pytest.skip(compile_support()[1])
+    opts = EnergyOptions() if compiled else OPTS  # the compiled step under a graph draws no noise
+    model = tiny_model()
+    x = images(3)
+    inner = compiled_train_step(model, opts, backend="aot_eager") if compiled else None
+    step = eager_replay_step(model, opts, inner, warmup_steps=1)
+    for seed in range(3):
+        c = sparse_tasks(x, seed)
+        loss, grads = run_step(step, model, x, c, seed)
+        ref_loss, ref = eager_step(model, x, c, seed, opts)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+        assert_grads_close(grads, ref, 1e-10)
+    assert step.mode == "graph" and step.static_inputs[-1].shape == (3, 12)
+    assert torch.equal(step.static_inputs[-1], c.keep)
 
 
 def test_a_replayed_loss_backpropagated_with_another_weight_is_refused():
@@ -375,6 +407,30 @@ def test_graphs_with_the_gradient_all_reduce_of_a_process_group(fp32_cuda):
         assert_same_training(got, train_with_graphs(fp32_cuda, False, accum=2))
     finally:
         dist.destroy_process_group()
+
+
+@needs_cuda
+@pytest.mark.parametrize("compiled", [False, True])
+def test_replayed_sparse_restoration_matches_eager(fp32_cuda, compiled):
+    """Sparse restoration under a real graph, eager or compiled inside (aot_eager: the capture of a
+    compiled step that reads the kept patches, without another Inductor compile in
+    bench/gpu_check.sh's time for this file): new kept patches each call."""
+    from energyvit.compiled import compile_support, compiled_train_step
+
+    if compiled and not compile_support()[0]:
+        pytest.skip(compile_support()[1])
+    opts = EnergyOptions() if compiled else OPTS
+    model = tiny_model(dtype=torch.float32).to(fp32_cuda)
+    x = images(4, dtype=torch.float32).to(fp32_cuda)
+    inner = compiled_train_step(model, opts, backend="aot_eager") if compiled else None
+    step = cg.GraphedLossStep(model, opts, inner, warmup_steps=1)
+    for seed in range(4):
+        c = sparse_tasks(x, seed)
+        loss, grads = run_step(step, model, x, c, seed)
+        ref_loss, ref = eager_step(model, x, c, seed, opts)
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-4)
+        assert_grads_close(grads, ref, 1e-4)
+    assert step.mode == "graph"
 
 
 @needs_cuda

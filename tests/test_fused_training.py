@@ -79,3 +79,28 @@ def test_fused_flag_selects_fused_ln_gelu_when_eager_and_keeps_timm_names():
     # compiled, Inductor fuses aten's LayerNorm/GELU into fewer kernels than the custom ops leave
     compiled = ModelOptions(model="vit_pico_patch2", fused=True).config(in_chans=1, compiled=True)
     assert (compiled.attn_backend, compiled.ln_gelu_backend) == ("fused", "aten")
+
+
+def test_sparse_restoration_fused_matches_math():
+    """Sparse restoration only shortens the token sequence (1 + 8 visible + 4 restored of 16 patches:
+    13 tokens, not a multiple of any block size): parameter gradients through K=2 steps, fused fp32
+    kernels against the float64 math path of the same weights."""
+    from energyvit.tasks import build_task
+    from helpers import images, tiny_model
+
+    model = tiny_model(dtype=torch.float32, attn_backend="fused", restore_steps=2)
+    reference = tiny_model(dtype=torch.float64, attn_backend="math", restore_steps=2)
+    reference.load_state_dict(model.state_dict())
+    clean = images(3)
+    c = build_task("mim", 2, mask_ratio=0.5, restore_fraction=0.5)(clean, torch.Generator().manual_seed(0))
+    assert c.keep.shape == (3, 12)
+
+    def grads(m, dtype):
+        corrupted = type(c)(c.image.to(dtype), c.loss_mask.to(dtype), c.update_mask.to(dtype), c.keep)
+        loss = task_loss(m, clean.to(dtype), corrupted, EnergyOptions())
+        params = [p for p in m.parameters() if p.requires_grad]
+        return torch.cat([g.flatten().double() for g in torch.autograd.grad(loss, params, allow_unused=True)
+                          if g is not None])
+
+    fused, math = grads(model, torch.float32), grads(reference, torch.float64)
+    assert ((fused - math).norm() / math.norm()).item() < 1e-5

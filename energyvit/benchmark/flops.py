@@ -15,6 +15,10 @@ MAE step (`mae_step_flops`: encoder on the visible tokens, decoder on all, forwa
 3x forward (forward, input and weight gradients), except the patch embedding, which sees every
 patch (MAE embeds, then drops) and gets no input gradient: 2x.
 
+Sparse restoration (mim with `--restore_fraction` < 1): the blocks, the energy head and the
+readout see the class token and the `patches` that enter (visible + restored hidden); the patch
+embedding still runs on every patch (embedded, then dropped, as MAE), so it is counted in full.
+
 These are model FLOPs (what the math defines, as MFU counts them): the fused kernels recompute
 the attention matrix and execute more, SDPA's flash backward too; none of that is counted.
 tests/test_bench_flops.py checks both counts against torch.utils.flop_counter on tiny models.
@@ -61,10 +65,12 @@ def patch_embed_flops(cfg: EnergyViTConfig, patches: int) -> float:
     return linear_flops(patches, cfg.patch_size ** 2 * cfg.in_chans, cfg.embed_dim)
 
 
-def energy_forward_flops(cfg: EnergyViTConfig) -> tuple[float, float]:
+def energy_forward_flops(cfg: EnergyViTConfig, patches: int | None = None) -> tuple[float, float]:
     """(linear incl. the patch embedding, attention) FLOPs of one energy forward E(x), one image:
-    the encoder and, when the config has one, the energy head (its embedding and blocks)."""
-    n = cfg.num_patches + 1
+    the encoder and, when the config has one, the energy head (its embedding and blocks).
+    patches: how many patch tokens enter (sparse restoration); default every patch."""
+    patches = cfg.num_patches if patches is None else patches
+    n = patches + 1
     linear, attn = blocks_flops(n, cfg.embed_dim, cfg.depth, cfg.mlp_ratio)
     linear += patch_embed_flops(cfg, cfg.num_patches)
     if cfg.energy_head_depth:
@@ -73,16 +79,19 @@ def energy_forward_flops(cfg: EnergyViTConfig) -> tuple[float, float]:
         linear += linear_flops(n, cfg.embed_dim, dh) + head_linear
         attn += head_attn
     elif cfg.energy == "linear":
-        linear += linear_flops(cfg.num_patches, cfg.embed_dim, 1)
+        linear += linear_flops(patches, cfg.embed_dim, 1)
     return linear, attn
 
 
-def energy_step_flops(cfg: EnergyViTConfig, restore_steps: int, batch: int, contrast: bool = False) -> float:
+def energy_step_flops(cfg: EnergyViTConfig, restore_steps: int, batch: int, contrast: bool = False,
+                      patches: int | None = None) -> float:
     """Model FLOPs of one energy training step (module docstring: 6x linear, 9x attention per step).
     contrast: with the explicit energy term (`--contrast_weight` > 0): E of the clean image and of
     the detached negative, each forward + backward to the weights (3x, the patch embedding 2x: its
-    input, the pixels, needs no gradient)."""
-    linear, attn = energy_forward_flops(cfg)
+    input, the pixels, needs no gradient).
+    patches: the patch tokens that enter each energy (sparse restoration: visible + restored
+    hidden, `tasks.mim_patch_counts`); default every patch."""
+    linear, attn = energy_forward_flops(cfg, patches)
     flops = restore_steps * (6.0 * linear + 9.0 * attn)
     if contrast:
         embed = patch_embed_flops(cfg, cfg.num_patches)

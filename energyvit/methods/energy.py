@@ -20,11 +20,15 @@ from energyvit.training import StepLoss
 class EnergyMethod:
     name = "energy"
 
-    def __init__(self, model: EnergyViT, mixture: TaskMixture, opts: EnergyOptions, compiled: bool = False) -> None:
+    def __init__(self, model: EnergyViT, mixture: TaskMixture, opts: EnergyOptions, compiled: bool = False,
+                 eval_mixture: TaskMixture | None = None) -> None:
         """compiled: the training step and the evaluation's restoration run through torch.compile
-        (energyvit.compiled; eager fallback with a warning where this torch cannot)."""
+        (energyvit.compiled; eager fallback with a warning where this torch cannot).
+        eval_mixture: the tasks of the held-out evaluation, if not the training ones (pretrain's
+        sparse restoration is evaluated on every hidden patch, with every patch entering)."""
         self.encoder = self.module = model
         self.mixture, self.opts = mixture, opts
+        self.eval_mixture = eval_mixture or mixture
         self.task_names = mixture.names
         # DDP (and AllReduceGradients) need a gradient for every trainable parameter: freeze what the
         # readout never uses
@@ -57,7 +61,7 @@ class EnergyMethod:
 
     def evaluate(self, images: Tensor, seed: int, keep_samples: int = 0) -> tuple[dict, Samples]:
         """Per task: held-out MSE/PSNR of corrupted and restored images, energies; grid samples."""
-        return evaluate_restoration(self.module, images, self.mixture, seed, restore_fn=self.restore_fn,
+        return evaluate_restoration(self.module, images, self.eval_mixture, seed, restore_fn=self.restore_fn,
                                     keep_samples=keep_samples)
 
     def record(self) -> dict:
@@ -88,7 +92,8 @@ def evaluate_restoration(
     `images`, over each task's loss region, with corruptions drawn from a fixed seed; also mean
     energies of clean, corrupted and restored images.
 
-    restore_fn(image, update_mask) -> Restoration replaces eager inference restoration.
+    restore_fn(image, update_mask) -> Restoration replaces eager inference restoration (not for a
+    sparse task's corruptions, restored eagerly with their kept patches).
     keep_samples: also return, per task, (corrupted, every restoration step, clean) of the first
     keep_samples images (on the CPU), for pictures."""
     restore_fn = restore_fn or (lambda image, mask: restore(model, image, mask))
@@ -105,7 +110,10 @@ def evaluate_restoration(
         for i, clean in enumerate(chunks):
             corrupted = task(clean, gen).to(device)
             clean = clean.to(device)
-            result = restore_fn(corrupted.image, corrupted.update_mask)
+            if corrupted.keep is None:
+                result = restore_fn(corrupted.image, corrupted.update_mask)
+            else:  # a sparse task (pretrain evaluates a full one instead): eager, the kept patches entering
+                result = restore(model, corrupted.image, corrupted.update_mask, keep=corrupted.keep)
             with torch.no_grad():
                 w = len(clean)
                 totals["mse_corrupted"] += w * restoration_loss(corrupted.image, clean, corrupted.loss_mask).item()
