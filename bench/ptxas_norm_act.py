@@ -17,7 +17,6 @@ Results: bench/results/ptxas-sm90a-norm-act-triton<version>.csv
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import time
 from pathlib import Path
@@ -131,11 +130,7 @@ def main() -> None:
     jobs = _jobs([int(v) for v in args.dims.split(",")], args.dtypes.split(","))
     rows = [compile_one(j) for j in jobs]
     out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"ptxas-sm90a-norm-act-triton{triton.__version__}.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    P.write_csv(out, FIELDS, rows)
     print(markdown_table(rows))
     print(f"# {len(rows)} compiles; wrote {out}")
 

@@ -81,7 +81,7 @@ def _variant(name: str, cfg: tuple) -> str:
 
 def _arg_values(arg_names, head_dim):
     """Representative launch values for the integer args (for triton's divisibility hints)."""
-    b, h, n, d = SHAPE["B"], SHAPE["H"], SHAPE["N"], head_dim
+    h, n, d = SHAPE["H"], SHAPE["N"], head_dim
     vals = {"N": n, "H": h,
             # packed (B, N, 3, H, d) inputs and outputs
             "s_qb": n * 3 * h * d, "s_qh": d, "s_qn": 3 * h * d,
@@ -201,6 +201,14 @@ def _label(r) -> str:
     return f"{cfg} {r['variant']}" if r["variant"] else cfg
 
 
+def write_csv(out: Path, fields, rows) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("w", newline="") as f:
+        w = csv.DictWriter(f, fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
 def markdown_table(rows) -> str:
     head = ("| kernel | variant | dtype | d | BLOCK_M | BLOCK_N | warps | stages | registers | spill bytes (st/ld) "
             "| shared KB | wgmma |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -273,11 +281,7 @@ def main() -> None:
         rows = list(pool.map(compile_one, jobs))
     out = Path(args.out) if args.out else (
         ROOT / "bench" / "results" / f"ptxas-sm90a-triton{triton.__version__}{'-sweep' if args.sweep else ''}.csv")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", newline="") as f:
-        w = csv.DictWriter(f, FIELDS)
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(out, FIELDS, rows)
     print(markdown_table(rows))
     print(f"# {len(rows)} compiles in {time.perf_counter() - t0:.0f} s; wrote {out}")
     # The target: every kernel, bf16, head_dim 64, has an autotune config whose resident block
