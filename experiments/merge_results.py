@@ -17,7 +17,7 @@ from pathlib import Path
 
 from energyvit.benchmark import mean_std
 
-KEYS = ("linear", "knn", "few_labels", "finetune", "train_s", "epochs")
+KEYS = ("linear", "knn", "few_labels", "finetune", "train_s", "train_flops", "epochs")
 
 
 def main() -> None:
