@@ -49,7 +49,7 @@ from energyvit.evaluation.features import features
 from energyvit.evaluation.knn import knn_scores, topk_accuracy
 from energyvit.evaluation.probes import linear_probe
 from energyvit.methods.mae import load_mae
-from energyvit.model import EnergyViT
+from energyvit.model import EnergyViT, config_from_dict
 from energyvit.tasks import mim_patch_counts
 
 METRICS = ("linear", "knn", "few_labels")
@@ -78,7 +78,7 @@ def training_flops(checkpoint: Path) -> float:
     if state["method"] == "mae":
         mae = load_mae(checkpoint)
         return images * mae_step_flops(mae.encoder.cfg, mae.decoder_cfg, mae.num_visible, 1)
-    cfg = load_model(checkpoint)[0].cfg
+    cfg = config_from_dict(state["model_config"])  # the config alone: no second read, no model built
     hidden, restored = mim_patch_counts(cfg.num_patches, args["mask_ratio"], args.get("restore_fraction", 1.0))
     patches = cfg.num_patches - hidden + restored  # sparse restoration (mim alone): visible + restored hidden
     return images * energy_step_flops(cfg, cfg.restore_steps, 1, contrast=args["contrast_weight"] > 0, patches=patches)
