@@ -26,6 +26,10 @@ already contains every first- and second-order term. See docs/compile.md.
 - Sparse restoration (a task's ``Corrupted.keep``: the patches that enter, e.g. mim with
   ``--restore_fraction`` < 1) is one more static input, (batch, n) indices: n is fixed by the
   task's options, so one graph serves every step; padding rows copy the first row's indices.
+- A learned fill (``--mask_fill learned``) is put into the hidden patches inside the compiled
+  region (``objective.fill_mask``: an all-zero mask for a task that hides nothing), so the fill
+  patch gets its gradient from the same graph; the per-image loss weights are always a tensor
+  (ones where the task gives none: ``err * 1`` is exact), so every task of a mixture shares a graph.
 - ``compiled_restore(model)`` compiles inference restoration (``restore.descend`` with first-order
   dE/dx only) and returns the same ``Restoration`` as ``restore.restore``.
 - The images enter the compiled region already requiring grad (made so outside it):
@@ -63,7 +67,7 @@ from torch import Tensor
 
 from energyvit.losses import restoration_loss
 from energyvit.model import EnergyViT
-from energyvit.objective import EnergyOptions, energy_contrast, entering_patches, task_loss
+from energyvit.objective import EnergyOptions, energy_contrast, entering_patches, fill_mask, task_loss
 from energyvit.restore import Restoration, bind_keep, check_restore_inputs, check_second_order, descend, draw_noise, \
     restore
 from energyvit.tasks import Corrupted
@@ -215,13 +219,15 @@ class CompiledTrainStep:
         return _count_graphs(self._traced)
 
     def _loss_and_grads(self, clean: Tensor, image: Tensor, update_mask: Tensor, region: Tensor,
-                        noise: Tensor | None, keep: Tensor | None):
+                        noise: Tensor | None, keep: Tensor | None, fill: Tensor | None, weight: Tensor):
         """The compiled function: unrolled restoration, loss and d loss / d params in one graph."""
         energy_fn = bind_keep(self.model, keep)
+        if fill is not None:  # the learned fill, in the graph: its patch gets a gradient like the others
+            image = self.model.fill_hidden(image, fill)
         restored, _, _ = descend(energy_fn, image, self.model.step_sizes[: self.steps], update_mask, noise,
                                  self.opts.langevin_std, create_graph=True)
         norm_pix_patch = self.model.cfg.patch_size if self.opts.norm_pix_loss else None
-        loss = restoration_loss(restored, clean, region, norm_pix_patch)
+        loss = restoration_loss(restored, clean, region, norm_pix_patch, weight)
         if self.opts.contrast_weight:
             negative = image if self.opts.contrast_negative == "corrupted" else restored
             real = (region.flatten(1).amax(dim=1) > 0).to(region.dtype)  # padding rows have an all-zero region
@@ -235,10 +241,12 @@ class CompiledTrainStep:
         image = corrupted.image
         update_mask = _full_mask(image, corrupted.update_mask)
         region = corrupted.loss_mask if self.opts.loss_region == "corrupted" else torch.ones_like(update_mask)
-        clean, image, update_mask, region, noise, keep = _plain(
+        weight = corrupted.loss_weight if corrupted.loss_weight is not None else image.new_ones(image.shape[0])
+        clean, image, update_mask, region, noise, keep, fill, weight = _plain(
             _pad(clean, n), _pad(image, n), _pad(update_mask, n), _pad(region, n, zeros=True),
-            _pad(noise, n, dim=1, zeros=True), _pad(corrupted.keep, n))
-        return clean, image.detach().requires_grad_(True), update_mask, region, noise, keep
+            _pad(noise, n, dim=1, zeros=True), _pad(corrupted.keep, n), _pad(fill_mask(self.model, corrupted), n),
+            _pad(weight, n, zeros=True))
+        return clean, image.detach().requires_grad_(True), update_mask, region, noise, keep, fill, weight
 
     def _attach(self, loss: Tensor, grads) -> Tensor:
         params = _trainable(self.model)

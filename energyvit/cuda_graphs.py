@@ -13,10 +13,12 @@ two graphs are captured:
   keeps None, as in the ordinary step). The eager step, or a compiled one
   (`energyvit.compiled`), is captured as it is. Before each replay the step's inputs
   are copied into static tensors: the clean and corrupted images, the update mask (all ones for a
-  task without one: `delta * 1` is exact), the loss region, the Langevin noise and, for sparse
-  restoration, the indices of the patches that enter (their number is fixed by the task's
-  options). The corruption itself (task choice, masks, noise) still runs eagerly from the step's
-  seed, exactly as in the ordinary step, so one graph serves every task of a mixture.
+  task without one: `delta * 1` is exact), the loss region, the Langevin noise, the learned
+  fill's mask (`objective.fill_mask`), the per-image loss weights (ones where the task gives
+  none) and, for sparse restoration, the indices of the patches that enter (their number is
+  fixed by the task's options). The corruption itself (task choice, masks, noise) still runs
+  eagerly from the step's seed, exactly as in the ordinary step, so one graph serves every task
+  of a mixture.
 - graph B, `GraphedAdamW`: the AdamW update (`capturable=True`: the step count lives on the
   device; the learning rate is read from a device tensor that is filled, before each replay,
   with the value the training loop set).
@@ -53,7 +55,7 @@ import torch
 from torch import Tensor
 
 from energyvit.model import EnergyViT
-from energyvit.objective import EnergyOptions, restored_loss, task_loss
+from energyvit.objective import EnergyOptions, fill_mask, filled, restored_loss, task_loss
 from energyvit.restore import bind_keep, descend, draw_noise
 from energyvit.tasks import Corrupted
 
@@ -155,25 +157,32 @@ class GraphedLossStep:
 
     def _inputs(self, clean: Tensor, corrupted: Corrupted, generator) -> tuple[Tensor, ...]:
         """The step's tensors: clean, image, update mask, loss region, the noise (drawn here from
-        `generator` in the order the ordinary step draws it; an empty tensor without noise) and the
-        patches that enter (an empty tensor for all of them)."""
+        `generator` in the order the ordinary step draws it; an empty tensor without noise), the
+        learned fill's mask (an empty tensor without one), the per-image loss weights (ones where
+        the task has none) and the patches that enter (an empty tensor for all of them)."""
         image = corrupted.image
         mask = corrupted.update_mask if corrupted.update_mask is not None else image.new_ones(
             image.shape[0], 1, *image.shape[2:])
         self.model.check_keep(corrupted.keep, image.shape[0])
         noise = draw_noise(image, self.steps, self.opts.langevin_std, generator)
         keep = corrupted.keep if corrupted.keep is not None else image.new_empty(0, dtype=torch.int64)
-        return clean, image, mask, corrupted.loss_mask, noise if noise is not None else image.new_empty(0), keep
+        fill = fill_mask(self.model, corrupted)
+        weight = corrupted.loss_weight if corrupted.loss_weight is not None else image.new_ones(image.shape[0])
+        return (clean, image, mask, corrupted.loss_mask, noise if noise is not None else image.new_empty(0),
+                fill if fill is not None else image.new_empty(0), weight, keep)
 
-    def _loss(self, clean: Tensor, image: Tensor, mask: Tensor, region: Tensor, noise: Tensor, keep: Tensor) -> Tensor:
+    def _loss(self, clean: Tensor, image: Tensor, mask: Tensor, region: Tensor, noise: Tensor, fill: Tensor,
+              weight: Tensor, keep: Tensor) -> Tensor:
         """The ordinary step on these inputs (their noise already drawn): what is captured."""
         keep = keep if keep.numel() else None
+        fill = fill if fill.numel() else None
         if self.inner is not None:  # compiled: no Langevin noise here (cuda_graph_support refuses it)
-            return self.inner(clean, Corrupted(image, region, mask, keep), None)
-        restored, _, _ = descend(bind_keep(self.model, keep), image.detach().requires_grad_(True),
+            return self.inner(clean, Corrupted(image, region, mask, keep, fill, weight), None)
+        start = filled(self.model, image.detach().requires_grad_(True), fill)
+        restored, _, _ = descend(bind_keep(self.model, keep), start,
                                  self.model.step_sizes[: self.steps], mask, noise if noise.numel() else None,
                                  self.opts.langevin_std, create_graph=True)
-        return restored_loss(self.model, clean, image, restored, region, keep, self.opts)
+        return restored_loss(self.model, clean, start, restored, region, keep, self.opts, weight=weight)
 
     def _forward_backward(self) -> None:
         """What graph A holds: the loss on the static inputs into static_loss, and the backward of

@@ -21,18 +21,23 @@ def restoration_loss(
     clean: Tensor,
     region: Tensor | None = None,
     norm_pix_patch: int | None = None,
+    weight: Tensor | None = None,
 ) -> Tensor:
     """Mean squared error of `restored` vs `clean`, averaged over the pixels where `region` is 1.
 
     norm_pix_patch: as MAE's norm_pix_loss, normalize the target per patch of this size. The
     restored image lives in pixel space, so both sides are normalized with the clean patch's
     mean and variance: the error of each patch is divided by its variance (+1e-6).
+    weight: (B,) per-image weights of the errors; the average is still over the region's pixels
+    (not over the weights), so the loss of an image does not depend on the others of its batch.
     """
     if restored.shape != clean.shape:
         raise ValueError(f"restored {tuple(restored.shape)} and clean {tuple(clean.shape)} differ in shape")
     err = (restored - clean).pow(2)
     if norm_pix_patch is not None:
         err = err / patch_variance(clean, norm_pix_patch)
+    if weight is not None:
+        err = err * weight.view(-1, *(1,) * (err.ndim - 1))
     if region is None:
         return err.mean()
     region = region.expand_as(err)

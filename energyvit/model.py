@@ -3,7 +3,8 @@
 Parameter names follow timm's VisionTransformer (patch_embed.proj, cls_token, pos_embed,
 blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}, norm; LayerNorm eps 1e-6) so the
 encoder loads in timm. What timm does not have lives under other names: `energy_head` (the
-readout of the `linear` energy) and `restore_log_step` (the learnable restoration step sizes).
+readout of the `linear` energy), `restore_log_step` (the learnable restoration step sizes) and
+`mask_fill_patch` (the learned fill of mim's hidden patches, with --mask_fill learned).
 
 Images enter in pixel space ([0, 1] per channel); the model normalizes them with the per-channel
 mean/std of its config, so corruptions, noise levels and losses are all stated in pixel units.
@@ -26,8 +27,9 @@ from energyvit.options import OptionError, check_fields, in_range, non_negative,
 
 ENERGY_READOUTS = ("norm", "linear", "cls")
 # Parameter names timm's VisionTransformer has no place for: the `linear` readout, the energy
-# head's blocks and the step sizes.
-ENERGY_ONLY_KEYS = ("energy_head.", "energy_embed.", "energy_pos_embed", "energy_blocks.", "restore_log_step")
+# head's blocks, the step sizes and the learned fill of hidden patches.
+ENERGY_ONLY_KEYS = ("energy_head.", "energy_embed.", "energy_pos_embed", "energy_blocks.", "restore_log_step",
+                    "mask_fill_patch")
 HEAD_DIM = 32  # width of one attention head in the energy head's blocks (as MAE's decoder)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -46,6 +48,7 @@ class EnergyViTConfig:
     energy_head_depth: int = 0  # transformer blocks between the encoder's features and the readout
     energy_head_dim: int = 0  # their width; 0: the encoder's
     restore_steps: int = 2  # K, gradient steps of restoration (1..8)
+    learned_fill: bool = False  # a learnable pixel patch fills mim's hidden patches (--mask_fill learned)
     step_size_init: float = 1.0  # initial a_k for every step
     attn_backend: str = "math"
     ln_gelu_backend: str = "aten"  # LayerNorm and GELU: aten, or fused Triton kernels (energyvit.norm_act)
@@ -288,6 +291,10 @@ class EnergyViT(nn.Module):
             self.energy_blocks = nn.ModuleList(Block(head_cfg) for _ in range(cfg.energy_head_depth))
         # a_k = exp(restore_log_step[k]) keeps every step size positive.
         self.restore_log_step = nn.Parameter(torch.full((cfg.restore_steps,), math.log(cfg.step_size_init)))
+        # --mask_fill learned: one pixel patch, at mid-gray (the constant default fill) to start; a
+        # leading 1 keeps it out of weight decay (training.param_groups), which would pull it to black
+        self.mask_fill_patch = (nn.Parameter(torch.full((1, cfg.in_chans, cfg.patch_size, cfg.patch_size), 0.5))
+                                if cfg.learned_fill else None)
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, -1, 1, 1), persistent=False)
         self._init_weights()
@@ -339,6 +346,15 @@ class EnergyViT(nn.Module):
         capturing = keep.is_cuda and torch.cuda.is_current_stream_capturing()
         if values and not capturing and (keep.min() < 0 or keep.max() >= num_patches):
             raise ValueError(f"keep holds indices outside 0..{num_patches - 1} (the image's patches)")
+
+    def fill_hidden(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x (B, C, H, W) with the pixels where `mask` (B or 1, 1, H, W) is 1 replaced by the learned
+        fill patch, tiled over the patch grid (--mask_fill learned); differentiable in the patch. Not
+        clamped to [0, 1]: a clamp would stop its gradient at the bounds."""
+        if self.mask_fill_patch is None:
+            raise ValueError("this model has no learned fill patch (its config's learned_fill is False)")
+        grid = self.cfg.img_size // self.cfg.patch_size
+        return torch.where(mask > 0, self.mask_fill_patch.repeat(1, 1, grid, grid), x)
 
     def normalize(self, x: Tensor) -> Tensor:
         """Pixel-space images -> the model's input space: (x - pixel_mean) / pixel_std per channel."""

@@ -46,19 +46,43 @@ def task_loss(model: EnergyViT, clean: Tensor, corrupted: Corrupted, opts: Energ
 
     energy_fn: what computes E(x) if not the model itself (the DDP wrapper, which syncs gradients).
     With sparse restoration (corrupted.keep) every energy, the explicit term's too, reads only the
-    patches that enter."""
-    result = restore(model, corrupted.image, corrupted.update_mask, create_graph=True,
+    patches that enter. With a learned fill the restoration starts from the filled image, so the
+    loss reaches the fill patch through every step."""
+    image = filled(model, corrupted.image, fill_mask(model, corrupted))
+    result = restore(model, image, corrupted.update_mask, create_graph=True,
                      noise_std=opts.langevin_std, generator=generator, energy_fn=energy_fn, keep=corrupted.keep)
-    return restored_loss(model, clean, corrupted.image, result.restored, corrupted.loss_mask, corrupted.keep, opts,
-                         energy_fn)
+    return restored_loss(model, clean, image, result.restored, corrupted.loss_mask, corrupted.keep, opts,
+                         energy_fn, corrupted.loss_weight)
+
+
+def fill_mask(model: EnergyViT, corrupted: Corrupted) -> Tensor | None:
+    """Where the model's learned fill patch goes in a training step: the task's fill_mask, or for a
+    task that hides nothing an all-zero mask, so that every step reaches the patch (a zero gradient,
+    not none: DDP and the explicit all-reduce want one for every parameter, and the eager, compiled
+    and graphed steps then agree). None for a model without a learned fill."""
+    if not model.cfg.learned_fill:
+        if corrupted.fill_mask is not None:
+            raise ValueError("the task fills hidden patches with the model's learned patch (mask_fill 'learned'), "
+                             "but the model has none (its config's learned_fill is False)")
+        return None
+    if corrupted.fill_mask is not None:
+        return corrupted.fill_mask
+    image = corrupted.image
+    return image.new_zeros(image.shape[0], 1, *image.shape[2:])
+
+
+def filled(model: EnergyViT, image: Tensor, mask: Tensor | None) -> Tensor:
+    """The image restoration starts from: `image` with the learned fill in `mask` (fill_mask's)."""
+    return image if mask is None else model.fill_hidden(image, mask)
 
 
 def restored_loss(model: EnergyViT, clean: Tensor, corrupted: Tensor, restored: Tensor, loss_mask: Tensor,
                   keep: Tensor | None, opts: EnergyOptions,
-                  energy_fn: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """The training loss of a restored batch: the restoration score over loss_mask, plus the
-    explicit energy term when opts.contrast_weight > 0 (the ordinary and the graphed step share it)."""
-    loss = score(restored, clean, loss_mask, opts, model.cfg.patch_size)
+                  energy_fn: Callable[[Tensor], Tensor] | None = None, weight: Tensor | None = None) -> Tensor:
+    """The training loss of a restored batch: the restoration score over loss_mask (weight: per
+    image, the task's loss_weight), plus the explicit energy term when opts.contrast_weight > 0
+    (the ordinary and the graphed step share it)."""
+    loss = score(restored, clean, loss_mask, opts, model.cfg.patch_size, weight)
     if opts.contrast_weight:
         negative = corrupted if opts.contrast_negative == "corrupted" else restored
         loss = loss + opts.contrast_weight * energy_contrast(bind_keep(energy_fn or model, keep), clean, negative,
@@ -84,7 +108,9 @@ def energy_contrast(energy_fn: Callable[[Tensor], Tensor], clean: Tensor, negati
     return (per_image * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def score(restored: Tensor, clean: Tensor, loss_mask: Tensor, opts: EnergyOptions, patch_size: int) -> Tensor:
-    """The loss of a restored batch under `opts` (region and per-patch normalization)."""
+def score(restored: Tensor, clean: Tensor, loss_mask: Tensor, opts: EnergyOptions, patch_size: int,
+          weight: Tensor | None = None) -> Tensor:
+    """The loss of a restored batch under `opts` (region and per-patch normalization), each image's
+    errors times its `weight` if given."""
     region = loss_mask if opts.loss_region == "corrupted" else None
-    return restoration_loss(restored, clean, region, patch_size if opts.norm_pix_loss else None)
+    return restoration_loss(restored, clean, region, patch_size if opts.norm_pix_loss else None, weight)

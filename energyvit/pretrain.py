@@ -103,6 +103,9 @@ class PretrainOptions:
         if self.tasks.restore_fraction < 1 and self.run.method != "energy":
             raise OptionError("restore_fraction", self.tasks.restore_fraction, f"1 with --method {self.run.method} "
                               "(it sparsifies the energy method's restoration; MAE's masking is --mae_mask_ratio)")
+        if self.tasks.mask_fill == "learned" and self.run.method != "energy":
+            raise OptionError("mask_fill", "learned", f"a constant or 'noise' with --method {self.run.method} (the "
+                              "learned fill is the energy model's; MAE drops its hidden patches, and has a mask token)")
 
     def flat(self) -> dict:
         """Every option by its flag name, as checkpoints keep them ("args")."""
@@ -221,6 +224,8 @@ def setup(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -
         arch = options.model.config(data.in_chans, *data.pixel_stats(), compiled=options.run.compile)
         if run_opts.method == "mae":  # MAE never reads the energy: no blocks for it to carry untrained
             arch = replace(arch, energy_head_depth=0, energy_head_dim=0)
+        if options.tasks.mask_fill == "learned":  # the model holds the fill patch (a resumed run: its config says)
+            arch = replace(arch, learned_fill=True)
     model = EnergyViT(arch)
     trained_as = resume_state.get("method", "energy") if resume_state is not None else run_opts.method
     if trained_as != run_opts.method:  # the checkpoint's own record, also where its "args" lack the method
@@ -277,6 +282,7 @@ def _run(options: PretrainOptions, dist_info: DistInfo, device: torch.device) ->
     model, train_opts = t.encoder, options.train
     n_params = sum(p.numel() for p in t.method.module.parameters())
     sparse = f", restore fraction {options.tasks.restore_fraction:g}" if options.tasks.restore_fraction < 1 else ""
+    sparse += ", learned fill" if model.cfg.learned_fill else ""
     what = (f"tasks {options.tasks.tasks}{sparse}, K={model.cfg.restore_steps}" if options.run.method == "energy"
             else f"MAE baseline, mask ratio {options.mae.mae_mask_ratio}")
     if dist_info.is_main:

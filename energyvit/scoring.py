@@ -61,16 +61,22 @@ def patch_mse(a: Tensor, b: Tensor, patch: int) -> Tensor:
 def restoration_errors(model: EnergyViT, images: Tensor, rounds: int = DEFAULT_ROUNDS, seed: int = 0,
                        fill: str | float = 0.5) -> Tensor:
     """(B, L) error of each patch restored by the model from the rest of its image: hidden under
-    `fill` (a pixel value, or "noise" drawn from the seed) in its round of `rotation_masks`."""
+    `fill` (a pixel value, "noise" drawn from the seed, or "learned": the model's fill patch) in its
+    round of `rotation_masks`."""
     cfg = model.cfg
     grid = cfg.img_size // cfg.patch_size
     out = images.new_zeros(images.shape[0], cfg.num_patches)
     generator = torch.Generator().manual_seed(seed)
     for hidden in rotation_masks(cfg.num_patches, rounds, seed):
         mask = _pixel_mask(hidden, grid, cfg.patch_size).to(images)
-        filler = (torch.rand(images.shape, generator=generator).to(images) if fill == "noise"
-                  else torch.full_like(images, float(fill)))
-        restored = restore(model, images * (1 - mask) + filler * mask, mask.expand(len(images), -1, -1, -1)).restored
+        if fill == "learned":
+            with torch.no_grad():
+                hidden_images = model.fill_hidden(images, mask)
+        else:
+            filler = (torch.rand(images.shape, generator=generator).to(images) if fill == "noise"
+                      else torch.full_like(images, float(fill)))
+            hidden_images = images * (1 - mask) + filler * mask
+        restored = restore(model, hidden_images, mask.expand(len(images), -1, -1, -1)).restored
         out[:, hidden.to(images.device)] = patch_mse(restored, images, cfg.patch_size)[:, hidden.to(images.device)]
     return out
 

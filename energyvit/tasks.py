@@ -2,8 +2,10 @@
 
 Each task maps a clean batch (B, C, H, W) to a `Corrupted`: the corrupted image, the region the
 loss covers, the region restoration may change and, for sparse restoration (mim with
-restore_fraction < 1), the patches that enter the network. Masks are float {0, 1} of shape
-(B, 1, H, W). All randomness comes from the `generator` argument, so a seed reproduces a corruption.
+restore_fraction < 1), the patches that enter the network; for mim with a learned fill, where
+the model's fill patch goes; for denoise with inverse-variance weighting, each image's loss
+weight. Masks are float {0, 1} of shape (B, 1, H, W). All randomness comes from the `generator`
+argument, so a seed reproduces a corruption.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from energyvit.options import OptionError, check_fields, half_open_unit, open_unit, option, positive
+from energyvit.options import OptionError, check_fields, half_open_unit, open_unit, option
 
 # Rec. 601 luma weights, the usual RGB -> grayscale conversion.
 LUMA_RGB = (0.299, 0.587, 0.114)
@@ -29,10 +31,17 @@ class Corrupted:
     # (B, n) indices of the patches that enter the energy, in patch order, the same n for every
     # image; None: every patch (EnergyViT.forward's `keep`)
     keep: Tensor | None = None
+    # 1 where the model's learned fill patch goes (mim with mask_fill 'learned'; `image` holds NaN
+    # there until EnergyViT.fill_hidden fills it, so a path that forgets it fails loudly); None: no
+    # learned fill
+    fill_mask: Tensor | None = None
+    # (B,) weight of each image's restoration loss (denoise's inverse-variance weighting); None: 1
+    loss_weight: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Corrupted:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
-        return Corrupted(move(self.image), move(self.loss_mask), move(self.update_mask), move(self.keep))
+        return Corrupted(move(self.image), move(self.loss_mask), move(self.update_mask), move(self.keep),
+                         move(self.fill_mask), move(self.loss_weight))
 
 
 def _check_images(x: Tensor, patch_size: int | None = None) -> None:
@@ -74,7 +83,10 @@ def mim_patch_counts(num_patches: int, mask_ratio: float, restore_fraction: floa
 
 
 class MaskedImageModeling:
-    """Hide a random `mask_ratio` of patches, filled with a constant or uniform noise.
+    """Hide a random `mask_ratio` of patches, filled with a constant, uniform noise or ('learned')
+    the model's learned fill patch: that one is put in where the model is at hand
+    (EnergyViT.fill_hidden on `Corrupted.fill_mask`); it draws nothing, so a seed hides the same
+    patches as with a constant fill.
 
     restore_fraction < 1 (sparse restoration): only that fraction of each image's hidden patches
     enters the network, with every visible patch (`Corrupted.keep`); the others are dropped from
@@ -90,8 +102,8 @@ class MaskedImageModeling:
                  restore_fraction: float = 1.0) -> None:
         if not 0 < mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-        if not (fill == "noise" or isinstance(fill, (int, float))):
-            raise ValueError(f"mask fill must be 'noise' or a number, got {fill!r}")
+        if not (fill in ("noise", "learned") or isinstance(fill, (int, float))):
+            raise ValueError(f"mask fill must be 'noise', 'learned' or a number, got {fill!r}")
         if not 0 < restore_fraction <= 1:  # also refuses NaN
             raise ValueError(f"restore_fraction must be in (0, 1], got {restore_fraction}")
         self.patch_size, self.mask_ratio, self.fill = patch_size, mask_ratio, fill
@@ -106,18 +118,22 @@ class MaskedImageModeling:
         chosen = order[:, :num_masked]
         patch_mask = torch.zeros(B, gh * gw, device=x.device, dtype=x.dtype).scatter_(1, chosen, 1.0)
         mask = _patch_mask_to_pixels(patch_mask, gh, gw, self.patch_size)
-        if self.fill == "noise":
-            fill = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        fill_mask = None
+        if self.fill == "learned":
+            image, fill_mask = x.masked_fill(mask > 0, math.nan), mask
         else:
-            fill = torch.full_like(x, float(self.fill))
-        image = x * (1 - mask) + fill * mask
+            if self.fill == "noise":
+                fill = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            else:
+                fill = torch.full_like(x, float(self.fill))
+            image = x * (1 - mask) + fill * mask
         if num_restored == num_masked:
-            return Corrupted(image, mask, mask)
+            return Corrupted(image, mask, mask, fill_mask=fill_mask)
         # the first num_restored hidden patches of the order are restored; the rest are dropped
         restored = torch.zeros_like(patch_mask).scatter_(1, order[:, :num_restored], 1.0)
         region = _patch_mask_to_pixels(restored, gh, gw, self.patch_size)
         keep = torch.cat([order[:, :num_restored], order[:, num_masked:]], dim=1).sort(dim=1).values
-        return Corrupted(image, region, region, keep)
+        return Corrupted(image, region, region, keep, fill_mask)
 
 
 class PatchSort:
@@ -168,19 +184,42 @@ class SuperResolution:
 
 
 class Denoise:
-    """Add Gaussian noise of standard deviation `sigma` (pixel units)."""
+    """Add Gaussian noise of standard deviation `sigma` (pixel units).
+
+    sigma a range (lo, hi): each image's sigma is drawn log-uniformly in [lo, hi] (the geometric
+    spread of noise levels of denoising score matching, NCSN), after the noise itself and from the
+    same generator, so a seed gives the noise of a single sigma, scaled per image. inverse_variance:
+    each image's loss weight is 1 / sigma^2 over its mean on the range (the weights average 1).
+    """
 
     name = "denoise"
 
-    def __init__(self, sigma: float = 0.2) -> None:
-        if sigma <= 0:
+    def __init__(self, sigma: float | tuple[float, float] = 0.2, inverse_variance: bool = False) -> None:
+        if isinstance(sigma, tuple):
+            if len(sigma) != 2 or not 0 < sigma[0] < sigma[1]:
+                raise ValueError(f"a noise sigma range (lo, hi) needs 0 < lo < hi, got {sigma}")
+        elif not sigma > 0:
             raise ValueError(f"noise sigma must be > 0, got {sigma}")
-        self.sigma = sigma
+        elif inverse_variance:
+            raise ValueError("inverse-variance loss weights need a range of noise levels, not one sigma")
+        self.sigma, self.inverse_variance = sigma, inverse_variance
+
+    def draw_sigmas(self, batch: int, generator: torch.Generator | None, device=None, dtype=None) -> Tensor:
+        """(batch,) noise levels, log-uniform in the range: lo * (hi / lo) ** U(0, 1)."""
+        lo, hi = self.sigma
+        return lo * (hi / lo) ** torch.rand(batch, generator=generator, device=device, dtype=dtype)
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Corrupted:
         _check_images(x)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return Corrupted(x + self.sigma * noise, _full_mask(x), None)
+        if not isinstance(self.sigma, tuple):
+            return Corrupted(x + self.sigma * noise, _full_mask(x), None)
+        sigma = self.draw_sigmas(x.shape[0], generator, x.device, x.dtype)
+        weight = None
+        if self.inverse_variance:
+            lo, hi = self.sigma  # E[1 / sigma^2] over the log-uniform range: (lo^-2 - hi^-2) / (2 ln(hi / lo))
+            weight = sigma.pow(-2) * (2 * math.log(hi / lo) / (lo ** -2 - hi ** -2))
+        return Corrupted(x + sigma.view(-1, 1, 1, 1) * noise, _full_mask(x), None, loss_weight=weight)
 
 
 class Colorize:
@@ -198,18 +237,54 @@ class Colorize:
 
 
 def _mask_fill(text: str) -> str | float:
-    """--mask_fill: 'noise' or a number."""
-    if text == "noise":
+    """--mask_fill: 'noise', 'learned' or a number."""
+    if text in ("noise", "learned"):
         return text
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"must be 'noise' or a number, got {text!r}") from None
+        raise ValueError(f"must be 'noise', 'learned' or a number, got {text!r}") from None
 
 
 def _fill_rule(value) -> str | None:
-    return None if value == "noise" or (isinstance(value, (int, float)) and 0 <= value <= 1) else \
-        "'noise' or a pixel value in [0, 1]"
+    return None if value in ("noise", "learned") or (isinstance(value, (int, float)) and 0 <= value <= 1) else \
+        "'noise', 'learned' or a pixel value in [0, 1]"
+
+
+SIGMA_REQUIREMENT = "> 0, or a range LO:HI with 0 < LO < HI"
+
+
+def noise_levels(value: float | str) -> float | tuple[float, float]:
+    """--noise_sigma's value as Denoise takes it: one sigma, or (LO, HI) of the text 'LO:HI';
+    ValueError for anything else."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isfinite(value) and value > 0:
+            return float(value)
+    elif isinstance(value, str) and value.count(":") == 1:
+        try:
+            lo, hi = (float(v) for v in value.split(":"))
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(hi) and 0 < lo < hi:
+                return lo, hi
+    raise ValueError(f"must be {SIGMA_REQUIREMENT}, got {value!r}")
+
+
+def _noise_sigma(text: str) -> float | str:
+    """--noise_sigma: a number, or the text of a range LO:HI (the rule checks it)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text.strip()
+
+
+def _sigma_rule(value) -> str | None:
+    try:
+        noise_levels(value)
+    except ValueError:
+        return SIGMA_REQUIREMENT
+    return None
 
 
 @dataclass(frozen=True)
@@ -219,12 +294,21 @@ class TaskOptions:
     tasks: str = option("mim", "task mixture name:weight,... from mim (alias inpaint), sort, sr, denoise, colorize; "
                         "one task is sampled per batch by weight", metavar="SPEC")
     mask_ratio: float = option(0.75, "mim: fraction of patches hidden", rule=open_unit)
-    mask_fill: str | float = option(0.5, "mim: fill hidden patches with a constant pixel value or uniform noise "
-                                    "('noise')",
+    mask_fill: str | float = option(0.5, "mim: fill hidden patches with a constant pixel value, uniform noise "
+                                    "('noise') or a learnable pixel patch ('learned': a model parameter, mid-gray at "
+                                    "init, trained through the restoration, not clamped; the energy method only)",
                                     parse=_mask_fill, rule=_fill_rule)
     sort_fraction: float = option(0.25, "sort: fraction of patches shuffled among themselves", rule=half_open_unit)
     sr_factor: int = option(2, "sr: average-pool down by this factor, bilinear back up", choices=(2, 4))
-    noise_sigma: float = option(0.2, "denoise: Gaussian sigma in pixel units", rule=positive)
+    noise_sigma: float | str = option(0.2, "denoise: Gaussian sigma in pixel units, or a range LO:HI: each image's "
+                                      "sigma drawn log-uniformly in it (denoising score matching over noise levels, "
+                                      "as NCSN; at K = 1, -a_1 dE/dx then approximates sigma^2 times the score at the "
+                                      "image's level, one learned a_1 serving every level: docs/results.md)",
+                                      parse=_noise_sigma, rule=_sigma_rule, metavar="SIGMA|LO:HI")
+    noise_loss_weight: str = option("none", "denoise with a sigma range: weight each image's loss by 1 (none) or by "
+                                    "1/sigma^2 normalized to mean 1 over the range (inverse_variance: NCSN's "
+                                    "lambda(sigma) = sigma^2, every level counts alike)",
+                                    choices=("none", "inverse_variance"))
     restore_fraction: float = option(1.0, "mim: sparse restoration, the fraction of each image's hidden patches that "
                                      "enter the network with the visible ones and are restored (and scored); the "
                                      "others are dropped from the token sequence, as MAE drops hidden patches "
@@ -238,6 +322,12 @@ class TaskOptions:
             raise OptionError("restore_fraction", self.restore_fraction,
                               f"1 with --tasks {self.tasks} (below 1 it needs --tasks mim alone: only mim hides "
                               "patches to drop)")
+        if self.mask_fill == "learned" and "mim" not in weights:
+            raise OptionError("mask_fill", self.mask_fill, f"a constant or 'noise' with --tasks {self.tasks} (learned "
+                              "fills mim's hidden patches: it needs mim among the tasks)")
+        if self.noise_loss_weight != "none" and not isinstance(noise_levels(self.noise_sigma), tuple):
+            raise OptionError("noise_loss_weight", self.noise_loss_weight,
+                              f"none with one --noise_sigma {self.noise_sigma} (it weights a range LO:HI of levels)")
 
     def weights(self) -> dict[str, float]:
         """'mim:0.5,denoise:0.25,sr' -> {'mim': 0.5, 'denoise': 0.25, 'sr': 1.0}."""
@@ -250,7 +340,7 @@ TASKS: dict[str, Callable[[TaskOptions, int], Callable]] = {
     "mim": lambda o, patch: MaskedImageModeling(patch, o.mask_ratio, o.mask_fill, o.restore_fraction),
     "sort": lambda o, patch: PatchSort(patch, o.sort_fraction),
     "sr": lambda o, patch: SuperResolution(o.sr_factor),
-    "denoise": lambda o, patch: Denoise(o.noise_sigma),
+    "denoise": lambda o, patch: Denoise(noise_levels(o.noise_sigma), o.noise_loss_weight == "inverse_variance"),
     "colorize": lambda o, patch: Colorize(),
 }
 TASK_NAMES = tuple(TASKS)

@@ -106,9 +106,11 @@ def load_mask(path: str | Path, size: int, image_size: tuple[int, int]) -> Tenso
 def corrupt_image(x: Tensor, task: str, patch_size: int, options: TaskOptions, seed: int,
                   mask: Tensor | None) -> Corrupted:
     """The synthetic corruption of the clean image x by `task`; inpainting with a given mask fills
-    that mask instead of random patches."""
+    that mask instead of random patches (with the learned fill: its fill_mask, for the model)."""
     generator = torch.Generator().manual_seed(seed)
     if task == "inpaint" and mask is not None:
+        if options.mask_fill == "learned":
+            return Corrupted(x.masked_fill(mask > 0, float("nan")), mask, mask, fill_mask=mask)
         fill = torch.rand(x.shape, generator=generator) if options.mask_fill == "noise" else \
             torch.full_like(x, options.mask_fill)
         return Corrupted(x * (1 - mask) + fill * mask, mask, mask)
@@ -147,6 +149,9 @@ def restore_file(args: argparse.Namespace) -> dict:
     # corruption it never saw. Files that do not record it predate --mask_fill: noise.
     fill = args.mask_fill if args.mask_fill is not None else json.loads(meta.get("mask_fill", '"noise"'))
     task_options = build_options(TaskOptions, args, PROG, mask_fill=fill)
+    if fill == "learned" and model.mask_fill_patch is None:
+        raise ValueError(f"--mask_fill learned: {args.checkpoint} has no learned fill patch (it was not pretrained "
+                         "with --mask_fill learned); give a pixel value or noise")
     trained = parse_task_weights(meta["tasks"]) if "tasks" in meta else None
     if trained is not None and TASK_ALIASES.get(args.task, args.task) not in trained:
         print(f"{PROG}: warning: {args.checkpoint} was trained on {', '.join(trained)} only, not {args.task}: "
@@ -168,6 +173,9 @@ def restore_file(args: argparse.Namespace) -> dict:
 
     c = (Corrupted(x, torch.ones_like(x[:, :1]), mask) if args.corrupted
          else corrupt_image(x, args.task, cfg.patch_size, task_options, args.seed, mask))
+    if c.fill_mask is not None:
+        with torch.no_grad():
+            c.image = model.fill_hidden(c.image, c.fill_mask)
     r = restore(model, c.image, c.update_mask, steps=args.steps)
     restored = r.restored.clamp(0, 1)
 
@@ -208,8 +216,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     add(p, "--steps", type=positive_int, default=None, help="gradient steps (default: the model's K)")
     add_options(p, TaskOptions, only=("mask_ratio", "mask_fill", "sort_fraction", "sr_factor", "noise_sigma"),
                 defaults={"mask_ratio": 0.5, "mask_fill": None},
-                helps={"mask_fill": "inpaint: fill of the hidden patches, a pixel value or 'noise' (default: the "
-                                    "fill the checkpoint was trained on; noise for files that do not say)"})
+                helps={"mask_fill": "inpaint: fill of the hidden patches, a pixel value, 'noise' or 'learned' (the "
+                                    "checkpoint's learned patch; default: the fill the checkpoint was trained on; "
+                                    "noise for files that do not say)"})
     add(p, "--zoom", type=positive_int, default=None,
         help=f"strip enlargement (default: about 128 px per frame; frames of at most {MAX_FRAME_SIDE} px)")
     add(p, "--max_image_pixels", type=positive_int, default=Image.MAX_IMAGE_PIXELS,

@@ -65,7 +65,11 @@ class EnergyMethod:
                                     keep_samples=keep_samples)
 
     def record(self) -> dict:
-        return {"step_sizes": [round(a, 6) for a in self.module.step_sizes.tolist()]}
+        record = {"step_sizes": [round(a, 6) for a in self.module.step_sizes.tolist()]}
+        patch = self.module.mask_fill_patch
+        if patch is not None:  # --mask_fill learned: where its pixels went (0.5 each at init)
+            record["mask_fill_patch"] = {k: round(getattr(patch, k)().item(), 6) for k in ("min", "mean", "max")}
+        return record
 
     def warnings(self) -> list[str]:
         """Step sizes that collapsed: a_k below 1% of its initial value hardly moves the image any
@@ -95,7 +99,8 @@ def evaluate_restoration(
     restore_fn(image, update_mask) -> Restoration replaces eager inference restoration (not for a
     sparse task's corruptions, restored eagerly with their kept patches).
     keep_samples: also return, per task, (corrupted, every restoration step, clean) of the first
-    keep_samples images (on the CPU), for pictures."""
+    keep_samples images (on the CPU), for pictures.
+    A task with a learned fill (Corrupted.fill_mask) is measured on the model's filled image."""
     restore_fn = restore_fn or (lambda image, mask: restore(model, image, mask))
     was_training = model.training
     model.eval()
@@ -110,18 +115,22 @@ def evaluate_restoration(
         for i, clean in enumerate(chunks):
             corrupted = task(clean, gen).to(device)
             clean = clean.to(device)
+            image = corrupted.image
+            if corrupted.fill_mask is not None:
+                with torch.no_grad():
+                    image = model.fill_hidden(image, corrupted.fill_mask)
             if corrupted.keep is None:
-                result = restore_fn(corrupted.image, corrupted.update_mask)
+                result = restore_fn(image, corrupted.update_mask)
             else:  # a sparse task (pretrain evaluates a full one instead): eager, the kept patches entering
-                result = restore(model, corrupted.image, corrupted.update_mask, keep=corrupted.keep)
+                result = restore(model, image, corrupted.update_mask, keep=corrupted.keep)
             with torch.no_grad():
                 w = len(clean)
-                totals["mse_corrupted"] += w * restoration_loss(corrupted.image, clean, corrupted.loss_mask).item()
+                totals["mse_corrupted"] += w * restoration_loss(image, clean, corrupted.loss_mask).item()
                 totals["mse_restored"] += w * restoration_loss(result.restored, clean, corrupted.loss_mask).item()
                 totals["energy_corrupted"] += result.energies[0].sum().item()
                 totals["energy_restored"] += result.energies[-1].sum().item()
             if i == 0 and keep_samples:
-                samples[name] = (corrupted.image[:keep_samples].cpu(), [s[:keep_samples].cpu() for s in result.steps],
+                samples[name] = (image[:keep_samples].cpu(), [s[:keep_samples].cpu() for s in result.steps],
                                  clean[:keep_samples].cpu())
         results[name] = with_psnr({k: v / len(images) for k, v in totals.items()}
                                   | {"energy_clean": energy_clean / len(images)})
