@@ -31,7 +31,9 @@ def corrupt(images: Tensor, task: str, patch_size: int = 16, generator: torch.Ge
     """Corrupt images (B, C, H, W) in [0, 1] with a named task (mim, sort, sr, denoise, colorize).
 
     options: mask_ratio, mask_fill, restore_fraction (mim: sparse restoration, the patches that enter in
-    Corrupted.keep), sort_fraction, sr_factor, noise_sigma (energyvit.tasks.TaskOptions).
+    Corrupted.keep), sort_fraction, sr_factor, noise_sigma, noise_loss_weight (energyvit.tasks.TaskOptions).
+    mask_fill="learned" leaves NaN in Corrupted.fill_mask's pixels for a model with a learned fill
+    (create_model(..., learned_fill=True)): model.fill_hidden(c.image, c.fill_mask) fills them.
     """
     return build_task(task, patch_size, TaskOptions(**options))(images, generator)
 
