@@ -38,21 +38,24 @@ def test_compare_methods_runs_every_method_and_metric(tmp_path):
 
 def test_compare_methods_budgets_give_curves_against_training_flops(tmp_path):
     """Each budget is its own run; its FLOPs are its optimizer steps x the step's model FLOPs, so
-    twice the epochs is twice the FLOPs, and an energy image costs more than an MAE image."""
+    twice the epochs is twice the FLOPs, and an energy image costs more than an MAE image. MAE may
+    have budgets of its own (--mae_budgets)."""
     data = tiny_shapes(tmp_path)
     out = tmp_path / "results.json"
     cmd = [sys.executable, str(ROOT / "experiments" / "compare_methods.py"), "--data_path", str(data),
-           "--model", "vit_pico_patch2", "--budgets", "1", "2", "--seeds", "0", "--common", "--batch_size 20",
+           "--model", "vit_pico_patch2", "--budgets", "1", "2", "--mae_budgets", "2", "4", "--seeds", "0",
+           "--common", "--batch_size 20",
            "--labels_per_class", "2", "--draws", "1", "--work_dir", str(tmp_path / "runs"), "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     result = json.loads(out.read_text())
-    assert set(result["summary"]) == {"energy_e1", "energy_e2", "mae_e1", "mae_e2", "random_init", "raw_pixels"}
+    assert set(result["summary"]) == {"energy_e1", "energy_e2", "mae_e2", "mae_e4", "random_init", "raw_pixels"}
     curves = result["curves"]
-    assert set(curves) == {"energy", "mae"} and result["budgets"] == [1, 2]
-    for points in curves.values():
-        assert [p["epochs"]["mean"] for p in points] == [1, 2]
+    assert set(curves) == {"energy", "mae"} and (result["budgets"], result["mae_budgets"]) == ([1, 2], [2, 4])
+    for points, epochs in ((curves["energy"], [1, 2]), (curves["mae"], [2, 4])):
+        assert [p["epochs"]["mean"] for p in points] == epochs
         assert points[1]["train_flops"]["mean"] == 2 * points[0]["train_flops"]["mean"] > 0
         assert 0.0 <= points[0]["linear"]["mean"] <= 1.0
-    assert curves["energy"][0]["train_flops"]["mean"] > curves["mae"][0]["train_flops"]["mean"]
-    bad = subprocess.run(cmd[:-2] + ["--budgets", "2", "2", "--out", str(out)], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--budgets" in bad.stderr
+    assert curves["energy"][1]["train_flops"]["mean"] > curves["mae"][0]["train_flops"]["mean"]  # 2 epochs each
+    for flag in ("--budgets", "--mae_budgets"):
+        bad = subprocess.run(cmd[:-2] + [flag, "2", "2", "--out", str(out)], capture_output=True, text=True)
+        assert bad.returncode == 2 and flag in bad.stderr
