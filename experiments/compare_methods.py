@@ -82,7 +82,8 @@ def training_flops(checkpoint: Path) -> float:
     cfg = config_from_dict(state["model_config"])  # the config alone: no second read, no model built
     hidden, restored = mim_patch_counts(cfg.num_patches, args["mask_ratio"], args.get("restore_fraction", 1.0))
     patches = cfg.num_patches - hidden + restored  # sparse restoration (mim alone): visible + restored hidden
-    return images * energy_step_flops(cfg, cfg.restore_steps, 1, contrast=args["contrast_weight"] > 0, patches=patches)
+    return images * energy_step_flops(cfg, cfg.restore_steps, 1, contrast=args["contrast_weight"] > 0, patches=patches,
+                                      exact_blocks=args.get("second_order_blocks"))
 
 
 def run_name(name: str, epochs: int, several: bool) -> str:
