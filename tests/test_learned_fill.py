@@ -122,6 +122,24 @@ def test_at_init_the_learned_fill_is_the_constant_fill_bit_for_bit(kw, fraction)
     assert got["mask_fill_patch"].abs().sum() > 0
 
 
+def test_the_truncated_second_order_path_starts_from_the_filled_image_too():
+    """--second_order_blocks: at init the learned fill is the constant fill bit for bit there as
+    well, and the patch still gets a gradient (the gradient's value is exact, only its graph is cut)."""
+    x = images(3)
+    opts = EnergyOptions(second_order_blocks=1)
+    const_model, model = tiny_model(), learned_model()
+    model.load_state_dict(const_model.state_dict(), strict=False)
+    losses = []
+    for m, fill in ((const_model, 0.5), (model, "learned")):
+        loss = task_loss(m, x, mim(fill)(x, torch.Generator().manual_seed(3)), opts)
+        loss.backward()
+        losses.append(loss)
+    assert torch.equal(*losses)
+    expected, got = named_grads(const_model), named_grads(model)
+    assert all((g is None and got[n] is None) or torch.equal(g, got[n]) for n, g in expected.items())
+    assert got["mask_fill_patch"].abs().sum() > 0
+
+
 def test_the_patch_gradient_is_the_derivative_of_the_loss():
     """d loss / d patch through K = 2 steps (and sparse restoration) against central differences, float64."""
     x = images(3)
