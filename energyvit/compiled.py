@@ -26,6 +26,10 @@ already contains every first- and second-order term. See docs/compile.md.
 - Sparse restoration (a task's ``Corrupted.keep``: the patches that enter, e.g. mim with
   ``--restore_fraction`` < 1) is one more static input, (batch, n) indices: n is fixed by the
   task's options, so one graph serves every step; padding rows copy the first row's indices.
+- A model with encoder_input "visible" splits on the mim task's hidden patches (``Corrupted.hidden``,
+  (batch, H) indices, one more static input, padded as ``keep``) as ``objective.task_loss`` does:
+  the encoder runs once on the visible patches inside the compiled region (``restore.SplitEnergy``),
+  each step the energy head alone.
 - ``compiled_restore(model)`` compiles inference restoration (``restore.descend`` with first-order
   dE/dx only) and returns the same ``Restoration`` as ``restore.restore``.
 - The images enter the compiled region already requiring grad (made so outside it):
@@ -64,8 +68,8 @@ from torch import Tensor
 from energyvit.losses import restoration_loss
 from energyvit.model import EnergyViT
 from energyvit.objective import EnergyOptions, energy_contrast, entering_patches, task_loss
-from energyvit.restore import Restoration, bind_keep, check_restore_inputs, check_second_order, descend, draw_noise, \
-    restore
+from energyvit.restore import Restoration, SplitEnergy, bind_keep, check_restore_inputs, check_second_order, \
+    check_split, descend, draw_noise, restore
 from energyvit.tasks import Corrupted
 
 _WARNED: set[str] = set()
@@ -214,10 +218,17 @@ class CompiledTrainStep:
     def compiled_graphs(self) -> int:
         return _count_graphs(self._traced)
 
+    def _split(self, corrupted: Corrupted) -> Tensor | None:
+        """The hidden patches the step splits on (task_loss's rule), else None."""
+        return corrupted.hidden if self.model.cfg.encoder_input == "visible" else None
+
     def _loss_and_grads(self, clean: Tensor, image: Tensor, update_mask: Tensor, region: Tensor,
-                        noise: Tensor | None, keep: Tensor | None):
+                        noise: Tensor | None, keep: Tensor | None, hidden: Tensor | None):
         """The compiled function: unrolled restoration, loss and d loss / d params in one graph."""
         energy_fn = bind_keep(self.model, keep)
+        if hidden is not None:
+            energy_fn = SplitEnergy(self.model, image, hidden, grad=True)
+            update_mask = energy_fn.restrict(update_mask)
         restored, _, _ = descend(energy_fn, image, self.model.step_sizes[: self.steps], update_mask, noise,
                                  self.opts.langevin_std, create_graph=True)
         norm_pix_patch = self.model.cfg.patch_size if self.opts.norm_pix_loss else None
@@ -235,10 +246,10 @@ class CompiledTrainStep:
         image = corrupted.image
         update_mask = _full_mask(image, corrupted.update_mask)
         region = corrupted.loss_mask if self.opts.loss_region == "corrupted" else torch.ones_like(update_mask)
-        clean, image, update_mask, region, noise, keep = _plain(
+        clean, image, update_mask, region, noise, keep, hidden = _plain(
             _pad(clean, n), _pad(image, n), _pad(update_mask, n), _pad(region, n, zeros=True),
-            _pad(noise, n, dim=1, zeros=True), _pad(corrupted.keep, n))
-        return clean, image.detach().requires_grad_(True), update_mask, region, noise, keep
+            _pad(noise, n, dim=1, zeros=True), _pad(corrupted.keep, n), _pad(self._split(corrupted), n))
+        return clean, image.detach().requires_grad_(True), update_mask, region, noise, keep, hidden
 
     def _attach(self, loss: Tensor, grads) -> Tensor:
         params = _trainable(self.model)
@@ -261,6 +272,8 @@ class CompiledTrainStep:
         image = corrupted.image
         self.model.check_input(image)  # user errors raise here, outside the compiled region
         self.model.check_keep(corrupted.keep, image.shape[0])
+        if self._split(corrupted) is not None:
+            check_split(self.model, corrupted.hidden, image.shape[0])
         if clean.shape != image.shape:
             raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(image.shape)} differ in shape")
         batch = image.shape[0]

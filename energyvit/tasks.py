@@ -29,10 +29,14 @@ class Corrupted:
     # (B, n) indices of the patches that enter the energy, in patch order, the same n for every
     # image; None: every patch (EnergyViT.forward's `keep`)
     keep: Tensor | None = None
+    # (B, h) indices of the hidden patches, in patch order (mim with every patch entering): the
+    # split of a model whose encoder reads only the visible ones (EnergyViT.split_energy)
+    hidden: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Corrupted:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
-        return Corrupted(move(self.image), move(self.loss_mask), move(self.update_mask), move(self.keep))
+        return Corrupted(move(self.image), move(self.loss_mask), move(self.update_mask), move(self.keep),
+                         move(self.hidden))
 
 
 def _check_images(x: Tensor, patch_size: int | None = None) -> None:
@@ -112,7 +116,7 @@ class MaskedImageModeling:
             fill = torch.full_like(x, float(self.fill))
         image = x * (1 - mask) + fill * mask
         if num_restored == num_masked:
-            return Corrupted(image, mask, mask)
+            return Corrupted(image, mask, mask, hidden=chosen.sort(dim=1).values)
         # the first num_restored hidden patches of the order are restored; the rest are dropped
         restored = torch.zeros_like(patch_mask).scatter_(1, order[:, :num_restored], 1.0)
         region = _patch_mask_to_pixels(restored, gh, gw, self.patch_size)
