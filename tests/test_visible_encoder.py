@@ -287,6 +287,28 @@ def test_restore_command_splits_on_the_masked_patches(tmp_path):
     assert inpainting_split(model, "denoise", c) is None and inpainting_split(tiny_model(**HEAD), "inpaint", c) is None
 
 
+def test_score_restores_each_round_with_its_split():
+    """energyvit score's restoration error: each round of hidden patches is the split; one round
+    (every patch hidden) leaves nothing visible and is refused."""
+    from energyvit.scoring import _pixel_mask, patch_mse, restoration_errors, rotation_masks
+
+    model = visible_model()
+    x = images(3)
+    got = restoration_errors(model, x, rounds=2, seed=0)
+    want = torch.zeros(3, L, dtype=x.dtype)
+    for hidden in rotation_masks(L, 2, 0):
+        mask = _pixel_mask(hidden, GRID, PATCH).to(x)
+        r = restore(model, x * (1 - mask) + 0.5 * mask, mask.expand(3, -1, -1, -1),
+                    hidden=hidden.nonzero().flatten().expand(3, -1))
+        want[:, hidden] = patch_mse(r.restored, x, PATCH)[:, hidden]
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    every = tiny_model(**HEAD)
+    every.load_state_dict(model.state_dict(), strict=False)
+    assert not torch.allclose(got, restoration_errors(every, x, rounds=2, seed=0))  # the split changed it
+    with pytest.raises(ValueError, match="must stay visible"):
+        restoration_errors(model, x, rounds=1)
+
+
 # ------------------------------------------------------------------------------------ FLOPs
 @pytest.mark.parametrize("energy", ["norm", "cls"])
 @pytest.mark.parametrize("restore_steps", [1, 2])
