@@ -28,8 +28,8 @@ already contains every first- and second-order term. See docs/compile.md.
   task's options, so one graph serves every step; padding rows copy the first row's indices.
 - A model with encoder_input "visible" splits on the mim task's hidden patches (``Corrupted.hidden``,
   (batch, H) indices, one more static input, padded as ``keep``) as ``objective.task_loss`` does:
-  the encoder runs once on the visible patches inside the compiled region (``restore.SplitEnergy``),
-  each step the energy head alone.
+  the encoder runs once on the visible patches inside the compiled region
+  (``restore.VisibleEncoderEnergy``), each step the energy head alone.
 - ``compiled_restore(model)`` compiles inference restoration (``restore.descend`` with first-order
   dE/dx only) and returns the same ``Restoration`` as ``restore.restore``.
 - The images enter the compiled region already requiring grad (made so outside it):
@@ -68,8 +68,8 @@ from torch import Tensor
 from energyvit.losses import restoration_loss
 from energyvit.model import EnergyViT
 from energyvit.objective import EnergyOptions, energy_contrast, entering_patches, task_loss
-from energyvit.restore import Restoration, SplitEnergy, bind_keep, check_restore_inputs, check_second_order, \
-    check_split, descend, draw_noise, restore
+from energyvit.restore import Restoration, VisibleEncoderEnergy, bind_keep, check_restore_inputs, \
+    check_second_order, check_split, descend, draw_noise, restore
 from energyvit.tasks import Corrupted
 
 _WARNED: set[str] = set()
@@ -227,7 +227,7 @@ class CompiledTrainStep:
         """The compiled function: unrolled restoration, loss and d loss / d params in one graph."""
         energy_fn = bind_keep(self.model, keep)
         if hidden is not None:
-            energy_fn = SplitEnergy(self.model, image, hidden, grad=True)
+            energy_fn = VisibleEncoderEnergy(self.model, image, hidden, grad=True)
             update_mask = energy_fn.restrict(update_mask)
         restored, _, _ = descend(energy_fn, image, self.model.step_sizes[: self.steps], update_mask, noise,
                                  self.opts.langevin_std, create_graph=True)

@@ -12,7 +12,7 @@ from torch import Tensor
 from energyvit.losses import restoration_loss
 from energyvit.model import EnergyViT
 from energyvit.options import check_fields, non_negative, option
-from energyvit.restore import SplitEnergy, bind_keep, check_split, restore
+from energyvit.restore import VisibleEncoderEnergy, bind_keep, check_split, restore
 from energyvit.tasks import Corrupted
 
 LOSS_REGIONS = ("corrupted", "all")
@@ -35,6 +35,11 @@ class EnergyOptions:
     contrast_negative: str = option("restored", "the negative of the energy term: the corrupted input or the "
                                     "restored image (detached, as contrastive divergence)", choices=NEGATIVES)
     contrast_margin: float = option(0.0, "margin of the energy term, in energy per patch", rule=non_negative)
+    second_order_blocks: int | None = option(None, "truncated second order: the training loss differentiates the "
+                                             "restoring gradient through the energy head and the last L encoder "
+                                             "blocks only (below them straight through; the gradient's value stays "
+                                             "exact; default: every block)", parse=int, rule=non_negative,
+                                             metavar="L")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -48,18 +53,22 @@ def task_loss(model: EnergyViT, clean: Tensor, corrupted: Corrupted, opts: Energ
     With sparse restoration (corrupted.keep) every energy, the explicit term's too, reads only the
     patches that enter. A model with encoder_input "visible" splits on corrupted.hidden (mim's
     hidden patches): the encoder runs once on the visible ones and every energy, the explicit term's
-    too, is the head's E(x; V, H) (SplitEnergy); energy_fn is then refused (DDP's forward would
-    not see the split: pretrain all-reduces the gradients after the step instead)."""
+    too, is the head's E(x; V, H) (VisibleEncoderEnergy); energy_fn is then refused (DDP's forward
+    would not see the split: pretrain all-reduces the gradients after the step instead)."""
     update_mask = corrupted.update_mask
     if model.cfg.encoder_input == "visible" and corrupted.hidden is not None:
         if energy_fn is not None:
             raise ValueError("a visible/hidden split computes its own energy: run it without energy_fn (under "
                              "torchrun, all-reduce the gradients after the step: distributed.AllReduceGradients)")
+        if opts.second_order_blocks is not None:
+            raise ValueError("second_order_blocks truncates the restoring gradient's path through the encoder, "
+                             "which a visible/hidden split never takes")
         check_split(model, corrupted.hidden, corrupted.image.shape[0])
-        energy_fn = SplitEnergy(model, corrupted.image, corrupted.hidden, grad=True)
+        energy_fn = VisibleEncoderEnergy(model, corrupted.image, corrupted.hidden, grad=True)
         update_mask = energy_fn.restrict(update_mask)
     result = restore(model, corrupted.image, update_mask, create_graph=True,
-                     noise_std=opts.langevin_std, generator=generator, energy_fn=energy_fn, keep=corrupted.keep)
+                     noise_std=opts.langevin_std, generator=generator, energy_fn=energy_fn, keep=corrupted.keep,
+                     exact_blocks=opts.second_order_blocks)
     return restored_loss(model, clean, corrupted.image, result.restored, corrupted.loss_mask, corrupted.keep, opts,
                          energy_fn)
 

@@ -23,7 +23,7 @@ from energyvit.model import EnergyViT, ModelOptions, model_config
 from energyvit.objective import EnergyOptions, task_loss
 from energyvit.options import OptionError
 from energyvit.pretrain import PretrainOptions, RunOptions, build_method
-from energyvit.restore import SplitEnergy, restore
+from energyvit.restore import VisibleEncoderEnergy, restore
 from energyvit.tasks import Corrupted, TaskOptions, build_task, mim_patch_counts
 from helpers import fixed_corruption, free_port, images, rank_share, sgd_steps, tiny_model, write_image_folder
 
@@ -91,7 +91,7 @@ def test_split_energy_is_the_hand_built_one_and_reads_the_pixels_of_hidden_patch
     c = mim(x)
     assert c.hidden.shape == (3, 8) and torch.equal(c.hidden, c.hidden.sort(dim=1).values)
     assert torch.equal(pixel_mask(c.hidden, 3), c.update_mask > 0)  # mim's hidden patches are its update mask
-    split = SplitEnergy(model, c.image, c.hidden, grad=False)
+    split = VisibleEncoderEnergy(model, c.image, c.hidden, grad=False)
     xi = c.image.clone().requires_grad_(True)
     energy_value = split(xi)
     torch.testing.assert_close(energy_value, reference_energy(model, c.image, c.hidden), rtol=1e-12, atol=0)
@@ -177,7 +177,7 @@ def test_pretrain_evaluates_with_the_split(tmp_path):
     r = restore(model, c.image, c.update_mask, hidden=c.hidden)
     assert results["mim"]["mse_restored"] == pytest.approx(restoration_loss(r.restored, x, c.loss_mask).item(),
                                                            rel=1e-12)
-    clean = SplitEnergy(model, c.image, c.hidden, grad=False)(x).mean().item()
+    clean = VisibleEncoderEnergy(model, c.image, c.hidden, grad=False)(x).mean().item()
     assert results["mim"]["energy_clean"] == pytest.approx(clean, rel=1e-12)
     with pytest.raises(ValueError, match="DDP cannot all-reduce"):
         method.step_loss(ddp=model)
@@ -190,6 +190,7 @@ def test_pretrain_evaluates_with_the_split(tmp_path):
     (["--tasks", "mim,sr"], "must be all with --tasks mim,sr"),
     (["--restore_fraction", "0.5"], "must be all with --restore_fraction 0.5"),
     (["--cuda_graphs"], "must be all with --cuda_graphs"),
+    (["--second_order_blocks", "1"], "must be all with --second_order_blocks 1"),
     (["--encoder_input", "some"], "invalid choice: 'some'"),
 ])
 def test_refused_combinations_give_one_line(argv, needle, capsys, tmp_path):
@@ -210,7 +211,7 @@ def test_the_python_api_refuses_bad_splits():
     with pytest.raises(ValueError, match="needs a model with encoder_input 'visible'"):
         restore(tiny_model(**HEAD), c.image, c.update_mask, hidden=c.hidden)
     model = visible_model()
-    with pytest.raises(ValueError, match="neither keep nor energy_fn"):
+    with pytest.raises(ValueError, match="neither keep, energy_fn nor exact_blocks"):
         restore(model, c.image, c.update_mask, hidden=c.hidden, keep=c.hidden)
     with pytest.raises(ValueError, match="names a patch twice"):
         restore(model, c.image, c.update_mask, hidden=torch.tensor([[0, 0, 1], [1, 2, 3]]))
@@ -220,6 +221,8 @@ def test_the_python_api_refuses_bad_splits():
         restore(model, c.image, c.update_mask, hidden=torch.tensor([[0, 16], [1, 2]]))
     with pytest.raises(ValueError, match="computes its own energy"):
         task_loss(model, x, c, EnergyOptions(), energy_fn=model)
+    with pytest.raises(ValueError, match="never takes"):
+        task_loss(model, x, c, EnergyOptions(second_order_blocks=1))
     with pytest.raises(ValueError, match="visible/hidden split needs a model"):
         tiny_model(**HEAD).split_context(x, c.hidden)
 

@@ -11,7 +11,7 @@ from energyvit.losses import restoration_loss, with_psnr
 from energyvit.methods.base import Samples
 from energyvit.model import EnergyViT
 from energyvit.objective import EnergyOptions, task_loss
-from energyvit.restore import SplitEnergy, restore
+from energyvit.restore import VisibleEncoderEnergy, restore
 from energyvit.sampling import derive_seed, seeded_generator
 from energyvit.tasks import TaskMixture
 from energyvit.training import StepLoss
@@ -119,8 +119,8 @@ def evaluate_restoration(
             if corrupted.hidden is not None and model.cfg.encoder_input == "visible":
                 result = restore(model, corrupted.image, corrupted.update_mask, hidden=corrupted.hidden)
                 with torch.no_grad():
-                    e = SplitEnergy(model, corrupted.image, corrupted.hidden, grad=False)(clean).sum().item()
-                split_clean = (split_clean or 0.0) + e
+                    split = VisibleEncoderEnergy(model, corrupted.image, corrupted.hidden, grad=False)
+                    split_clean = (split_clean or 0.0) + split(clean).sum().item()
             elif corrupted.keep is None:
                 result = restore_fn(corrupted.image, corrupted.update_mask)
             else:  # a sparse task (pretrain evaluates a full one instead): eager, the kept patches entering
