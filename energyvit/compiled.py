@@ -30,6 +30,10 @@ already contains every first- and second-order term. See docs/compile.md.
   region (``objective.fill_mask``: an all-zero mask for a task that hides nothing), so the fill
   patch gets its gradient from the same graph; the per-image loss weights are always a tensor
   (ones where the task gives none: ``err * 1`` is exact), so every task of a mixture shares a graph.
+- A model with encoder_input "visible" splits on the mim task's hidden patches (``Corrupted.hidden``,
+  (batch, H) indices, one more static input, padded as ``keep``) as ``objective.task_loss`` does:
+  the encoder runs once on the visible patches inside the compiled region
+  (``restore.VisibleEncoderEnergy``), each step the energy head alone.
 - ``compiled_restore(model)`` compiles inference restoration (``restore.descend`` with first-order
   dE/dx only) and returns the same ``Restoration`` as ``restore.restore``.
 - The images enter the compiled region already requiring grad (made so outside it):
@@ -68,8 +72,8 @@ from torch import Tensor
 from energyvit.losses import restoration_loss
 from energyvit.model import EnergyViT
 from energyvit.objective import EnergyOptions, energy_contrast, entering_patches, fill_mask, task_loss
-from energyvit.restore import Restoration, bind_keep, check_restore_inputs, check_second_order, descend, draw_noise, \
-    restore
+from energyvit.restore import Restoration, VisibleEncoderEnergy, bind_keep, check_restore_inputs, \
+    check_second_order, check_split, descend, draw_noise, restore
 from energyvit.tasks import Corrupted
 
 _WARNED: set[str] = set()
@@ -218,12 +222,20 @@ class CompiledTrainStep:
     def compiled_graphs(self) -> int:
         return _count_graphs(self._traced)
 
+    def _split(self, corrupted: Corrupted) -> Tensor | None:
+        """The hidden patches the step splits on (task_loss's rule), else None."""
+        return corrupted.hidden if self.model.cfg.encoder_input == "visible" else None
+
     def _loss_and_grads(self, clean: Tensor, image: Tensor, update_mask: Tensor, region: Tensor,
-                        noise: Tensor | None, keep: Tensor | None, fill: Tensor | None, weight: Tensor):
+                        noise: Tensor | None, keep: Tensor | None, fill: Tensor | None, weight: Tensor,
+                        hidden: Tensor | None):
         """The compiled function: unrolled restoration, loss and d loss / d params in one graph."""
         energy_fn = bind_keep(self.model, keep)
         if fill is not None:  # the learned fill, in the graph: its patch gets a gradient like the others
             image = self.model.fill_hidden(image, fill)
+        if hidden is not None:
+            energy_fn = VisibleEncoderEnergy(self.model, image, hidden, grad=True)
+            update_mask = energy_fn.restrict(update_mask)
         restored, _, _ = descend(energy_fn, image, self.model.step_sizes[: self.steps], update_mask, noise,
                                  self.opts.langevin_std, create_graph=True)
         norm_pix_patch = self.model.cfg.patch_size if self.opts.norm_pix_loss else None
@@ -242,11 +254,11 @@ class CompiledTrainStep:
         update_mask = _full_mask(image, corrupted.update_mask)
         region = corrupted.loss_mask if self.opts.loss_region == "corrupted" else torch.ones_like(update_mask)
         weight = corrupted.loss_weight if corrupted.loss_weight is not None else image.new_ones(image.shape[0])
-        clean, image, update_mask, region, noise, keep, fill, weight = _plain(
+        clean, image, update_mask, region, noise, keep, fill, weight, hidden = _plain(
             _pad(clean, n), _pad(image, n), _pad(update_mask, n), _pad(region, n, zeros=True),
             _pad(noise, n, dim=1, zeros=True), _pad(corrupted.keep, n), _pad(fill_mask(self.model, corrupted), n),
-            _pad(weight, n, zeros=True))
-        return clean, image.detach().requires_grad_(True), update_mask, region, noise, keep, fill, weight
+            _pad(weight, n, zeros=True), _pad(self._split(corrupted), n))
+        return clean, image.detach().requires_grad_(True), update_mask, region, noise, keep, fill, weight, hidden
 
     def _attach(self, loss: Tensor, grads) -> Tensor:
         params = _trainable(self.model)
@@ -269,6 +281,8 @@ class CompiledTrainStep:
         image = corrupted.image
         self.model.check_input(image)  # user errors raise here, outside the compiled region
         self.model.check_keep(corrupted.keep, image.shape[0])
+        if self._split(corrupted) is not None:
+            check_split(self.model, corrupted.hidden, image.shape[0])
         if clean.shape != image.shape:
             raise ValueError(f"clean {tuple(clean.shape)} and corrupted {tuple(image.shape)} differ in shape")
         batch = image.shape[0]

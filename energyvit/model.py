@@ -27,10 +27,12 @@ from energyvit.norm_act import LN_GELU_BACKENDS, gelu, layer_norm
 from energyvit.options import OptionError, check_fields, in_range, non_negative, option, positive
 
 ENERGY_READOUTS = ("norm", "linear", "cls")
+ENCODER_INPUTS = ("all", "visible")  # what the encoder reads under a split: see EnergyViT.split_energy
 # Parameter names timm's VisionTransformer has no place for: the `linear` readout, the energy
-# head's blocks, the step sizes and the learned fill of hidden patches.
-ENERGY_ONLY_KEYS = ("energy_head.", "energy_embed.", "energy_pos_embed", "energy_blocks.", "restore_log_step",
-                    "mask_fill_patch")
+# head's blocks (and its embedding of hidden patches), the step sizes and the learned fill of hidden
+# patches.
+ENERGY_ONLY_KEYS = ("energy_head.", "energy_embed.", "energy_pos_embed", "energy_blocks.", "energy_patch_embed.",
+                    "restore_log_step", "mask_fill_patch")
 HEAD_DIM = 32  # width of one attention head in the energy head's blocks (as MAE's decoder)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -48,6 +50,9 @@ class EnergyViTConfig:
     energy: str = "norm"  # readout: see EnergyViT.energy_from_tokens
     energy_head_depth: int = 0  # transformer blocks between the encoder's features and the readout
     energy_head_dim: int = 0  # their width; 0: the encoder's
+    # "visible": under a split (mim's hidden patches) the encoder reads only the visible patches and
+    # the head embeds the hidden ones' pixels itself (EnergyViT.split_energy); "all": no split
+    encoder_input: str = "all"
     restore_steps: int = 2  # K, gradient steps of restoration (1..8)
     learned_fill: bool = False  # a learnable pixel patch fills mim's hidden patches (--mask_fill learned)
     step_size_init: float = 1.0  # initial a_k for every step
@@ -71,6 +76,11 @@ class EnergyViTConfig:
         if self.energy_head_depth < 0 or self.energy_head_dim < 0 or self.energy_head_dim % 4:
             raise ValueError(f"energy head depth and width must be >= 0, the width a multiple of 4, got "
                              f"{self.energy_head_depth} and {self.energy_head_dim}")
+        if self.encoder_input not in ENCODER_INPUTS:
+            raise ValueError(f"unknown encoder_input {self.encoder_input!r}; choose one of {', '.join(ENCODER_INPUTS)}")
+        if self.encoder_input == "visible" and not self.energy_head_depth:
+            raise ValueError("encoder_input 'visible' needs an energy head (energy_head_depth >= 1) to embed the "
+                             "hidden patches")
         if self.energy_head_depth and self.energy == "linear":
             raise ValueError("the linear readout reads the encoder's final norm; with an energy head use norm or cls")
         if not 1 <= self.restore_steps <= 8:
@@ -130,6 +140,12 @@ class ModelOptions:
                                     "normalized features and the readout (0: none; not exported)", rule=non_negative)
     energy_head_dim: int | None = option(None, "width of the energy head's blocks (default: half the encoder's)",
                                          parse=int, rule=positive)
+    encoder_input: str = option("all", "all: the encoder reads every patch, hidden ones too (the paper's one "
+                                "network); visible: under mim the encoder reads only the visible patches, once per "
+                                "batch, and the energy head also reads its own embedding of the hidden patches' "
+                                "pixels, so restoration's gradient runs through the head alone (needs "
+                                "--energy_head_depth >= 1 and --tasks mim alone; docs/results.md)",
+                                choices=ENCODER_INPUTS)
     restore_steps: int = option(1, "K, gradient steps of restoration (1..8)", rule=in_range(1, 8), metavar="K")
     step_size_init: float = option(1.0, "initial step size a_k (a_k = exp(learned log step))", rule=positive)
     fused: bool = option(False, "fused Triton attention, LayerNorm and GELU, to second order (LayerNorm and GELU "
@@ -143,6 +159,9 @@ class ModelOptions:
             raise OptionError("input_size", self.input_size, f"a multiple of {self.model}'s patch size {patch}")
         if self.energy_head_dim is not None and self.energy_head_dim % 4:
             raise OptionError("energy_head_dim", self.energy_head_dim, "a multiple of 4")
+        if self.encoder_input == "visible" and not self.energy_head_depth:
+            raise OptionError("encoder_input", self.encoder_input, "all with --energy_head_depth 0 (visible needs "
+                              "an energy head to embed the hidden patches)")
         if self.energy == "linear" and self.energy_head_depth:
             raise OptionError("energy", self.energy, "norm or cls with an energy head (linear needs "
                               "--energy_head_depth 0)")
@@ -156,6 +175,7 @@ class ModelOptions:
         head_dim = self.head_width() if self.energy_head_depth else 0
         return model_config(self.model, img_size=self.input_size, in_chans=in_chans, energy=self.energy,
                             energy_head_depth=self.energy_head_depth, energy_head_dim=head_dim,
+                            encoder_input=self.encoder_input,
                             restore_steps=self.restore_steps, step_size_init=self.step_size_init,
                             pixel_mean=pixel_mean, pixel_std=pixel_std, **self.backends(compiled))
 
@@ -251,6 +271,14 @@ def gather_patches(tokens: Tensor, keep: Tensor) -> Tensor:
     return tokens.expand(keep.shape[0], -1, -1).gather(1, index)
 
 
+def patchify(x: Tensor, patch_size: int) -> Tensor:
+    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, each flattened as (p, p, C) (MAE's)."""
+    B, C, H, W = x.shape
+    p = patch_size
+    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(B, (H // p) * (W // p), p * p * C)
+
+
 def sincos_pos_embed(dim: int, grid: int) -> Tensor:
     """2D sine-cosine position embedding (MAE's), (grid*grid, dim)."""
     if dim % 4:
@@ -296,8 +324,14 @@ class EnergyViT(nn.Module):
             self.energy_embed = nn.Linear(cfg.embed_dim, dh)
             head_pos = torch.cat([torch.zeros(1, dh), sincos_pos_embed(dh, grid)])
             self.energy_pos_embed = nn.Parameter(head_pos.unsqueeze(0), requires_grad=False)
-            head_cfg = replace(cfg, embed_dim=dh, num_heads=max(1, dh // HEAD_DIM), energy_head_depth=0)
+            head_cfg = replace(cfg, embed_dim=dh, num_heads=max(1, dh // HEAD_DIM), energy_head_depth=0,
+                               encoder_input="all")
             self.energy_blocks = nn.ModuleList(Block(head_cfg) for _ in range(cfg.energy_head_depth))
+        # encoder_input "visible": the hidden patches' normalized pixels straight to the head's width
+        # (a patch embedding as patch_embed, applied to those patches only)
+        self.energy_patch_embed = None
+        if cfg.encoder_input == "visible":
+            self.energy_patch_embed = nn.Linear(cfg.patch_size ** 2 * cfg.in_chans, cfg.head_dim)
         # a_k = exp(restore_log_step[k]) keeps every step size positive.
         self.restore_log_step = nn.Parameter(torch.full((cfg.restore_steps,), math.log(cfg.step_size_init)))
         # --mask_fill learned: one pixel patch, at mid-gray (the constant default fill) to start; a
@@ -413,7 +447,10 @@ class EnergyViT(nn.Module):
         With an energy head, its blocks first map the normalized features norm(z), and the readout
         takes their residual stream instead.
         """
-        z = self._readout_stream(z, keep)
+        return self._readout(self._readout_stream(z, keep))
+
+    def _readout(self, z: Tensor) -> Tensor:
+        """The energy (B,) of the stream z (class token first) the readout reads."""
         if self.cfg.energy == "cls":
             return 0.5 * z[:, 0].pow(2).sum(dim=1) * (z.shape[1] - 1) / z.shape[-1]
         return self._patch_terms(z).sum(dim=1)
@@ -422,13 +459,48 @@ class EnergyViT(nn.Module):
         """The tokens the readout reads: the encoder's residual stream, or the energy head's (whose
         position embedding, with `keep`, is that of the class token and the kept patches)."""
         if self.energy_blocks is not None:
-            pos = self.energy_pos_embed
-            if keep is not None:
-                pos = torch.cat([pos[:, :1].expand(keep.shape[0], -1, -1), gather_patches(pos[:, 1:], keep)], dim=1)
-            z = self.energy_embed(self.norm(z)) + pos
-            for block in self.energy_blocks:
-                z = block(z)
+            z = self._head(self._head_input(z, keep))
         return z
+
+    def _head_input(self, z: Tensor, keep: Tensor | None = None) -> Tensor:
+        """The energy head's tokens of the encoder's stream z: its normalized features embedded to the
+        head's width, plus the head's position embedding (of the class token and `keep`'s patches)."""
+        pos = self.energy_pos_embed
+        if keep is not None:
+            pos = torch.cat([pos[:, :1].expand(keep.shape[0], -1, -1), gather_patches(pos[:, 1:], keep)], dim=1)
+        return self.energy_embed(self.norm(z)) + pos
+
+    def _head(self, z: Tensor) -> Tensor:
+        for block in self.energy_blocks:
+            z = block(z)
+        return z
+
+    def split_context(self, x: Tensor, visible: Tensor) -> Tensor:
+        """The energy head's tokens of the class token and the `visible` (B, V) patches of x, (B, 1 + V,
+        head width): the encoder run on those alone. split_energy reads them; they depend on the
+        visible pixels only, so a restoration that changes only the hidden patches computes them once."""
+        self._check_split()
+        return self._head_input(self.forward_tokens(x, visible), visible)
+
+    def split_energy(self, x: Tensor, context: Tensor, hidden: Tensor) -> Tensor:
+        """E(x; V, H), (B,), of a model with encoder_input "visible": the head reads `context`
+        (split_context of the visible patches V) and its own embedding of the `hidden` (B, H) patches'
+        pixels of x (energy_patch_embed, plus the head's position embedding); the readout as in forward.
+        x enters through the hidden patches only: dE/dx is zero on every other pixel. The encoder never
+        reads the hidden pixels, so the head is a decoder of the visible features and the raw hidden
+        patches (docs/results.md, "Visible-patch encoder"). Without a split, forward(x) is the same
+        model with every patch visible and none hidden."""
+        self._check_split()
+        self.check_input(x)
+        self.check_keep(hidden, x.shape[0], values=False)
+        patches = gather_patches(patchify(self.normalize(x), self.cfg.patch_size), hidden)
+        tokens = self.energy_patch_embed(patches) + gather_patches(self.energy_pos_embed[:, 1:], hidden)
+        return self._readout(self._head(torch.cat([context, tokens], dim=1)))
+
+    def _check_split(self) -> None:
+        if self.energy_patch_embed is None:
+            raise ValueError("a visible/hidden split needs a model with encoder_input 'visible' (this one's encoder "
+                             f"reads {self.cfg.encoder_input} patches)")
 
     def _patch_terms(self, z: Tensor) -> Tensor:
         """(B, num_patches): the `norm` or `linear` readout's term of each patch token."""

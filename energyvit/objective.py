@@ -12,7 +12,7 @@ from torch import Tensor
 from energyvit.losses import restoration_loss
 from energyvit.model import EnergyViT
 from energyvit.options import check_fields, non_negative, option
-from energyvit.restore import bind_keep, restore
+from energyvit.restore import VisibleEncoderEnergy, bind_keep, check_split, restore
 from energyvit.tasks import Corrupted
 
 LOSS_REGIONS = ("corrupted", "all")
@@ -52,9 +52,26 @@ def task_loss(model: EnergyViT, clean: Tensor, corrupted: Corrupted, opts: Energ
     energy_fn: what computes E(x) if not the model itself (the DDP wrapper, which syncs gradients).
     With sparse restoration (corrupted.keep) every energy, the explicit term's too, reads only the
     patches that enter. With a learned fill the restoration starts from the filled image, so the
-    loss reaches the fill patch through every step."""
+    loss reaches the fill patch through every step. A model with encoder_input "visible" splits on
+    corrupted.hidden (mim's hidden patches): the encoder runs once on the visible ones and every
+    energy, the explicit term's too, is the head's E(x; V, H) (VisibleEncoderEnergy); energy_fn is
+    then refused (DDP's forward would not see the split: pretrain all-reduces the gradients after the
+    step instead)."""
     image = filled(model, corrupted.image, fill_mask(model, corrupted))
-    result = restore(model, image, corrupted.update_mask, create_graph=True,
+    update_mask = corrupted.update_mask
+    if model.cfg.encoder_input == "visible" and corrupted.hidden is not None:
+        if energy_fn is not None:
+            raise ValueError("a visible/hidden split computes its own energy: run it without energy_fn (under "
+                             "torchrun, all-reduce the gradients after the step: distributed.AllReduceGradients)")
+        if opts.second_order_blocks is not None:
+            raise ValueError("second_order_blocks truncates the restoring gradient's path through the encoder, "
+                             "which a visible/hidden split never takes")
+        check_split(model, corrupted.hidden, image.shape[0])
+        # the filled image: the encoder embeds every patch before it keeps the visible ones, so a
+        # NaN left where the learned fill goes would reach its weight gradient as 0 * NaN
+        energy_fn = VisibleEncoderEnergy(model, image, corrupted.hidden, grad=True)
+        update_mask = energy_fn.restrict(update_mask)
+    result = restore(model, image, update_mask, create_graph=True,
                      noise_std=opts.langevin_std, generator=generator, energy_fn=energy_fn, keep=corrupted.keep,
                      exact_blocks=opts.second_order_blocks)
     return restored_loss(model, clean, image, result.restored, corrupted.loss_mask, corrupted.keep, opts,

@@ -116,6 +116,24 @@ class PretrainOptions:
         if self.tasks.mask_fill == "learned" and self.run.method != "energy":
             raise OptionError("mask_fill", "learned", f"a constant or 'noise' with --method {self.run.method} (the "
                               "learned fill is the energy model's; MAE drops its hidden patches, and has a mask token)")
+        if self.model.encoder_input == "visible":
+            self._check_visible_encoder()
+
+    def _check_visible_encoder(self) -> None:
+        """--encoder_input visible trains the mim split alone, eagerly or compiled."""
+        refused = ((self.run.method != "energy", f"--method {self.run.method} (MAE's encoder already sees only the "
+                                                  "visible patches)"),
+                   (set(self.tasks.weights()) != {"mim"}, f"--tasks {self.tasks.tasks} (only mim hides patches to "
+                                                          "split on: --tasks mim alone)"),
+                   (self.tasks.restore_fraction < 1, f"--restore_fraction {self.tasks.restore_fraction:g} (every "
+                                                     "hidden patch is restored under the split)"),
+                   (self.run.cuda_graphs, "--cuda_graphs (the graphed step does not capture the split)"),
+                   (self.energy.second_order_blocks is not None, f"--second_order_blocks "
+                    f"{self.energy.second_order_blocks} (the split's restoring gradient never enters the encoder: "
+                    "nothing to truncate)"))
+        for bad, why in refused:
+            if bad:
+                raise OptionError("encoder_input", "visible", f"all with {why}")
 
     def flat(self) -> dict:
         """Every option by its flag name, as checkpoints keep them ("args")."""
@@ -269,7 +287,10 @@ def setup(options: PretrainOptions, dist_info: DistInfo, device: torch.device) -
             epoch, step_in_epoch = epoch + 1, 0
 
     ddp, grad_sync = None, LocalGradients()
-    if dist_info.enabled and (run_opts.compile or graphed):  # gradients made outside DDP's autograd hooks
+    # gradients made outside DDP's autograd hooks (compiled, graphed), or by a restoration whose
+    # encoder runs outside the energy's forward (the visible/hidden split): all-reduced after the step
+    split = method.encoder.cfg.encoder_input == "visible" and run_opts.method == "energy"
+    if dist_info.enabled and (run_opts.compile or graphed or split):
         broadcast_parameters(method.module)  # one starting point on every rank, as DDP makes it
         grad_sync = AllReduceGradients(method.module)
     elif dist_info.enabled:
@@ -293,6 +314,8 @@ def _run(options: PretrainOptions, dist_info: DistInfo, device: torch.device) ->
     n_params = sum(p.numel() for p in t.method.module.parameters())
     sparse = f", restore fraction {options.tasks.restore_fraction:g}" if options.tasks.restore_fraction < 1 else ""
     sparse += ", learned fill" if model.cfg.learned_fill else ""
+    if model.cfg.encoder_input == "visible":
+        sparse += ", encoder on the visible patches"
     what = (f"tasks {options.tasks.tasks}{sparse}, K={model.cfg.restore_steps}" if options.run.method == "energy"
             else f"MAE baseline, mask ratio {options.mae.mae_mask_ratio}")
     if dist_info.is_main:

@@ -13,6 +13,11 @@ Sparse restoration (`keep`, the patches that enter the energy, see EnergyViT.for
 energy of every step reads only those patches, so dE/dx is zero on the others; the update mask
 (the task's) then covers only patches among them.
 
+A visible/hidden split (`hidden`, the patches mim hid, for a model with encoder_input "visible",
+see EnergyViT.split_energy): the encoder reads the visible patches once, before the first step
+(VisibleEncoderEnergy), and every step runs the energy head alone on those features and the
+hidden patches' current pixels; only the hidden patches change.
+
 `descend` is the one loop behind eager training, inference and the compiled step and restore of
 energyvit.compiled: Dynamo traces it into one graph, so it holds nothing Dynamo cannot trace (no
 generator draws, no requires_grad_ calls; torch 2.11 refuses the latter inside a compiled region).
@@ -55,6 +60,57 @@ def check_second_order(model: EnergyViT) -> None:
     if model.cfg.attn_backend not in SECOND_ORDER_BACKENDS:
         raise ValueError(f"attention backend {model.cfg.attn_backend!r} has no second derivative: training "
                          f"restoration needs one of {', '.join(SECOND_ORDER_BACKENDS)}")
+
+
+def visible_patches(hidden: Tensor, num_patches: int) -> Tensor:
+    """(B, num_patches - H) indices, in patch order, of the patches `hidden` (B, H) does not name
+    (computed on the device: no host sync)."""
+    named = hidden.new_zeros(hidden.shape[0], num_patches).scatter_(1, hidden, 1)
+    return named.argsort(dim=1, stable=True)[:, : num_patches - hidden.shape[1]]
+
+
+def check_split(model: EnergyViT, hidden: Tensor, batch: int) -> None:
+    """ValueError unless the model splits (encoder_input "visible") and `hidden` is (batch, H)
+    distinct patch indices with 1 <= H < num_patches (one patch at least stays visible)."""
+    if model.cfg.encoder_input != "visible":
+        raise ValueError(f"hidden (a visible/hidden split) needs a model with encoder_input 'visible', not "
+                         f"{model.cfg.encoder_input!r}")
+    model.check_keep(hidden, batch)
+    num_patches = model.cfg.num_patches
+    if hidden.shape[1] >= num_patches:
+        raise ValueError(f"hidden names {hidden.shape[1]} patches: at least one of the {num_patches} must stay visible")
+    capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not capturing and (hidden.sort(dim=1).values.diff(dim=1) == 0).any():
+        raise ValueError("hidden names a patch twice in one image")
+
+
+class VisibleEncoderEnergy:
+    """x -> E(x; V, H) of a model with encoder_input "visible", for one batch's split: the encoder
+    runs once, here, on the class token and the visible patches of `image` (read as data: no
+    gradient reaches the pixels through it), with a parameter graph when `grad`; each call runs the
+    energy head alone (EnergyViT.split_energy) on those features and the hidden patches of x.
+    The visible pixels of every x it scores must be image's: restrict() keeps restoration to the
+    hidden patches, and mim leaves the clean image's visible patches as they are, so E(clean) of the
+    explicit energy term reads the same features."""
+
+    def __init__(self, model: EnergyViT, image: Tensor, hidden: Tensor, grad: bool) -> None:
+        self.model, self.hidden = model, hidden
+        visible = visible_patches(hidden, model.cfg.num_patches)
+        with torch.set_grad_enabled(grad):
+            self.context = model.split_context(image.detach(), visible)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.model.split_energy(x, self.context, self.hidden)
+
+    def restrict(self, update_mask: Tensor | None) -> Tensor:
+        """update_mask (None: everywhere) within the hidden patches: the visible ones never change,
+        so the features computed once stay those of the current image."""
+        cfg = self.model.cfg
+        grid = cfg.img_size // cfg.patch_size
+        named = self.hidden.new_zeros(self.hidden.shape[0], cfg.num_patches).scatter_(1, self.hidden, 1)
+        pixels = named.view(-1, 1, grid, grid).repeat_interleave(cfg.patch_size, 2).repeat_interleave(cfg.patch_size, 3)
+        pixels = pixels.to(self.context.dtype)
+        return pixels if update_mask is None else update_mask * pixels
 
 
 def draw_noise(x: Tensor, steps: int, noise_std: float, generator: torch.Generator | None) -> Tensor | None:
@@ -132,6 +188,7 @@ def restore(
     energy_fn: Callable[..., Tensor] | None = None,
     keep: Tensor | None = None,
     exact_blocks: int | None = None,
+    hidden: Tensor | None = None,
 ) -> Restoration:
     """Restore `corrupted` by `steps` (default: the model's K) gradient steps on its energy.
 
@@ -142,8 +199,18 @@ def restore(
     energy_fn(x, keep) when keep is given.
     keep: (B, n) indices of the patches that enter the energy (sparse restoration); None: all.
     exact_blocks: training only, the truncated second-order path (input_gradient); None: exact.
+    hidden: (B, H) indices of the hidden patches, for a model with encoder_input "visible": the
+    split restoration (VisibleEncoderEnergy; the update mask is kept within them). Takes neither
+    keep, energy_fn nor exact_blocks (objective.task_loss builds the VisibleEncoderEnergy itself and
+    passes it as energy_fn).
     """
     K = check_restore_inputs(model, corrupted, update_mask, steps, keep)
+    if hidden is not None:
+        if keep is not None or energy_fn is not None or exact_blocks is not None:
+            raise ValueError("hidden (a visible/hidden split) takes neither keep, energy_fn nor exact_blocks")
+        check_split(model, hidden, corrupted.shape[0])
+        energy_fn = VisibleEncoderEnergy(model, corrupted, hidden, grad=create_graph)
+        update_mask = energy_fn.restrict(update_mask)
     if create_graph:
         check_second_order(model)
     step_sizes = model.step_sizes[:K]

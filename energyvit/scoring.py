@@ -6,7 +6,8 @@ data the model was trained on. Higher is more unusual for every score here.
 - restoration: hide patches, restore them by the model's K gradient steps, and measure how far
   the restored pixels are from the true ones (mean squared error per patch, pixel units). The
   patches are hidden in `rounds` seeded masks that partition them, so every patch is hidden
-  exactly once (1/rounds of them per round) and restored from the rest of its image.
+  exactly once (1/rounds of them per round) and restored from the rest of its image (a model
+  with encoder_input "visible" splits on each round's hidden patches, as it was trained).
 - MAE's reconstruction error (the baseline): the same masks through an MAE checkpoint's encoder
   and decoder, its own loss per hidden patch.
 
@@ -76,7 +77,9 @@ def restoration_errors(model: EnergyViT, images: Tensor, rounds: int = DEFAULT_R
             filler = (torch.rand(images.shape, generator=generator).to(images) if fill == "noise"
                       else torch.full_like(images, float(fill)))
             hidden_images = images * (1 - mask) + filler * mask
-        restored = restore(model, hidden_images, mask.expand(len(images), -1, -1, -1)).restored
+        split = (hidden.nonzero().flatten().to(images.device).expand(len(images), -1)
+                 if cfg.encoder_input == "visible" else None)
+        restored = restore(model, hidden_images, mask.expand(len(images), -1, -1, -1), hidden=split).restored
         out[:, hidden.to(images.device)] = patch_mse(restored, images, cfg.patch_size)[:, hidden.to(images.device)]
     return out
 

@@ -37,11 +37,14 @@ class Corrupted:
     fill_mask: Tensor | None = None
     # (B,) weight of each image's restoration loss (denoise's inverse-variance weighting); None: 1
     loss_weight: Tensor | None = None
+    # (B, h) indices of the hidden patches, in patch order (mim with every patch entering): the
+    # split of a model whose encoder reads only the visible ones (EnergyViT.split_energy)
+    hidden: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Corrupted:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
         return Corrupted(move(self.image), move(self.loss_mask), move(self.update_mask), move(self.keep),
-                         move(self.fill_mask), move(self.loss_weight))
+                         move(self.fill_mask), move(self.loss_weight), move(self.hidden))
 
 
 def _check_images(x: Tensor, patch_size: int | None = None) -> None:
@@ -128,7 +131,7 @@ class MaskedImageModeling:
                 fill = torch.full_like(x, float(self.fill))
             image = x * (1 - mask) + fill * mask
         if num_restored == num_masked:
-            return Corrupted(image, mask, mask, fill_mask=fill_mask)
+            return Corrupted(image, mask, mask, fill_mask=fill_mask, hidden=chosen.sort(dim=1).values)
         # the first num_restored hidden patches of the order are restored; the rest are dropped
         restored = torch.zeros_like(patch_mask).scatter_(1, order[:, :num_restored], 1.0)
         region = _patch_mask_to_pixels(restored, gh, gw, self.patch_size)

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from energyvit.benchmark import cpu_model, git_commit, mean_std
-from energyvit.benchmark.flops import energy_step_flops, mae_step_flops
+from energyvit.benchmark.flops import energy_step_flops, mae_step_flops, visible_step_flops
 from energyvit.checkpoint import load_checkpoint, load_model
 from energyvit.data.in_memory import SplitDataset
 from energyvit.data.splits import DataOptions, load_splits
@@ -81,6 +81,8 @@ def training_flops(checkpoint: Path) -> float:
         return images * mae_step_flops(mae.encoder.cfg, mae.decoder_cfg, mae.num_visible, 1)
     cfg = config_from_dict(state["model_config"])  # the config alone: no second read, no model built
     hidden, restored = mim_patch_counts(cfg.num_patches, args["mask_ratio"], args.get("restore_fraction", 1.0))
+    if cfg.encoder_input == "visible":  # mim alone: the encoder on the visible patches once, the head K times
+        return images * visible_step_flops(cfg, cfg.restore_steps, 1, hidden, contrast=args["contrast_weight"] > 0)
     patches = cfg.num_patches - hidden + restored  # sparse restoration (mim alone): visible + restored hidden
     return images * energy_step_flops(cfg, cfg.restore_steps, 1, contrast=args["contrast_weight"] > 0, patches=patches,
                                       exact_blocks=args.get("second_order_blocks"))

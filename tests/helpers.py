@@ -82,3 +82,17 @@ def sgd_steps(model, step_loss, x: torch.Tensor, batch_size: int, accum: int, in
     train_one_epoch(model, step_loss, loader, opt, EpochPlan(0, steps, 0, 0, accum_iter=accum), lambda s: 0.05, ["mim"],
                     info or DistInfo(), grad_sync or LocalGradients())
     return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def write_image_folder(root, per_class: int, seed: int) -> None:
+    """12x12 RGB noise, brighter on the left or on the right: two classes."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name, half in (("left", slice(0, 6)), ("right", slice(6, 12))):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            img = rng.integers(0, 120, (12, 12, 3), dtype=np.uint8)
+            img[:, half] += 120
+            Image.fromarray(img).save(root / name / f"{i:02d}.png")

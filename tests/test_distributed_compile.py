@@ -21,7 +21,7 @@ import torch.multiprocessing as mp
 from energyvit.compiled import compile_support, compiled_train_step
 from energyvit.distributed import AllReduceGradients, DistInfo, broadcast_parameters
 from energyvit.objective import EnergyOptions, task_loss
-from helpers import fixed_corruption, free_port, images, rank_share, sgd_steps, tiny_model
+from helpers import fixed_corruption, free_port, images, rank_share, sgd_steps, tiny_model, write_image_folder
 
 pytestmark = pytest.mark.skipif(not compile_support()[0], reason="this torch cannot trace autograd.grad")
 
@@ -92,20 +92,6 @@ def test_compiled_step_in_two_processes_equals_one_process(tmp_path, one_thread)
             torch.testing.assert_close(got["after_accum"][name], w, rtol=1e-9, atol=1e-12, msg=name)
         moved = got["after"]["blocks.0.attn.qkv.weight"] - initial["blocks.0.attn.qkv.weight"]
         assert moved.abs().max() > 1e-4  # the step did something
-
-
-def write_image_folder(root, per_class: int, seed: int) -> None:
-    """12x12 RGB noise, brighter on the left or on the right: two classes."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    for name, half in (("left", slice(0, 6)), ("right", slice(6, 12))):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            img = rng.integers(0, 120, (12, 12, 3), dtype=np.uint8)
-            img[:, half] += 120
-            Image.fromarray(img).save(root / name / f"{i:02d}.png")
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),

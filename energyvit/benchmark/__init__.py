@@ -64,7 +64,7 @@ from energyvit.benchmark.compile_only import CompiledOnly, compile_only_backend,
 from energyvit.benchmark.environment import (SOURCE_ROOT, Unavailable, cpu_model, first_line, git_commit, mean_std,
                                              triton_version)
 from energyvit.benchmark.flops import (datasheet_peak, energy_forward_flops, energy_step_flops, mae_step_flops,
-                                       vit_forward_flops)
+                                       visible_step_flops, vit_forward_flops)
 from energyvit.benchmark.launches import LaunchCount, count_launches, dispatched_ops, kernel_category, kernels_per_op
 from energyvit.benchmark.presets import (ATTN_FLOP_FACTOR, ATTN_OPS, DEFAULT_SUITES, DTYPES, FIELDS, GRAPH_WARMUP,
                                          MAE_MODES, OWN_BACKENDS, PRESETS, STEP_MODES, SUITES)
@@ -81,5 +81,5 @@ __all__ = [
     "device_ms", "dispatched_ops", "energy_forward_flops", "energy_step_flops", "energy_vs_mae", "first_line",
     "flat_grads", "format_table", "git_commit", "inductor_option", "iqr_percent", "kernel_category", "kernel_ms",
     "kernels_per_op", "mae_case", "mae_step_flops", "make_sync", "mean_std", "optimizer_case", "peak_mem_mib",
-    "rel_err", "sdpa_kernel_ran", "step_case", "time_ms", "triton_version", "vit_forward_flops",
+    "rel_err", "sdpa_kernel_ran", "step_case", "time_ms", "triton_version", "visible_step_flops", "vit_forward_flops",
 ]

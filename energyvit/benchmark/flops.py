@@ -23,6 +23,14 @@ Sparse restoration (mim with `--restore_fraction` < 1): the blocks, the energy h
 readout see the class token and the `patches` that enter (visible + restored hidden); the patch
 embedding still runs on every patch (embedded, then dropped, as MAE), so it is counted in full.
 
+Visible-patch encoder (`--encoder_input visible`, `visible_step_flops`): the encoder runs once per
+step on the class token and the V visible patches (the patch embedding on every patch, as MAE),
+then the energy head's embedding of its output: forward + backward to the weights, 3x (the patch
+embedding 2x: the pixels need no gradient). Each of the K restoration steps runs the head alone,
+6x linear and 9x attention as above, on 1 + V + H tokens, with the hidden patches' embedding
+(energy_patch_embed, H tokens) among its linear layers. The explicit energy term adds two head
+forwards + backwards to the weights (3x; the hidden embedding 2x), reusing the encoder's output.
+
 These are model FLOPs (what the math defines, as MFU counts them): the fused kernels recompute
 the attention matrix and execute more, SDPA's flash backward too; none of that is counted.
 tests/test_bench_flops.py checks both counts against torch.utils.flop_counter on tiny models.
@@ -105,6 +113,24 @@ def energy_step_flops(cfg: EnergyViTConfig, restore_steps: int, batch: int, cont
     if contrast:
         embed = patch_embed_flops(cfg, cfg.num_patches)
         flops += 2 * (3.0 * (linear - embed + attn) + 2.0 * embed)
+    return batch * flops
+
+
+def visible_step_flops(cfg: EnergyViTConfig, restore_steps: int, batch: int, hidden: int,
+                       contrast: bool = False) -> float:
+    """Model FLOPs of one energy training step of a model with encoder_input "visible" under mim's
+    split, `hidden` patches hidden per image (module docstring)."""
+    if not cfg.energy_head_depth:
+        raise ValueError("the visible-patch encoder needs an energy head (energy_head_depth >= 1)")
+    dh, n_vis = cfg.head_dim, cfg.num_patches - hidden + 1
+    enc_linear, enc_attn = blocks_flops(n_vis, cfg.embed_dim, cfg.depth, cfg.mlp_ratio)
+    encoder = 3.0 * (enc_linear + linear_flops(n_vis, cfg.embed_dim, dh) + enc_attn) \
+        + 2.0 * patch_embed_flops(cfg, cfg.num_patches)
+    head_linear, head_attn = blocks_flops(cfg.num_patches + 1, dh, cfg.energy_head_depth, cfg.mlp_ratio)
+    hidden_embed = linear_flops(hidden, cfg.patch_size ** 2 * cfg.in_chans, dh)
+    flops = encoder + restore_steps * (6.0 * (head_linear + hidden_embed) + 9.0 * head_attn)
+    if contrast:
+        flops += 2 * (3.0 * (head_linear + head_attn) + 2.0 * hidden_embed)
     return batch * flops
 
 

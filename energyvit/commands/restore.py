@@ -9,6 +9,9 @@ zoomed for viewing, of corrupted | x_1 ... | restored (| clean reference).
 PSNR (whole image, pixels in [0, 1], after clamping to [0, 1] as written) is printed against
 `--clean` when given, otherwise against the input itself when the corruption is synthetic (the
 input is then the clean image); a `--corrupted` input without `--clean` has no reference.
+
+A model pretrained with `--encoder_input visible` restores inpainting with its split: the hidden
+patches are the task's, or those a `--mask` touches; its encoder reads the others once.
 """
 from __future__ import annotations
 
@@ -117,6 +120,21 @@ def corrupt_image(x: Tensor, task: str, patch_size: int, options: TaskOptions, s
     return build_task(task, patch_size, options)(x, generator)
 
 
+def inpainting_split(model, task: str, c: Corrupted) -> Tensor | None:
+    """The hidden patches (1, H) a model with encoder_input "visible" splits on when inpainting:
+    the task's, or every patch the update mask (--mask) touches; None for other models and tasks."""
+    if model.cfg.encoder_input != "visible" or task != "inpaint":
+        return None
+    if c.hidden is not None:
+        return c.hidden
+    p = model.cfg.patch_size
+    touched = torch.nn.functional.max_pool2d(c.update_mask, p).flatten(1)[0] > 0
+    if touched.all():
+        raise ValueError(f"the mask touches all {touched.numel()} patches: a model pretrained with --encoder_input "
+                         "visible needs at least one patch left visible")
+    return touched.nonzero().flatten()[None]
+
+
 def image_psnr(a: Tensor, b: Tensor) -> float:
     """Peak signal-to-noise ratio in dB of two images in [0, 1]."""
     return psnr((a - b).pow(2).mean().item())
@@ -176,7 +194,7 @@ def restore_file(args: argparse.Namespace) -> dict:
     if c.fill_mask is not None:
         with torch.no_grad():
             c.image = model.fill_hidden(c.image, c.fill_mask)
-    r = restore(model, c.image, c.update_mask, steps=args.steps)
+    r = restore(model, c.image, c.update_mask, steps=args.steps, hidden=inpainting_split(model, args.task, c))
     restored = r.restored.clamp(0, 1)
 
     output = Path(args.output)

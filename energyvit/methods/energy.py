@@ -11,7 +11,7 @@ from energyvit.losses import restoration_loss, with_psnr
 from energyvit.methods.base import Samples
 from energyvit.model import EnergyViT
 from energyvit.objective import EnergyOptions, task_loss
-from energyvit.restore import restore
+from energyvit.restore import VisibleEncoderEnergy, restore
 from energyvit.sampling import derive_seed, seeded_generator
 from energyvit.tasks import TaskMixture
 from energyvit.training import StepLoss
@@ -47,6 +47,9 @@ class EnergyMethod:
         if step_fn is not None and ddp is not None:  # pretrain syncs them with distributed.AllReduceGradients
             raise ValueError("the compiled or graphed step makes its gradients outside DDP's hooks: DDP cannot "
                              "all-reduce them")
+        if ddp is not None and model.cfg.encoder_input == "visible":  # pretrain: AllReduceGradients
+            raise ValueError("the visible/hidden split runs the encoder outside the energy's forward: DDP cannot "
+                             "all-reduce its gradients")
 
         def step_loss(images: Tensor, labels: Tensor, seed: int) -> tuple[str, Tensor]:
             name = mixture.sample(seeded_generator(seed))
@@ -97,7 +100,9 @@ def evaluate_restoration(
     energies of clean, corrupted and restored images.
 
     restore_fn(image, update_mask) -> Restoration replaces eager inference restoration (not for a
-    sparse task's corruptions, restored eagerly with their kept patches).
+    sparse task's corruptions, restored eagerly with their kept patches, nor for a model with
+    encoder_input "visible" on mim, restored eagerly with the split, whose clean energy is then
+    E(clean; V, H) of the same split).
     keep_samples: also return, per task, (corrupted, every restoration step, clean) of the first
     keep_samples images (on the CPU), for pictures.
     A task with a learned fill (Corrupted.fill_mask) is measured on the model's filled image."""
@@ -112,6 +117,7 @@ def evaluate_restoration(
     for name, task in mixture.tasks.items():
         gen = torch.Generator().manual_seed(seed)
         totals = {"mse_corrupted": 0.0, "mse_restored": 0.0, "energy_corrupted": 0.0, "energy_restored": 0.0}
+        split_clean = None  # E(clean; V, H) summed, when the task's corruptions are split
         for i, clean in enumerate(chunks):
             corrupted = task(clean, gen).to(device)
             clean = clean.to(device)
@@ -119,7 +125,12 @@ def evaluate_restoration(
             if corrupted.fill_mask is not None:
                 with torch.no_grad():
                     image = model.fill_hidden(image, corrupted.fill_mask)
-            if corrupted.keep is None:
+            if corrupted.hidden is not None and model.cfg.encoder_input == "visible":
+                result = restore(model, image, corrupted.update_mask, hidden=corrupted.hidden)
+                with torch.no_grad():
+                    split = VisibleEncoderEnergy(model, image, corrupted.hidden, grad=False)
+                    split_clean = (split_clean or 0.0) + split(clean).sum().item()
+            elif corrupted.keep is None:
                 result = restore_fn(image, corrupted.update_mask)
             else:  # a sparse task (pretrain evaluates a full one instead): eager, the kept patches entering
                 result = restore(model, image, corrupted.update_mask, keep=corrupted.keep)
@@ -132,7 +143,8 @@ def evaluate_restoration(
             if i == 0 and keep_samples:
                 samples[name] = (image[:keep_samples].cpu(), [s[:keep_samples].cpu() for s in result.steps],
                                  clean[:keep_samples].cpu())
+        clean_total = energy_clean if split_clean is None else split_clean
         results[name] = with_psnr({k: v / len(images) for k, v in totals.items()}
-                                  | {"energy_clean": energy_clean / len(images)})
+                                  | {"energy_clean": clean_total / len(images)})
     model.train(was_training)
     return results, samples

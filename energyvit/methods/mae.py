@@ -26,7 +26,8 @@ from torch import Tensor, nn
 from energyvit.checkpoint import load_checkpoint, load_weights
 from energyvit.losses import restoration_loss, with_psnr
 from energyvit.methods.base import Samples
-from energyvit.model import Block, EnergyViT, EnergyViTConfig, config_from_dict, init_linear_and_norm, sincos_pos_embed
+from energyvit.model import Block, EnergyViT, EnergyViTConfig, config_from_dict, init_linear_and_norm, patchify, \
+    sincos_pos_embed
 from energyvit.options import check_fields, open_unit, option
 from energyvit.sampling import seeded_generator
 from energyvit.training import StepLoss
@@ -69,14 +70,6 @@ def default_decoder(encoder_cfg: EnergyViTConfig) -> MAEDecoderConfig:
     width = min(MAE_DECODER_WIDTH, max(1, round(encoder_cfg.embed_dim * 2 / 3 / DECODER_HEAD_DIM)) * DECODER_HEAD_DIM)
     depth = min(MAE_DECODER_DEPTH, max(1, encoder_cfg.depth * 2 // 3))
     return MAEDecoderConfig(embed_dim=width, depth=depth, num_heads=width // DECODER_HEAD_DIM)
-
-
-def patchify(x: Tensor, patch_size: int) -> Tensor:
-    """(B, C, H, W) -> (B, L, p*p*C), patches in row-major order, each flattened as (p, p, C)."""
-    B, C, H, W = x.shape
-    p = patch_size
-    x = x.reshape(B, C, H // p, p, W // p, p).permute(0, 2, 4, 3, 5, 1)
-    return x.reshape(B, (H // p) * (W // p), p * p * C)
 
 
 def unpatchify(patches: Tensor, patch_size: int, chans: int) -> Tensor:
