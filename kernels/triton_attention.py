@@ -504,6 +504,13 @@ PINNED_CONFIGS = {
 DETERMINISTIC: bool = deterministic_from_env()
 
 
+def tile_blocks(n: int, block: int) -> list:
+    """How the kernels tile a length-n dimension with blocks of `block` rows, as (rows computed,
+    rows valid) per block: the resident blocks of a grid and the trips of a sweep alike
+    (bench/attention_work.py counts the executed work from this)."""
+    return [(block, min(block, n - start)) for start in range(0, n, block)]
+
+
 def pinned_config(name: str, head_dim: int) -> tuple:
     return PINNED_CONFIGS[name][64 if head_dim <= 64 else 128]
 
