@@ -40,6 +40,11 @@ def test_counts_by_hand(W):
     assert (two["dots"], two["useful_macs"]) == (56, 14 * 50 * 50 * 40)
     # the uniform tiling pads 50 to 64 on both sides
     assert W.kernel_work("fwd", (32, 32, 4, 1), 50, 40, W.uniform_blocks)["macs"] == 2 * 64 * 64 * 64
+    # N = 197, 64 x 64 blocks, d = 64: 4 x 4 trips of 2 dots either way; 3 x 64 + 16 = 208 rows per
+    # side with the 16-row tail blocks, 256 without
+    assert W.kernel_work("fwd", (64, 64, 4, 3), 197, 64) == dict(programs=4, dots=32, macs=2 * 208 * 64 * 208,
+                                                                 useful_macs=2 * 197 * 197 * 64)
+    assert W.kernel_work("fwd", (64, 64, 4, 3), 197, 64, W.uniform_blocks)["macs"] == 2 * 256 * 64 * 256
 
 
 def _model_dots(W, name, cfg, n, d) -> Counter:
