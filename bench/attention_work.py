@@ -6,7 +6,8 @@ Per kernel, a program owns a resident block of rows (queries on the query side, 
 side: ``bwd_dkdv``, ``bwdbwd_kv``) and sweeps the other side in trips; every trip runs the same
 tile matmuls (``SWEEPS``: (M, K, N) of each ``tl.dot`` in terms of R = resident block, S = swept
 block, D = BLOCK_D). How the kernels cut a length-N dimension into blocks is
-``triton_attention.tile_blocks``; BLOCK_D is the launchers' own. From that:
+``triton_attention.tile_blocks`` (with the config's tail block); BLOCK_D is the launchers' own.
+From that:
 
 - tile matmuls = dots per trip x trips x programs;
 - executed MACs = sum over them of M * K * N with the block sizes (padded rows and head-dim
@@ -68,7 +69,9 @@ def uniform_blocks(n: int, block: int) -> list:
 
 def kernel_work(name: str, cfg: tuple, n: int, d: int, tiling=None) -> dict:
     """Per (batch, head): programs, tile matmuls, executed and useful MACs of one kernel launch."""
-    tiling = tiling or K.tile_blocks
+    if tiling is None:
+        tail = K.config_meta(name, cfg)["TAIL"]
+        tiling = lambda n, block: K.tile_blocks(n, block, tail)  # noqa: E731
     block_d = K._launch_consts(torch.float16, d, 1.0)[0]
     block_m, block_n = cfg[:2]
     res, swept = (block_n, block_m) if name in KEY_SIDE else (block_m, block_n)
@@ -142,7 +145,7 @@ def _fmt(x: float) -> str:
 
 
 def report(tiling_names=("uniform", "kernels")) -> dict:
-    tilings = {"uniform": uniform_blocks, "kernels": K.tile_blocks}
+    tilings = {"uniform": uniform_blocks, "kernels": None}
     rows = []
     for shape_name, s in SHAPES.items():
         heads = s["B"] * s["H"]

@@ -80,7 +80,7 @@ def _variant(name: str, cfg: tuple) -> str:
 
     meta = K.config_meta(name, cfg)
     return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in meta.items()
-                    if k not in ("BLOCK_M", "BLOCK_N", "TAIL"))
+                    if k not in ("BLOCK_M", "BLOCK_N") and (k, v) != ("TAIL", K.TAIL_ROWS))
 
 
 def _arg_values(arg_names, head_dim):

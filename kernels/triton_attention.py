@@ -152,7 +152,7 @@ def _rounded(x, dtype):
 @triton.jit
 def _main_end(N, BLOCK: tl.constexpr, TAIL: tl.constexpr):
     """End of a sweep's full BLOCK-row trips: N less its remainder when the remainder fits one
-    TAIL-row trip (run before them), else N (the last BLOCK-row trip is padded, as before)."""
+    TAIL-row trip (run before them), else N (the last BLOCK-row trip is padded, as with TAIL = 0)."""
     rem = N % BLOCK
     return N - tl.where(rem <= TAIL, rem, 0)
 
@@ -163,8 +163,9 @@ def _main_end(N, BLOCK: tl.constexpr, TAIL: tl.constexpr):
 # rows, and each sweep is at most one TAIL trip of a `_trip` function, then a `for` over the full
 # trips. The tail trip goes first: its operand layouts are dead before the loop's are made (after
 # the loop, ptxas kept both live: bwdbwd_q (32, 32, 4 warps) went from 244 registers to 255 and
-# 192 bytes of spills). tile_blocks() below is the same tiling in Python (bench/attention_work.py
-# counts from it).
+# 192 bytes of spills). A config with TAIL = 0 has no tail blocks (AUTOTUNE_CONFIGS: where they
+# cost spills). tile_blocks() below is the same tiling in Python (bench/attention_work.py counts
+# from it).
 @triton.jit
 def _fwd_trip(q, K, V, q_off, start_n, N, offs_d, mask_d, s_qn, qk_scale, m_i, l_i, acc,
               PREC: tl.constexpr, COLS: tl.constexpr):
@@ -201,9 +202,10 @@ def _attn_fwd_rows(
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
     n_main = _main_end(N, BLOCK_N, TAIL)
-    if n_main < N:
-        m_i, l_i, acc = _fwd_trip(q, K, V, q_off, n_main, N, offs_d, mask_d, s_qn, qk_scale, m_i, l_i, acc,
-                                  PREC, TAIL)
+    if TAIL > 0:
+        if n_main < N:
+            m_i, l_i, acc = _fwd_trip(q, K, V, q_off, n_main, N, offs_d, mask_d, s_qn, qk_scale, m_i, l_i, acc,
+                                      PREC, TAIL)
     for start_n in range(0, n_main, BLOCK_N):
         m_i, l_i, acc = _fwd_trip(q, K, V, q_off, start_n, N, offs_d, mask_d, s_qn, qk_scale, m_i, l_i, acc,
                                   PREC, BLOCK_N)
@@ -223,7 +225,10 @@ def _attn_fwd_kernel(
     tl.static_assert(TAIL < BLOCK_M)
     tl.static_assert(TAIL < BLOCK_N)
     start_m = tl.program_id(0) * BLOCK_M
-    if start_m + TAIL >= N:
+    if TAIL == 0:  # no tail blocks (configs where they cost spills)
+        _attn_fwd_rows(Q, K, V, O, LSE, start_m, N, H, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, qk_scale,
+                       HEAD_D, BLOCK_D, PREC, BLOCK_M, BLOCK_N, TAIL)
+    elif start_m + TAIL >= N:
         _attn_fwd_rows(Q, K, V, O, LSE, start_m, N, H, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, qk_scale,
                        HEAD_D, BLOCK_D, PREC, TAIL, BLOCK_N, TAIL)
     else:
@@ -272,9 +277,10 @@ def _attn_bwd_dq_rows(
     dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
     ds_sum = tl.zeros([ROWS], tl.float32)  # row sums of the rounded dS tiles
     n_main = _main_end(N, BLOCK_N, TAIL)
-    if n_main < N:
-        dq, ds_sum = _bwd_dq_trip(q, do, K, V, q_off, n_main, N, mask_m, offs_d, mask_d, s_qn, lse2, delta,
-                                  qk_scale, dq, ds_sum, PREC, TAIL)
+    if TAIL > 0:
+        if n_main < N:
+            dq, ds_sum = _bwd_dq_trip(q, do, K, V, q_off, n_main, N, mask_m, offs_d, mask_d, s_qn, lse2, delta,
+                                      qk_scale, dq, ds_sum, PREC, TAIL)
     for start_n in range(0, n_main, BLOCK_N):
         dq, ds_sum = _bwd_dq_trip(q, do, K, V, q_off, start_n, N, mask_m, offs_d, mask_d, s_qn, lse2, delta,
                                   qk_scale, dq, ds_sum, PREC, BLOCK_N)
@@ -295,7 +301,10 @@ def _attn_bwd_dq_kernel(
     tl.static_assert(TAIL < BLOCK_M)
     tl.static_assert(TAIL < BLOCK_N)
     start_m = tl.program_id(0) * BLOCK_M
-    if start_m + TAIL >= N:
+    if TAIL == 0:  # no tail blocks (configs where they cost spills)
+        _attn_bwd_dq_rows(Q, K, V, O, LSE, DO, DQ, DELTA, start_m, N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn,
+                          s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC, BLOCK_M, BLOCK_N, TAIL, REF_ROWS)
+    elif start_m + TAIL >= N:
         _attn_bwd_dq_rows(Q, K, V, O, LSE, DO, DQ, DELTA, start_m, N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn,
                           s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC, TAIL, BLOCK_N, TAIL, REF_ROWS)
     else:
@@ -344,9 +353,10 @@ def _attn_bwd_dkdv_rows(
     dk = tl.zeros([ROWS, BLOCK_D], tl.float32)
     dv = tl.zeros([ROWS, BLOCK_D], tl.float32)
     m_main = _main_end(N, BLOCK_M, TAIL)
-    if m_main < N:
-        dk, dv = _bwd_dkdv_trip(k, v, Q, DO, LSE, DELTA, q_off, o_off, row0, m_main, N, mask_n, offs_d, mask_d,
-                                s_qn, s_on, qk_scale, dk, dv, PREC, TAIL)
+    if TAIL > 0:
+        if m_main < N:
+            dk, dv = _bwd_dkdv_trip(k, v, Q, DO, LSE, DELTA, q_off, o_off, row0, m_main, N, mask_n, offs_d, mask_d,
+                                    s_qn, s_on, qk_scale, dk, dv, PREC, TAIL)
     for start_m in range(0, m_main, BLOCK_M):
         dk, dv = _bwd_dkdv_trip(k, v, Q, DO, LSE, DELTA, q_off, o_off, row0, start_m, N, mask_n, offs_d, mask_d,
                                 s_qn, s_on, qk_scale, dk, dv, PREC, BLOCK_M)
@@ -364,7 +374,10 @@ def _attn_bwd_dkdv_kernel(
     tl.static_assert(TAIL < BLOCK_M)
     tl.static_assert(TAIL < BLOCK_N)
     start_n = tl.program_id(0) * BLOCK_N
-    if start_n + TAIL >= N:
+    if TAIL == 0:  # no tail blocks (configs where they cost spills)
+        _attn_bwd_dkdv_rows(Q, K, V, LSE, DO, DELTA, DK, DV, start_n, N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn,
+                            s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC, BLOCK_M, BLOCK_N, TAIL)
+    elif start_n + TAIL >= N:
         _attn_bwd_dkdv_rows(Q, K, V, LSE, DO, DELTA, DK, DV, start_n, N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn,
                             s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC, BLOCK_M, TAIL, TAIL)
     else:
@@ -474,20 +487,22 @@ def _attn_bwdbwd_q_rows(
     acc_do = tl.zeros([ROWS, BLOCK_D], tl.float32)
     n_main = _main_end(N, BLOCK_N, TAIL)
     if TWO_SWEEP:
-        if n_main < N:
-            c_i, e0_i = _bwdbwd_q_stats_trip(q, do, gdq, K, V, GDK, GDV, q_off, g_off, n_main, N, offs_d, mask_d,
-                                             s_qn, s_gn, lse2, mask_m, r, delta, qk_scale, scale, c_i, e0_i,
-                                             PREC, TAIL)
+        if TAIL > 0:
+            if n_main < N:
+                c_i, e0_i = _bwdbwd_q_stats_trip(q, do, gdq, K, V, GDK, GDV, q_off, g_off, n_main, N, offs_d, mask_d,
+                                                 s_qn, s_gn, lse2, mask_m, r, delta, qk_scale, scale, c_i, e0_i,
+                                                 PREC, TAIL)
         for start_n in range(0, n_main, BLOCK_N):
             c_i, e0_i = _bwdbwd_q_stats_trip(q, do, gdq, K, V, GDK, GDV, q_off, g_off, start_n, N, offs_d, mask_d,
                                              s_qn, s_gn, lse2, mask_m, r, delta, qk_scale, scale, c_i, e0_i,
                                              PREC, BLOCK_N)
         acc_q = tl.zeros([ROWS, BLOCK_D], tl.float32)  # dS gdK + dS2 K
         k_sum = tl.zeros([ROWS], tl.float32)           # rowsum of the rounded dS2 tiles
-        if n_main < N:
-            acc_q, k_sum, acc_do = _bwdbwd_q_direct_trip(
-                q, do, gdq, K, V, GDK, GDV, q_off, g_off, n_main, N, offs_d, mask_d, s_qn, s_gn, lse2, mask_m, r,
-                delta, qk_scale, scale, c_i, e0_i, acc_q, k_sum, acc_do, PREC, TAIL)
+        if TAIL > 0:
+            if n_main < N:
+                acc_q, k_sum, acc_do = _bwdbwd_q_direct_trip(
+                    q, do, gdq, K, V, GDK, GDV, q_off, g_off, n_main, N, offs_d, mask_d, s_qn, s_gn, lse2, mask_m, r,
+                    delta, qk_scale, scale, c_i, e0_i, acc_q, k_sum, acc_do, PREC, TAIL)
         for start_n in range(0, n_main, BLOCK_N):
             acc_q, k_sum, acc_do = _bwdbwd_q_direct_trip(
                 q, do, gdq, K, V, GDK, GDV, q_off, g_off, start_n, N, offs_d, mask_d, s_qn, s_gn, lse2, mask_m, r,
@@ -502,11 +517,12 @@ def _attn_bwdbwd_q_rows(
         pw0_sum = tl.zeros([ROWS], tl.float32)           # row sums of the rounded P*W0, dS, P tiles
         ds_sum = tl.zeros([ROWS], tl.float32)
         p_sum = tl.zeros([ROWS], tl.float32)
-        if n_main < N:
-            c_i, e0_i, acc_q, acc_dsk, acc_pk, acc_do, pw0_sum, ds_sum, p_sum = _bwdbwd_q_split_trip(
-                q, do, gdq, K, V, GDK, GDV, q_off, g_off, n_main, N, offs_d, mask_d, s_qn, s_gn, lse2, mask_m, r,
-                delta, qk_scale, scale, c_i, e0_i, acc_q, acc_dsk, acc_pk, acc_do, pw0_sum, ds_sum, p_sum,
-                PREC, TAIL)
+        if TAIL > 0:
+            if n_main < N:
+                c_i, e0_i, acc_q, acc_dsk, acc_pk, acc_do, pw0_sum, ds_sum, p_sum = _bwdbwd_q_split_trip(
+                    q, do, gdq, K, V, GDK, GDV, q_off, g_off, n_main, N, offs_d, mask_d, s_qn, s_gn, lse2, mask_m, r,
+                    delta, qk_scale, scale, c_i, e0_i, acc_q, acc_dsk, acc_pk, acc_do, pw0_sum, ds_sum, p_sum,
+                    PREC, TAIL)
         for start_n in range(0, n_main, BLOCK_N):
             c_i, e0_i, acc_q, acc_dsk, acc_pk, acc_do, pw0_sum, ds_sum, p_sum = _bwdbwd_q_split_trip(
                 q, do, gdq, K, V, GDK, GDV, q_off, g_off, start_n, N, offs_d, mask_d, s_qn, s_gn, lse2, mask_m, r,
@@ -552,7 +568,11 @@ def _attn_bwdbwd_q_kernel(
     tl.static_assert(TAIL < BLOCK_M)
     tl.static_assert(TAIL < BLOCK_N)
     start_m = tl.program_id(0) * BLOCK_M
-    if start_m + TAIL >= N:
+    if TAIL == 0:  # no tail blocks (configs where they cost spills)
+        _attn_bwdbwd_q_rows(Q, K, V, O, LSE, DO, GDQ, GDK, GDV, GQ, GDO, STATS, start_m, N, H, s_qb, s_qh, s_qn,
+                            s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC,
+                            BLOCK_M, BLOCK_N, TAIL, REF_ROWS, TWO_SWEEP)
+    elif start_m + TAIL >= N:
         _attn_bwdbwd_q_rows(Q, K, V, O, LSE, DO, GDQ, GDK, GDV, GQ, GDO, STATS, start_m, N, H, s_qb, s_qh, s_qn,
                             s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC,
                             TAIL, BLOCK_N, TAIL, REF_ROWS, TWO_SWEEP)
@@ -617,10 +637,11 @@ def _attn_bwdbwd_kv_rows(
     acc_k = tl.zeros([ROWS, BLOCK_D], tl.float32)
     acc_v = tl.zeros([ROWS, BLOCK_D], tl.float32)
     m_main = _main_end(N, BLOCK_M, TAIL)
-    if m_main < N:
-        acc_k, acc_v = _bwdbwd_kv_trip(k, v, gdk, gdv, Q, DO, GDQ, LSE, STATS, q_off, g_off, o_off, row0, zn, m_main,
-                                       N, mask_n, offs_d, mask_d, s_qn, s_gn, s_on, qk_scale, scale, acc_k, acc_v,
-                                       PREC, TAIL)
+    if TAIL > 0:
+        if m_main < N:
+            acc_k, acc_v = _bwdbwd_kv_trip(k, v, gdk, gdv, Q, DO, GDQ, LSE, STATS, q_off, g_off, o_off, row0, zn, m_main,
+                                           N, mask_n, offs_d, mask_d, s_qn, s_gn, s_on, qk_scale, scale, acc_k, acc_v,
+                                           PREC, TAIL)
     for start_m in range(0, m_main, BLOCK_M):
         acc_k, acc_v = _bwdbwd_kv_trip(k, v, gdk, gdv, Q, DO, GDQ, LSE, STATS, q_off, g_off, o_off, row0, zn, start_m,
                                        N, mask_n, offs_d, mask_d, s_qn, s_gn, s_on, qk_scale, scale, acc_k, acc_v,
@@ -640,7 +661,11 @@ def _attn_bwdbwd_kv_kernel(
     tl.static_assert(TAIL < BLOCK_M)
     tl.static_assert(TAIL < BLOCK_N)
     start_n = tl.program_id(0) * BLOCK_N
-    if start_n + TAIL >= N:
+    if TAIL == 0:  # no tail blocks (configs where they cost spills)
+        _attn_bwdbwd_kv_rows(Q, K, V, LSE, DO, GDQ, GDK, GDV, STATS, GK, GV, start_n, N, H, s_qb, s_qh, s_qn,
+                             s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC,
+                             BLOCK_M, BLOCK_N, TAIL)
+    elif start_n + TAIL >= N:
         _attn_bwdbwd_kv_rows(Q, K, V, LSE, DO, GDQ, GDK, GDV, STATS, GK, GV, start_n, N, H, s_qb, s_qh, s_qn,
                              s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC,
                              BLOCK_M, TAIL, TAIL)
@@ -675,7 +700,9 @@ AUTOTUNE_CONFIGS = {
     "bwd_dq": [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
     "bwd_dkdv": [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)],
     "bwdbwd_q": [(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2)]
-    + [(m, n, w, s, {"TWO_SWEEP": True}) for m, n, w, s in ((64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2))],
+    + [(m, n, w, s, {"TWO_SWEEP": True}) for m, n, w, s in ((64, 32, 4, 2), (64, 32, 8, 2))]
+    # without tail blocks: with them this one spills (8 bytes at head_dim 64, sm_90a)
+    + [(128, 32, 8, 2, {"TWO_SWEEP": True, "TAIL": 0})],
     "bwdbwd_kv": [(32, 32, 4, 2), (32, 64, 4, 1), (32, 64, 4, 2), (32, 128, 8, 1)],
 }
 #: One config per kernel and head-dim class (BLOCK_D <= 64, or 128) for deterministic mode and for
@@ -695,15 +722,16 @@ PINNED_CONFIGS = {
 DETERMINISTIC: bool = deterministic_from_env()
 
 
-def tile_blocks(n: int, block: int) -> list:
+def tile_blocks(n: int, block: int, tail: int = TAIL_ROWS) -> list:
     """How the kernels tile a length-n dimension with blocks of `block` rows, as (rows computed,
     rows valid) per block: the resident blocks of a grid and the trips of a sweep alike
     (bench/attention_work.py counts the executed work from this). The last block runs with
-    TAIL_ROWS rows when its valid rows fit (the kernels' `_rows` / `_trip` instances for TAIL)."""
+    `tail` rows when its valid rows fit (the kernels' `_rows` / `_trip` instances for TAIL; a
+    config's TAIL, config_meta)."""
     out = []
     for start in range(0, n, block):
         valid = min(block, n - start)
-        out.append((TAIL_ROWS if valid <= TAIL_ROWS else block, valid))
+        out.append((tail if valid <= tail else block, valid))
     return out
 
 

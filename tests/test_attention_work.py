@@ -51,10 +51,11 @@ def _model_dots(W, name, cfg, n, d) -> Counter:
     """The (M, K, N) of every dot the counter's table says a launch executes (one head)."""
     block_d = K._launch_consts(torch.float32, d, 1.0)[0]
     res, swept = (cfg[1], cfg[0]) if name in W.KEY_SIDE else cfg[:2]
+    tail = K.config_meta(name, cfg)["TAIL"]
     out = Counter()
-    for r, _ in K.tile_blocks(n, res):
+    for r, _ in K.tile_blocks(n, res, tail):
         for sweep in W.SWEEPS[name][W.variant_of(name, cfg)]:
-            for s, _ in K.tile_blocks(n, swept):
+            for s, _ in K.tile_blocks(n, swept, tail):
                 for dims in sweep:
                     out[tuple({"R": r, "S": s, "D": block_d}[x] for x in dims)] += 1
     return out
@@ -64,11 +65,12 @@ def _model_dots(W, name, cfg, n, d) -> Counter:
 @pytest.mark.parametrize("n,d", [(197, 64), (50, 40), (1, 32)])
 def test_counter_matches_the_kernels(W, n, d, two_sweep):
     """The table and the tiling give exactly the dots the interpreter executes, for the pinned
-    configs (mixed 32/64 blocks) and for 32 x 32 blocks."""
+    configs (mixed 32/64 blocks), for 32 x 32 blocks and for configs without tail blocks (TAIL 0)."""
     variant = {"TWO_SWEEP": two_sweep}
     pinned = dict(W.pinned_configs(64), bwdbwd_q=(*K.pinned_config("bwdbwd_q", 64)[:4], variant))
     small = {name: (32, 32, 4, 1, variant) if name == "bwdbwd_q" else (32, 32, 4, 1) for name in W.SWEEPS}
-    for configs in (pinned, small):
+    no_tail = {name: (64, 32, 4, 1, {**variant, "TAIL": 0}) for name in W.SWEEPS}
+    for configs in (pinned, small, no_tail):
         got = W.interpreter_dots(configs, 1, 2, n, d)
         for name, cfg in configs.items():
             want = _model_dots(W, name, cfg, n, d)

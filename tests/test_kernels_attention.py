@@ -342,6 +342,18 @@ def test_pinned_block_sizes_and_tail_blocks(n, d, dtype, bwdbwd_variant, monkeyp
     check(got, math_levels([t.double() for t in ins], scale), dtype, f"o..gdo at N={n}, d={d}")
 
 
+@pytest.mark.parametrize("n,dtype", [(197, torch.float32), (50, torch.float16)])
+def test_configs_without_tail_blocks(n, dtype, bwdbwd_variant, monkeypatch):
+    """TAIL = 0 in a config (AUTOTUNE_CONFIGS, where the tail blocks cost spills): the last block
+    is a padded full one, as before the tail blocks."""
+    if ON_GPU:
+        pytest.skip("the interpreter's block sizes; the GPU launches the configs themselves")
+    monkeypatch.setattr(K, "_meta", lambda name: K.config_meta(name, (64, 32, 4, 1, {"TAIL": 0})))
+    ins = [rand((1, 2, n, 40), torch.float32, 120 + i).to(dtype) for i in range(7)]
+    got = attention_levels(attn_fwd, attn_bwd, attn_bwdbwd, ins, 0.2)
+    check(got, math_levels([t.double() for t in ins], 0.2), dtype, f"o..gdo at N={n}, no tail blocks")
+
+
 # -------------------------------------------------------------------------------- layout, poison, determinism
 def test_non_contiguous_inputs_and_expanded_grad():
     b, n, h, d = 2, 50, 3, 40
