@@ -42,6 +42,10 @@ projection, qkv (B, N, 3, H, d) with o in (B, N, H, d), without copies. Offsets 
 (batch, head) offset and row * row stride both pass 2^31 on large inputs). Row statistics (lse,
 D, C, E0) are fp32, (B, H, N) contiguous. Grid: (cdiv(N, BLOCK), H, B).
 
+Tail blocks: the last block of a grid and the last trip of a sweep run with TAIL_ROWS (16) rows
+when their valid rows fit (N = 197 = 3 x 64 + 5: 16 rows computed instead of 64); tile_blocks()
+says how a length is cut, for every config (a config may opt out with TAIL = 0).
+
 No atomics: every output tile is written by exactly one program, so a given config gives
 bit-identical results run to run. Configs differ in rounding, though (block sizes and warps change
 the fp32 summation order; TWO_SWEEP is another formula), and which config runs is decided per
