@@ -154,10 +154,10 @@ def ddp_energy_fn(ddp: torch.nn.Module, module: torch.nn.Module):
     none: each parameter's gradient accumulates once per backward however often it was used."""
     calls = 0
 
-    def energy(x: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def energy(x: torch.Tensor, keep: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         nonlocal calls
         calls += 1
-        return (ddp if calls == 1 else module)(x, keep)
+        return (ddp if calls == 1 else module)(x, keep, **kwargs)
 
     return energy
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -260,6 +261,14 @@ def sincos_pos_embed(dim: int, grid: int) -> Tensor:
     return torch.cat(parts, dim=1).float()
 
 
+class SplitEnergy(NamedTuple):
+    """E(x) with the token streams around the blocks whose second derivatives are dropped."""
+
+    energy: Tensor  # (B,)
+    tokens_in: Tensor  # the sequence entering the first block
+    cut: Tensor  # the stream entering the last exact_blocks blocks (tokens_in itself when they are all)
+
+
 class EnergyViT(nn.Module):
     """A ViT whose forward returns one scalar energy per image: low for real images."""
 
@@ -353,15 +362,20 @@ class EnergyViT(nn.Module):
         self.check_input(x)
         return self.patch_embed(self.normalize(x)) + self.pos_embed[:, 1:]
 
-    def forward_tokens(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
-        """The residual stream after the last block (B, 1 + num_patches, D), before the final norm;
-        with `keep` (B, n) patch indices, of the class token and those patches only (B, 1 + n, D)."""
+    def input_tokens(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """The sequence entering the first block: the class token and the patch tokens (of the
+        patches `keep` indexes, if given), position embeddings added, (B, 1 + n, D)."""
         x = self.embed_patches(x)
         if keep is not None:
             self.check_keep(keep, x.shape[0], values=False)
             x = gather_patches(x, keep)
         cls = self.cls_token + self.pos_embed[:, :1]
-        x = torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
+        return torch.cat([cls.expand(x.shape[0], -1, -1), x], dim=1)
+
+    def forward_tokens(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+        """The residual stream after the last block (B, 1 + num_patches, D), before the final norm;
+        with `keep` (B, n) patch indices, of the class token and those patches only (B, 1 + n, D)."""
+        x = self.input_tokens(x, keep)
         for block in self.blocks:
             x = block(x)
         return x
@@ -406,10 +420,24 @@ class EnergyViT(nn.Module):
             return 0.5 * z[:, 1:].pow(2).sum(dim=2) / z.shape[-1]
         return self.energy_head(self.norm(z[:, 1:])).squeeze(-1)
 
-    def forward(self, x: Tensor, keep: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, keep: Tensor | None = None, exact_blocks: int | None = None) -> Tensor | SplitEnergy:
         """Energy E(x), shape (batch,). keep: (batch, n) int64 indices of the patches that enter (in
-        patch order, the same n for every image); None: every patch."""
-        return self.energy_from_tokens(self.forward_tokens(x, keep), keep)
+        patch order, the same n for every image); None: every patch.
+        exact_blocks: also return the token streams the truncated restoring gradient needs
+        (energyvit.restore.input_gradient): the blocks' input and the stream entering the last
+        `exact_blocks` blocks. It is an argument of forward so that a DDP wrapper runs it."""
+        if exact_blocks is None:
+            return self.energy_from_tokens(self.forward_tokens(x, keep), keep)
+        if not 0 <= exact_blocks <= self.cfg.depth:
+            raise ValueError(f"exact_blocks must be in 0..{self.cfg.depth} (the encoder's depth), got {exact_blocks}")
+        tokens_in = cut = self.input_tokens(x, keep)
+        split = self.cfg.depth - exact_blocks
+        for block in self.blocks[:split]:
+            cut = block(cut)
+        z = cut
+        for block in self.blocks[split:]:
+            z = block(z)
+        return SplitEnergy(self.energy_from_tokens(z, keep), tokens_in, cut)
 
     def patch_energies(self, x: Tensor) -> Tensor:
         """E(x) split over the patches, (batch, num_patches), row sums = forward(x): the `norm` and

@@ -35,6 +35,11 @@ class EnergyOptions:
     contrast_negative: str = option("restored", "the negative of the energy term: the corrupted input or the "
                                     "restored image (detached, as contrastive divergence)", choices=NEGATIVES)
     contrast_margin: float = option(0.0, "margin of the energy term, in energy per patch", rule=non_negative)
+    second_order_blocks: int | None = option(None, "truncated second order: the training loss differentiates the "
+                                             "restoring gradient through the energy head and the last L encoder "
+                                             "blocks only (below them straight through; the gradient's value stays "
+                                             "exact; default: every block)", parse=int, rule=non_negative,
+                                             metavar="L")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -48,7 +53,8 @@ def task_loss(model: EnergyViT, clean: Tensor, corrupted: Corrupted, opts: Energ
     With sparse restoration (corrupted.keep) every energy, the explicit term's too, reads only the
     patches that enter."""
     result = restore(model, corrupted.image, corrupted.update_mask, create_graph=True,
-                     noise_std=opts.langevin_std, generator=generator, energy_fn=energy_fn, keep=corrupted.keep)
+                     noise_std=opts.langevin_std, generator=generator, energy_fn=energy_fn, keep=corrupted.keep,
+                     exact_blocks=opts.second_order_blocks)
     return restored_loss(model, clean, corrupted.image, result.restored, corrupted.loss_mask, corrupted.keep, opts,
                          energy_fn)
 

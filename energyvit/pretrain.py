@@ -28,7 +28,7 @@ from energyvit.methods import METHODS
 from energyvit.methods.base import PretrainingMethod
 from energyvit.methods.energy import EnergyMethod
 from energyvit.methods.mae import MAEMethod, MAEOptions
-from energyvit.model import EnergyViT, ModelOptions, config_from_dict, config_to_dict, model_config
+from energyvit.model import MODEL_ARCHS, EnergyViT, ModelOptions, config_from_dict, config_to_dict, model_config
 from energyvit.objective import EnergyOptions
 from energyvit.options import OptionError, check_fields, device, non_negative, option, positive, resumable_fields
 from energyvit.resume import LAST_CHECKPOINT, conflicts, resolve_resume
@@ -100,6 +100,16 @@ class PretrainOptions:
         if self.run.cuda_graphs and self.run.method != "energy":
             raise OptionError("cuda_graphs", True, f"left off with --method {self.run.method} (it captures the energy "
                               "step)")
+        truncated = self.energy.second_order_blocks
+        if truncated is not None:
+            depth = MODEL_ARCHS[self.model.model]["depth"]
+            if truncated > depth:
+                raise OptionError("second_order_blocks", truncated, f"at most {self.model.model}'s depth {depth}")
+            if self.run.method != "energy" or self.run.compile or self.run.cuda_graphs:
+                used = f"--method {self.run.method}" if self.run.method != "energy" else \
+                    "--compile" if self.run.compile else "--cuda_graphs"
+                raise OptionError("second_order_blocks", truncated, f"left off with {used} (the truncated path runs "
+                                  "in the eager energy step only)")
         if self.tasks.restore_fraction < 1 and self.run.method != "energy":
             raise OptionError("restore_fraction", self.tasks.restore_fraction, f"1 with --method {self.run.method} "
                               "(it sparsifies the energy method's restoration; MAE's masking is --mae_mask_ratio)")

@@ -66,24 +66,46 @@ def draw_noise(x: Tensor, steps: int, noise_std: float, generator: torch.Generat
                         for _ in range(steps)])
 
 
-def bind_keep(energy_fn: Callable[..., Tensor], keep: Tensor | None) -> Callable[[Tensor], Tensor]:
-    """x -> energy_fn(x, keep), or energy_fn itself without keep."""
-    return energy_fn if keep is None else lambda x: energy_fn(x, keep)
+def bind_keep(energy_fn: Callable[..., Tensor], keep: Tensor | None) -> Callable[..., Tensor]:
+    """x -> energy_fn(x, keep) (other keywords passed on), or energy_fn itself without keep."""
+    return energy_fn if keep is None else lambda x, **kwargs: energy_fn(x, keep, **kwargs)
 
 
-def descend(energy_fn: Callable[[Tensor], Tensor], x: Tensor, step_sizes: Tensor, update_mask: Tensor | None,
-            noise: Tensor | None, noise_std: float, create_graph: bool) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def input_gradient(energy_fn: Callable[..., Tensor], x: Tensor, create_graph: bool,
+                   exact_blocks: int | None = None) -> tuple[Tensor, Tensor]:
+    """(E(x), dE/dx). With create_graph and exact_blocks = L, the truncated second-order path: the
+    gradient's value is exact, but its graph (what the outer loss differentiates) runs through the
+    energy head and the last L encoder blocks only; below them the blocks' Jacobian counts as the
+    identity (straight through, as their residual stream would be without its branches). The
+    earlier blocks still learn, to first order, through the tokens that reach the exact blocks."""
+    if exact_blocks is None or not create_graph:
+        energy = energy_fn(x)
+        (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
+        return energy, grad
+    energy, tokens_in, cut = energy_fn(x, exact_blocks=exact_blocks)
+    (grad_cut,) = torch.autograd.grad(energy.sum(), cut, create_graph=True)
+    grad_in = grad_cut
+    if cut is not tokens_in:
+        (exact,) = torch.autograd.grad(cut, tokens_in, grad_cut.detach(), retain_graph=True)
+        grad_in = exact + (grad_cut - grad_cut.detach())
+    (grad,) = torch.autograd.grad(tokens_in, x, grad_in, create_graph=True)
+    return energy, grad
+
+
+def descend(energy_fn: Callable[..., Tensor], x: Tensor, step_sizes: Tensor, update_mask: Tensor | None,
+            noise: Tensor | None, noise_std: float, create_graph: bool,
+            exact_blocks: int | None = None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """len(step_sizes) steps x <- x - a_k dE/dx (+ noise_std * sqrt(2 a_k) * noise[k]), inside
     update_mask. x must require grad (a leaf the caller made so). Returns x_K, [x_0 .. x_K] detached
-    and the detached energies E(x_k), plus E(x_K) in inference mode.
+    and the detached energies E(x_k), plus E(x_K) in inference mode. exact_blocks: the truncated
+    second-order path of input_gradient (training only).
 
     Inference keeps x_k attached to x_0 through the additions only: the gradient is taken with
     create_graph=False and a_k is detached, so no parameter graph survives a step."""
     trajectory, energies = [x.detach()], []
     with torch.enable_grad():
         for k in range(step_sizes.shape[0]):
-            energy = energy_fn(x)
-            (grad,) = torch.autograd.grad(energy.sum(), x, create_graph=create_graph)
+            energy, grad = input_gradient(energy_fn, x, create_graph, exact_blocks)
             energies.append(energy.detach())
             a = step_sizes[k]
             delta = -a * grad
@@ -109,6 +131,7 @@ def restore(
     generator: torch.Generator | None = None,
     energy_fn: Callable[..., Tensor] | None = None,
     keep: Tensor | None = None,
+    exact_blocks: int | None = None,
 ) -> Restoration:
     """Restore `corrupted` by `steps` (default: the model's K) gradient steps on its energy.
 
@@ -118,6 +141,7 @@ def restore(
     (whose forward makes the outer backward all-reduce the parameter gradients); called as
     energy_fn(x, keep) when keep is given.
     keep: (B, n) indices of the patches that enter the energy (sparse restoration); None: all.
+    exact_blocks: training only, the truncated second-order path (input_gradient); None: exact.
     """
     K = check_restore_inputs(model, corrupted, update_mask, steps, keep)
     if create_graph:
@@ -128,6 +152,6 @@ def restore(
     x0 = corrupted if create_graph and corrupted.requires_grad else corrupted.detach().requires_grad_(True)
     restored, trajectory, energies = descend(bind_keep(energy_fn or model, keep), x0,
                                              step_sizes if create_graph else step_sizes.detach(), update_mask, noise,
-                                             noise_std, create_graph)
+                                             noise_std, create_graph, exact_blocks)
     return Restoration(restored=restored if create_graph else restored.detach(), steps=trajectory,
                        energies=torch.stack(energies))

@@ -17,7 +17,8 @@ energyvit.benchmark.flops counts them, times the optimizer steps taken: the same
 and its training time. With `--budgets E1 E2 ...` every method is pretrained once per budget, each
 a whole run of that many epochs (its own lr schedule, not a checkpoint of a longer one), and
 `curves` gives each method's scores against FLOPs and time; the equal-time MAE run is then left
-out (the curves hold it).
+out (the curves hold it). An MAE step costs a fraction of an energy step, so `--mae_budgets`
+gives MAE its own (longer) budgets, for a curve that reaches the energy runs' compute.
 
 Writes a JSON file (machine, torch, date, commit, the commands, every run's numbers, mean and
 sample standard deviation over seeds) and prints a table.
@@ -81,12 +82,13 @@ def training_flops(checkpoint: Path) -> float:
     cfg = config_from_dict(state["model_config"])  # the config alone: no second read, no model built
     hidden, restored = mim_patch_counts(cfg.num_patches, args["mask_ratio"], args.get("restore_fraction", 1.0))
     patches = cfg.num_patches - hidden + restored  # sparse restoration (mim alone): visible + restored hidden
-    return images * energy_step_flops(cfg, cfg.restore_steps, 1, contrast=args["contrast_weight"] > 0, patches=patches)
+    return images * energy_step_flops(cfg, cfg.restore_steps, 1, contrast=args["contrast_weight"] > 0, patches=patches,
+                                      exact_blocks=args.get("second_order_blocks"))
 
 
-def run_name(name: str, epochs: int, budgets: list[int]) -> str:
+def run_name(name: str, epochs: int, several: bool) -> str:
     """A run's name: the method's, with its budget when there are several."""
-    return name if len(budgets) == 1 else f"{name}_e{epochs}"
+    return f"{name}_e{epochs}" if several else name
 
 
 def data_flags(args) -> list[str]:
@@ -140,6 +142,8 @@ def main() -> None:
     p.add_argument("--no_equal_time", action="store_true", help="skip the MAE run of equal training time")
     p.add_argument("--budgets", type=int, nargs="+", default=None, metavar="EPOCHS",
                    help="pretrain every method once per budget (epochs) for curves against compute (default: --epochs)")
+    p.add_argument("--mae_budgets", type=int, nargs="+", default=None, metavar="EPOCHS",
+                   help="MAE's budgets (default: --budgets), e.g. longer ones to reach the energy runs' compute")
     p.add_argument("--labels_per_class", type=int, default=10)
     p.add_argument("--draws", type=int, default=5, help="random draws of the few-labels probe")
     p.add_argument("--probe_images", type=int, default=10000, help="training images the classifiers fit on")
@@ -150,8 +154,11 @@ def main() -> None:
     p.add_argument("--out", required=True, help="results JSON")
     args = p.parse_args()
     budgets = args.budgets or [args.epochs]
-    if min(budgets) < 1 or len(set(budgets)) < len(budgets):
-        p.error(f"--budgets: distinct epoch counts >= 1, got {budgets}")
+    mae_budgets = args.mae_budgets or budgets
+    for flag, values in (("--budgets", budgets), ("--mae_budgets", mae_budgets)):
+        if min(values) < 1 or len(set(values)) < len(values):
+            p.error(f"{flag}: distinct epoch counts >= 1, got {values}")
+    several = len(budgets) > 1 or len(mae_budgets) > 1
     args.common = shlex.split(args.common) + ["--eval_images", str(args.eval_images)]
     configs = dict(c.split("=", 1) for c in args.config) if args.config else {"energy": ""}
     configs = {name: shlex.split(flags) for name, flags in configs.items()}
@@ -160,12 +167,13 @@ def main() -> None:
     runs: dict[str, list[dict]] = {}
     for seed in args.seeds:
         trained = {}
-        for epochs in budgets:
-            for name, flags in (*configs.items(), ("mae", ["--method", "mae"])):
-                trained[run_name(name, epochs, budgets)] = pretrain(run_name(name, epochs, budgets), flags, args, seed,
-                                                                    epochs)
-        mae_ckpt = trained[run_name("mae", budgets[-1], budgets)]["checkpoint"]
-        if len(budgets) == 1 and not args.no_equal_time:
+        plan = [(name, flags, epochs) for epochs in budgets for name, flags in configs.items()]
+        plan += [("mae", ["--method", "mae"], epochs) for epochs in mae_budgets]
+        for name, flags, epochs in plan:
+            trained[run_name(name, epochs, several)] = pretrain(run_name(name, epochs, several), flags, args, seed,
+                                                                epochs)
+        mae_ckpt = trained[run_name("mae", mae_budgets[-1], several)]["checkpoint"]
+        if not several and not args.no_equal_time:
             first = trained[next(iter(configs))]
             epochs = max(1, math.floor(args.epochs * first["train_s"] / trained["mae"]["train_s"] + 0.5))
             trained["mae_time"] = pretrain("mae_time", ["--method", "mae"], args, seed, epochs)
@@ -192,13 +200,14 @@ def main() -> None:
 
     keys = [*METRICS, "finetune", "train_s", "train_flops", "epochs"]
     summary = {name: {k: mean_std([r[k] for r in rows]) for k in keys if k in rows[0]} for name, rows in runs.items()}
-    curves = {name: [summary[run_name(name, b, budgets)] for b in budgets]
-              for name in (*configs, "mae")} if len(budgets) > 1 else {}
+    curves = {name: [summary[run_name(name, b, several)] for b in (mae_budgets if name == "mae" else budgets)]
+              for name in (*configs, "mae")} if several else {}
     results = {"machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                            "python": platform.python_version(), "threads": args.num_threads},
                "date": time.strftime("%Y-%m-%d"), "commit": git_commit(), "command": shlex.join(sys.argv),
                "data": args.data_path or "embedded digits", "model": args.model, "epochs": args.epochs,
-               "budgets": budgets, "seeds": args.seeds, "summary": summary, "curves": curves, "runs": runs}
+               "budgets": budgets, "mae_budgets": mae_budgets, "seeds": args.seeds, "summary": summary,
+               "curves": curves, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
     shown = [k for k in (*METRICS, "finetune") if k in summary["energy" if "energy" in summary else next(iter(summary))]]

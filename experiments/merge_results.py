@@ -7,7 +7,9 @@ A configuration that appears in several files keeps every seed's row. A seed tha
 for one configuration counts once if both rows have the same scores (a deterministic baseline run
 again, such as MAE beside each batch of configurations), and is an error otherwise. The merged file lists its sources
 (file, commit, date, command; a merged file given again keeps its own sources) and which seeds
-each configuration has.
+each configuration has. From files of runs with budgets (`--budgets`, `--mae_budgets`) the merged
+file has each method's curve over every budget any file has (`curve_budgets`), each point over the
+seeds that ran it.
 """
 from __future__ import annotations
 
@@ -46,7 +48,13 @@ def main() -> None:
     summary = {name: {k: mean_std([r[k] for r in rows]) for k in KEYS if all(k in r for r in rows)}
                for name, rows in runs.items()}
     data, model, epochs = setting.pop()
-    merged = {"data": data, "model": model, "epochs": epochs, "seeds": seeds, "summary": summary, "runs": runs,
+    # a run of budget E of a curve's method is named METHOD_eE (compare_methods.run_name)
+    curve_budgets = {name: sorted(int(run[len(name) + 2:]) for run in summary
+                                  if run.startswith(f"{name}_e") and run[len(name) + 2:].isdigit())
+                     for name in sorted({name for part in parts for name in part.get("curves") or {}})}
+    curves = {name: [summary[f"{name}_e{b}"] for b in budgets] for name, budgets in curve_budgets.items()}
+    merged = {"data": data, "model": model, "epochs": epochs, "seeds": seeds, "summary": summary,
+              "curve_budgets": curve_budgets, "curves": curves, "runs": runs,
               "sources": [source for f, r in zip(args.files, parts) for source in r.get("sources") or
                           [{"file": f.name, "commit": r["commit"], "date": r["date"], "command": r["command"],
                             "machine": r["machine"]}]]}

@@ -140,3 +140,18 @@ def test_datasheet_peaks_per_gpu():
     assert bench.datasheet_peak("NVIDIA A100-SXM4-80GB", "bf16") == pytest.approx(312.0)
     assert bench.datasheet_peak("NVIDIA H200", "fp32") is None
     assert bench.datasheet_peak("CPU: Intel(R) Xeon(R)", "bf16") is None
+
+
+@pytest.mark.parametrize("exact_blocks", [0, 1, 2])
+def test_truncated_energy_step_flops_are_what_the_step_executes(one_thread, exact_blocks):
+    """--second_order_blocks L: the blocks below the last L skip the outer backward of their
+    input-gradient graph (linear 4x, attention 5x forward); L = depth is the exact step's count."""
+    cfg = ModelOptions(model="vit_pico_patch2", restore_steps=2).config(3)
+    model = EnergyViT(cfg)
+    clean = torch.rand(3, 3, 8, 8)
+    corrupted = energyvit.corrupt(clean, "mim", patch_size=2, generator=torch.Generator().manual_seed(0), mask_ratio=0.5)
+    opts = EnergyOptions(second_order_blocks=exact_blocks, contrast_weight=0.5)
+    flops = measured_flops(lambda: task_loss(model, clean, corrupted, opts).backward())
+    counted = bench.energy_step_flops(cfg, 2, 3, contrast=True, exact_blocks=exact_blocks)
+    assert counted == pytest.approx(flops, rel=1e-9)
+    assert (counted < bench.energy_step_flops(cfg, 2, 3, contrast=True)) == (exact_blocks < cfg.depth)

@@ -1,10 +1,12 @@
 """Smoke runs of the method comparison (experiments/compare_methods.py) on a tiny shapes set: every
 method, the equal-time MAE run, random init and raw pixels through every classifier; budgets of
-epochs as curves against training FLOPs."""
+epochs as curves against training FLOPs; merging result files run in parts."""
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from energyvit.data import shapes
 
@@ -38,21 +40,67 @@ def test_compare_methods_runs_every_method_and_metric(tmp_path):
 
 def test_compare_methods_budgets_give_curves_against_training_flops(tmp_path):
     """Each budget is its own run; its FLOPs are its optimizer steps x the step's model FLOPs, so
-    twice the epochs is twice the FLOPs, and an energy image costs more than an MAE image."""
+    twice the epochs is twice the FLOPs, and an energy image costs more than an MAE image. MAE may
+    have budgets of its own (--mae_budgets)."""
     data = tiny_shapes(tmp_path)
     out = tmp_path / "results.json"
     cmd = [sys.executable, str(ROOT / "experiments" / "compare_methods.py"), "--data_path", str(data),
-           "--model", "vit_pico_patch2", "--budgets", "1", "2", "--seeds", "0", "--common", "--batch_size 20",
+           "--model", "vit_pico_patch2", "--budgets", "1", "2", "--mae_budgets", "2", "4", "--seeds", "0",
+           "--common", "--batch_size 20",
            "--labels_per_class", "2", "--draws", "1", "--work_dir", str(tmp_path / "runs"), "--out", str(out)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     result = json.loads(out.read_text())
-    assert set(result["summary"]) == {"energy_e1", "energy_e2", "mae_e1", "mae_e2", "random_init", "raw_pixels"}
+    assert set(result["summary"]) == {"energy_e1", "energy_e2", "mae_e2", "mae_e4", "random_init", "raw_pixels"}
     curves = result["curves"]
-    assert set(curves) == {"energy", "mae"} and result["budgets"] == [1, 2]
-    for points in curves.values():
-        assert [p["epochs"]["mean"] for p in points] == [1, 2]
+    assert set(curves) == {"energy", "mae"} and (result["budgets"], result["mae_budgets"]) == ([1, 2], [2, 4])
+    for points, epochs in ((curves["energy"], [1, 2]), (curves["mae"], [2, 4])):
+        assert [p["epochs"]["mean"] for p in points] == epochs
         assert points[1]["train_flops"]["mean"] == 2 * points[0]["train_flops"]["mean"] > 0
         assert 0.0 <= points[0]["linear"]["mean"] <= 1.0
-    assert curves["energy"][0]["train_flops"]["mean"] > curves["mae"][0]["train_flops"]["mean"]
-    bad = subprocess.run(cmd[:-2] + ["--budgets", "2", "2", "--out", str(out)], capture_output=True, text=True)
-    assert bad.returncode == 2 and "--budgets" in bad.stderr
+    assert curves["energy"][1]["train_flops"]["mean"] > curves["mae"][0]["train_flops"]["mean"]  # 2 epochs each
+    for flag in ("--budgets", "--mae_budgets"):
+        bad = subprocess.run(cmd[:-2] + [flag, "2", "2", "--out", str(out)], capture_output=True, text=True)
+        assert bad.returncode == 2 and flag in bad.stderr
+
+
+def _part(seed: int, linear: dict, budgets=None) -> dict:
+    """A compare_methods result file of one seed, with the given linear-probe score per run."""
+    runs = {name: [{"linear": v, "knn": v / 2, "few_labels": v / 3, "train_flops": 10.0 * (i + 1)}]
+            for i, (name, v) in enumerate(linear.items())}
+    part = {"data": "d", "model": "m", "epochs": 1, "seeds": [seed], "runs": runs, "commit": "c", "date": "x",
+            "command": "cmd", "machine": {}}
+    if budgets:
+        part.update(budgets=budgets[0], mae_budgets=budgets[1], curves={"energy": [], "mae": []})
+    return part
+
+
+def test_merge_results_pools_seeds_and_rebuilds_curves(tmp_path):
+    script = [sys.executable, str(ROOT / "experiments" / "merge_results.py")]
+    budgets = ([1, 2], [2, 4])
+    names = ("energy_e1", "energy_e2", "mae_e2", "mae_e4")
+    files = []
+    for seed, base in ((0, 0.1), (1, 0.3)):
+        files.append(tmp_path / f"s{seed}.json")
+        files[-1].write_text(json.dumps(_part(seed, {n: base + i / 10 for i, n in enumerate(names)}, budgets)))
+    out = tmp_path / "merged.json"
+    subprocess.run([*script, *map(str, files), "--out", str(out)], check=True, capture_output=True)
+    merged = json.loads(out.read_text())
+    assert merged["seeds"]["mae_e4"] == [0, 1] and merged["curve_budgets"] == {"energy": [1, 2], "mae": [2, 4]}
+    assert merged["summary"]["energy_e2"]["linear"]["mean"] == pytest.approx(0.3)
+    assert [p["linear"]["mean"] for p in merged["curves"]["mae"]] == pytest.approx([0.4, 0.5])
+    assert [p["train_flops"]["mean"] for p in merged["curves"]["energy"]] == [10.0, 20.0]
+    # the same seed again: counted once if its scores agree, an error if they differ
+    subprocess.run([*script, *map(str, files), str(files[0]), "--out", str(out)], check=True, capture_output=True)
+    assert json.loads(out.read_text())["seeds"]["energy_e1"] == [0, 1]
+    clash = tmp_path / "clash.json"
+    clash.write_text(json.dumps(_part(0, {n: 0.9 for n in names}, budgets)))
+    bad = subprocess.run([*script, str(files[0]), str(clash), "--out", str(out)], capture_output=True, text=True)
+    assert bad.returncode != 0 and "appears twice with different scores" in bad.stderr
+    # a file with another MAE budget extends MAE's curve; each point keeps the seeds that ran it
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_part(2, {"energy_e1": 0.5, "mae_e8": 0.7}, ([1], [8]))))
+    subprocess.run([*script, *map(str, files), str(other), "--out", str(out)], check=True, capture_output=True)
+    merged = json.loads(out.read_text())
+    assert merged["curve_budgets"] == {"energy": [1, 2], "mae": [2, 4, 8]}
+    assert merged["seeds"]["energy_e1"] == [0, 1, 2] and merged["seeds"]["mae_e8"] == [2]
+    assert merged["curves"]["energy"][0]["linear"]["mean"] == pytest.approx(0.3)

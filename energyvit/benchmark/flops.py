@@ -15,6 +15,10 @@ MAE step (`mae_step_flops`: encoder on the visible tokens, decoder on all, forwa
 3x forward (forward, input and weight gradients), except the patch embedding, which sees every
 patch (MAE embeds, then drops) and gets no input gradient: 2x.
 
+Truncated second order (`--second_order_blocks L`): the encoder blocks below the last L drop the
+outer backward of their input-gradient graph: linear layers 4x forward (forward, input gradient,
+outer backward of the forward), attention 5x (2 + 4 + 4 matmuls of 2).
+
 Sparse restoration (mim with `--restore_fraction` < 1): the blocks, the energy head and the
 readout see the class token and the `patches` that enter (visible + restored hidden); the patch
 embedding still runs on every patch (embedded, then dropped, as MAE), so it is counted in full.
@@ -84,15 +88,20 @@ def energy_forward_flops(cfg: EnergyViTConfig, patches: int | None = None) -> tu
 
 
 def energy_step_flops(cfg: EnergyViTConfig, restore_steps: int, batch: int, contrast: bool = False,
-                      patches: int | None = None) -> float:
+                      patches: int | None = None, exact_blocks: int | None = None) -> float:
     """Model FLOPs of one energy training step (module docstring: 6x linear, 9x attention per step).
     contrast: with the explicit energy term (`--contrast_weight` > 0): E of the clean image and of
     the detached negative, each forward + backward to the weights (3x, the patch embedding 2x: its
     input, the pixels, needs no gradient).
     patches: the patch tokens that enter each energy (sparse restoration: visible + restored
-    hidden, `tasks.mim_patch_counts`); default every patch."""
+    hidden, `tasks.mim_patch_counts`); default every patch.
+    exact_blocks: the truncated second-order path's L (module docstring); default every block."""
     linear, attn = energy_forward_flops(cfg, patches)
     flops = restore_steps * (6.0 * linear + 9.0 * attn)
+    if exact_blocks is not None:
+        n = (cfg.num_patches if patches is None else patches) + 1
+        cut_linear, cut_attn = blocks_flops(n, cfg.embed_dim, cfg.depth - exact_blocks, cfg.mlp_ratio)
+        flops -= restore_steps * (2.0 * cut_linear + 4.0 * cut_attn)
     if contrast:
         embed = patch_embed_flops(cfg, cfg.num_patches)
         flops += 2 * (3.0 * (linear - embed + attn) + 2.0 * embed)
