@@ -9,7 +9,11 @@ configs, then
   bytes;
 - shared memory is triton's own figure (``metadata.shared``: the pipelined tiles + scratch);
 - the SASS (``cuobjdump -sass`` of triton's cubin) is searched for warpgroup MMA (HGMMA, the
-  ``wgmma`` instructions of PTX) and for the older warp-level HMMA (``mma.sync``).
+  ``wgmma`` instructions of PTX) and for the older warp-level HMMA (``mma.sync``);
+- the TTGIR says which dot became which: ``ttng.warp_group_dot`` (wgmma) or ``tt.dot`` (mma.sync),
+  with its M (rows). The kernels run a last block of ``TAIL_ROWS`` (16) resident rows, which is
+  always on mma.sync (wgmma needs M >= 64): "yes, tail mma.sync" means every dot with M >= 64 is on
+  wgmma and only the tail block's dots are not.
 
 Pointer alignment and integer divisibility hints are set the way triton's launcher would set
 them for the benchmark shape (B=64, H=12, N=197: row strides of the packed qkv layout are
@@ -46,7 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 FIELDS = ["triton", "kernel", "variant", "dtype", "head_dim", "BLOCK_M", "BLOCK_N", "resident", "num_warps",
           "num_stages", "autotune", "registers", "spill_store_bytes", "spill_load_bytes", "shared_bytes", "wgmma",
-          "hgmma_sass", "hmma_sass", "fits", "compile_s", "error"]
+          "hgmma_sass", "hmma_sass", "wgmma_dots", "mma_sync_dots", "mma_sync_rows", "fits", "compile_s", "error"]
 # Per-SM limits on sm_90: 255 registers per thread, 227 KB of shared memory per block.
 MAX_SHARED = 227 * 1024
 # Shape whose divisibility the launch hints follow: ViT-B/16 at 224 px (N = 197), batch 64.
@@ -76,7 +80,7 @@ def _variant(name: str, cfg: tuple) -> str:
 
     meta = K.config_meta(name, cfg)
     return ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in meta.items()
-                    if k not in ("BLOCK_M", "BLOCK_N"))
+                    if k not in ("BLOCK_M", "BLOCK_N") and (k, v) != ("TAIL", K.TAIL_ROWS))
 
 
 def _arg_values(arg_names, head_dim):
@@ -154,6 +158,22 @@ def _sass_counts(cubin: bytes) -> tuple[int, int]:
     return len(re.findall(r"\bHGMMA\.", sass)), len(re.findall(r"\bHMMA\.", sass))
 
 
+def _ttgir_dots(ttgir: str) -> tuple[int, list]:
+    """Dots of the TTGIR: how many are warp_group_dot (wgmma), and the M of each tt.dot (mma.sync)."""
+    wgmma = len(re.findall(r"= ttng\.warp_group_dot ", ttgir))
+    rows = [int(m) for m in re.findall(r"= tt\.dot .*-> tensor<(\d+)x\d+x", ttgir)]
+    return wgmma, rows
+
+
+def _mma_kind(hgmma: int, hmma: int, wgmma_dots: int, mma_rows: list) -> str:
+    if not hgmma:
+        return "no"
+    if not hmma:
+        return "yes"
+    # "tail": the only mma.sync dots are those of a block with fewer than 64 rows (the tail block)
+    return "yes, tail mma.sync" if wgmma_dots and all(m < 64 for m in mma_rows) else "partial"
+
+
 def compile_one(job: tuple) -> dict:
     name, dtype, head_dim, cfg, autotune = job
     bm, bn, warps, stages = cfg[:4]
@@ -177,9 +197,11 @@ def compile_one(job: tuple) -> dict:
                             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
         row.update(_ptxas_v(ck.asm["ptx"]))
         hgmma, hmma = _sass_counts(ck.asm["cubin"])
-        # "yes": every dot on warpgroup MMA; "partial": some dots fell back to mma.sync
-        row.update(shared_bytes=ck.metadata.shared, hgmma_sass=hgmma, hmma_sass=hmma,
-                   wgmma="no" if not hgmma else ("yes" if not hmma else "partial"))
+        wgmma_dots, mma_rows = _ttgir_dots(ck.asm["ttgir"])
+        # "yes": every dot on warpgroup MMA; "partial": some dots of a >= 64-row block fell back to mma.sync
+        row.update(shared_bytes=ck.metadata.shared, hgmma_sass=hgmma, hmma_sass=hmma, wgmma_dots=wgmma_dots,
+                   mma_sync_dots=len(mma_rows), mma_sync_rows=" ".join(str(m) for m in sorted(set(mma_rows))),
+                   wgmma=_mma_kind(hgmma, hmma, wgmma_dots, mma_rows))
         row["fits"] = "yes" if (row["spill_store_bytes"] == 0 and ck.metadata.shared <= MAX_SHARED) else "no"
     except Exception as e:  # a config that does not compile is a result too
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
@@ -236,7 +258,7 @@ def summary_table(rows) -> str:
            "|---|---|---|---|---|---|---|"]
     for (kernel, dtype, d), rs in groups.items():
         fit = [r for r in rs if r["fits"] == "yes"]
-        wg = [r for r in fit if int(r["resident"]) >= 64 and r["wgmma"] == "yes"]
+        wg = [r for r in fit if int(r["resident"]) >= 64 and r["wgmma"].startswith("yes")]
         regs = max((int(r["registers"]) for r in rs if r["registers"] != ""), default=0)
         out.append(f"| {kernel} | {dtype} | {d} | {len(rs)} | {len(fit)} | {len(wg)} | {regs} |")
     return "\n".join(out) + "\n"
@@ -289,7 +311,7 @@ def main() -> None:
     for name in names:
         good = [r for r in rows if r["kernel"] == name and r["dtype"] == "bf16" and r["head_dim"] == 64
                 and r["autotune"] == "yes" and not r["error"] and int(r["resident"]) >= 64
-                and r["wgmma"] == "yes" and r["spill_store_bytes"] == 0]
+                and r["wgmma"].startswith("yes") and r["spill_store_bytes"] == 0]
         side = "BLOCK_N" if name in KEY_SIDE else "BLOCK_M"
         print(f"{name}: {'OK' if good else 'MISSING'} {side}>=64 wgmma 0-spill autotune config at bf16 d=64"
               + (f": {', '.join(_label(r) for r in good)}"

@@ -42,6 +42,10 @@ projection, qkv (B, N, 3, H, d) with o in (B, N, H, d), without copies. Offsets 
 (batch, head) offset and row * row stride both pass 2^31 on large inputs). Row statistics (lse,
 D, C, E0) are fp32, (B, H, N) contiguous. Grid: (cdiv(N, BLOCK), H, B).
 
+Tail blocks: the last block of a grid and the last trip of a sweep run with TAIL_ROWS (16) rows
+when their valid rows fit (N = 197 = 3 x 64 + 5: 16 rows computed instead of 64); tile_blocks()
+says how a length is cut, for every config (a config may opt out with TAIL = 0).
+
 No atomics: every output tile is written by exactly one program, so a given config gives
 bit-identical results run to run. Configs differ in rounding, though (block sizes and warps change
 the fp32 summation order; TWO_SWEEP is another formula), and which config runs is decided per
@@ -83,6 +87,9 @@ MAX_GRID_YZ: int = 65535
 #: Block sizes used under the interpreter (one program at a time; small keeps tests fast and
 #: still exercises multi-block loops and masking at N = 50 or 197).
 INTERPRET_BLOCKS: dict = {"BLOCK_M": 32, "BLOCK_N": 32}
+#: Rows of the last block of a grid or a sweep when its valid rows fit (tl.dot's smallest tile
+#: side): at N = 197 = 3 x 64 + 5 the last block computes 16 rows instead of 64 (or 32).
+TAIL_ROWS: int = 16
 #: Variant constexprs and their defaults: an autotune config may override them; the interpreter
 #: runs the defaults (the tests flip them to cover every variant).
 VARIANT_DEFAULTS: dict = {"bwdbwd_q": {"TWO_SWEEP": False}}
@@ -147,39 +154,65 @@ def _rounded(x, dtype):
 
 
 @triton.jit
-def _attn_fwd_kernel(
-    Q, K, V, O, LSE,
-    N, H, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, qk_scale,
+def _main_end(N, BLOCK: tl.constexpr, TAIL: tl.constexpr):
+    """End of a sweep's full BLOCK-row trips: N less its remainder when the remainder fits one
+    TAIL-row trip (run before them), else N (the last BLOCK-row trip is padded, as with TAIL = 0)."""
+    rem = N % BLOCK
+    return N - tl.where(rem <= TAIL, rem, 0)
+
+
+# Tail blocks. At N = 197 = 3 x 64 + 5 a last block of 64 (or 32) rows holds 5 valid ones. Every
+# kernel therefore runs its last resident block and its last sweep trip with TAIL (16) rows when
+# the remainder fits: each kernel is a `_rows` function instantiated for BLOCK and TAIL resident
+# rows, and each sweep is at most one TAIL trip of a `_trip` function, then a `for` over the full
+# trips. The tail trip goes first: its operand layouts are dead before the loop's are made (after
+# the loop, ptxas kept both live: bwdbwd_q (32, 32, 4 warps) went from 244 registers to 255 and
+# 192 bytes of spills). A config with TAIL = 0 has no tail blocks (AUTOTUNE_CONFIGS: where they
+# cost spills). tile_blocks() below is the same tiling in Python (bench/attention_work.py counts
+# from it).
+@triton.jit
+def _fwd_trip(q, K, V, q_off, start_n, N, offs_d, mask_d, s_qn, qk_scale, m_i, l_i, acc,
+              PREC: tl.constexpr, COLS: tl.constexpr):
+    offs_n = start_n + tl.arange(0, COLS)
+    mask_n = offs_n < N
+    k = _load_rows(K + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
+    v = _load_rows(V + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 units
+    s = tl.where(mask_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: the first trip (tail or block 0) has a valid key
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attn_fwd_rows(
+    Q, K, V, O, LSE, start_m, N, H, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, qk_scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     q_off = _head_offset(s_qb, s_qh)
     o_off = _head_offset(s_ob, s_oh)
     row0 = _row_stats_offset(N, H)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_m = start_m + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     mask_d = offs_d < HEAD_D
 
     q = _load_rows(Q + q_off, offs_m, mask_m, offs_d, mask_d, s_qn)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + offs_n0
-        mask_n = offs_n < N
-        k = _load_rows(K + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
-        v = _load_rows(V + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale  # log2 units
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: block 0 always has a valid key
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-        m_i = m_new
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    n_main = _main_end(N, BLOCK_N, TAIL)
+    if TAIL > 0:
+        if n_main < N:
+            m_i, l_i, acc = _fwd_trip(q, K, V, q_off, n_main, N, offs_d, mask_d, s_qn, qk_scale, m_i, l_i, acc,
+                                      PREC, TAIL)
+    for start_n in range(0, n_main, BLOCK_N):
+        m_i, l_i, acc = _fwd_trip(q, K, V, q_off, start_n, N, offs_d, mask_d, s_qn, qk_scale, m_i, l_i, acc,
+                                  PREC, BLOCK_N)
     acc = acc / l_i[:, None]
     _store_rows(O + o_off, offs_m, mask_m, offs_d, mask_d, s_on, acc)
     lse = (m_i + tl.log2(l_i)) * 0.6931471805599453  # natural-log logsumexp of S
@@ -187,19 +220,53 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(
-    Q, K, V, O, LSE, DO, DQ, DELTA,
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,
+    N, H, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, qk_scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
+):
+    tl.static_assert(TAIL < BLOCK_M)
+    tl.static_assert(TAIL < BLOCK_N)
+    start_m = tl.program_id(0) * BLOCK_M
+    if TAIL == 0:  # no tail blocks (configs where they cost spills)
+        _attn_fwd_rows(Q, K, V, O, LSE, start_m, N, H, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, qk_scale,
+                       HEAD_D, BLOCK_D, PREC, BLOCK_M, BLOCK_N, TAIL)
+    elif start_m + TAIL >= N:
+        _attn_fwd_rows(Q, K, V, O, LSE, start_m, N, H, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, qk_scale,
+                       HEAD_D, BLOCK_D, PREC, TAIL, BLOCK_N, TAIL)
+    else:
+        _attn_fwd_rows(Q, K, V, O, LSE, start_m, N, H, s_qb, s_qh, s_qn, s_ob, s_oh, s_on, qk_scale,
+                       HEAD_D, BLOCK_D, PREC, BLOCK_M, BLOCK_N, TAIL)
+
+
+@triton.jit
+def _bwd_dq_trip(q, do, K, V, q_off, start_n, N, mask_m, offs_d, mask_d, s_qn, lse2, delta, qk_scale, dq, ds_sum,
+                 PREC: tl.constexpr, COLS: tl.constexpr):
+    offs_n = start_n + tl.arange(0, COLS)
+    mask_n = offs_n < N
+    k = _load_rows(K + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
+    v = _load_rows(V + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    valid = mask_m[:, None] & mask_n[None, :]
+    p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+    ds, ds_rows = _rounded(p * (dp - delta[:, None]), k.dtype)
+    return tl.dot(ds, k, dq, input_precision=PREC), ds_sum + ds_rows
+
+
+@triton.jit
+def _attn_bwd_dq_rows(
+    Q, K, V, O, LSE, DO, DQ, DELTA, start_m,
     N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REF_ROWS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr, REF_ROWS: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
     q_off = _head_offset(s_qb, s_qh)
     g_off = _head_offset(s_gb, s_gh)
     o_off = _head_offset(s_ob, s_oh)
     row0 = _row_stats_offset(N, H)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_m = start_m + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     mask_d = offs_d < HEAD_D
@@ -211,20 +278,16 @@ def _attn_bwd_dq_kernel(
     tl.store(DELTA + row0 + offs_m, delta, mask=mask_m)
     lse2 = tl.load(LSE + row0 + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    ds_sum = tl.zeros([BLOCK_M], tl.float32)  # row sums of the rounded dS tiles
-    for start_n in range(0, N, BLOCK_N):
-        offs_n = start_n + offs_n0
-        mask_n = offs_n < N
-        k = _load_rows(K + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
-        v = _load_rows(V + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        valid = mask_m[:, None] & mask_n[None, :]
-        p = tl.where(valid, tl.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
-        ds, ds_rows = _rounded(p * (dp - delta[:, None]), k.dtype)
-        ds_sum += ds_rows
-        dq = tl.dot(ds, k, dq, input_precision=PREC)
+    dq = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    ds_sum = tl.zeros([ROWS], tl.float32)  # row sums of the rounded dS tiles
+    n_main = _main_end(N, BLOCK_N, TAIL)
+    if TAIL > 0:
+        if n_main < N:
+            dq, ds_sum = _bwd_dq_trip(q, do, K, V, q_off, n_main, N, mask_m, offs_d, mask_d, s_qn, lse2, delta,
+                                      qk_scale, dq, ds_sum, PREC, TAIL)
+    for start_n in range(0, n_main, BLOCK_N):
+        dq, ds_sum = _bwd_dq_trip(q, do, K, V, q_off, start_n, N, mask_m, offs_d, mask_d, s_qn, lse2, delta,
+                                  qk_scale, dq, ds_sum, PREC, BLOCK_N)
     # dS K = dS (K - k_ref) as rowsum(dS) = 0: a component all keys share cancels here, in fp32,
     # instead of being multiplied with the rounding error of each dS tile.
     k_ref = _ref_row(K + q_off, N, offs_d, mask_d, s_qn, REF_ROWS)  # loaded here: not live in the loop
@@ -233,50 +296,105 @@ def _attn_bwd_dq_kernel(
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, LSE, DO, DELTA, DK, DV,
+def _attn_bwd_dq_kernel(
+    Q, K, V, O, LSE, DO, DQ, DELTA,
     N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr, REF_ROWS: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
+    tl.static_assert(TAIL < BLOCK_M)
+    tl.static_assert(TAIL < BLOCK_N)
+    start_m = tl.program_id(0) * BLOCK_M
+    if TAIL == 0:  # no tail blocks (configs where they cost spills)
+        _attn_bwd_dq_rows(Q, K, V, O, LSE, DO, DQ, DELTA, start_m, N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn,
+                          s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC, BLOCK_M, BLOCK_N, TAIL, REF_ROWS)
+    elif start_m + TAIL >= N:
+        _attn_bwd_dq_rows(Q, K, V, O, LSE, DO, DQ, DELTA, start_m, N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn,
+                          s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC, TAIL, BLOCK_N, TAIL, REF_ROWS)
+    else:
+        _attn_bwd_dq_rows(Q, K, V, O, LSE, DO, DQ, DELTA, start_m, N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn,
+                          s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC, BLOCK_M, BLOCK_N, TAIL, REF_ROWS)
+
+
+@triton.jit
+def _bwd_dkdv_trip(k, v, Q, DO, LSE, DELTA, q_off, o_off, row0, start_m, N, mask_n, offs_d, mask_d, s_qn, s_on,
+                   qk_scale, dk, dv, PREC: tl.constexpr, COLS: tl.constexpr):
+    offs_m = start_m + tl.arange(0, COLS)
+    mask_m = offs_m < N
+    q = _load_rows(Q + q_off, offs_m, mask_m, offs_d, mask_d, s_qn)
+    do = _load_rows(DO + o_off, offs_m, mask_m, offs_d, mask_d, s_on)
+    lse2 = tl.load(LSE + row0 + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + row0 + offs_m, mask=mask_m, other=0.0)
+    # transposed tiles: rows are keys (this program's block), columns are queries
+    st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+    valid = mask_n[:, None] & mask_m[None, :]
+    pt = tl.where(valid, tl.exp2(st - lse2[None, :]), 0.0)
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+    dst = pt * (dpt - delta[None, :])
+    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PREC)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_rows(
+    Q, K, V, LSE, DO, DELTA, DK, DV, start_n,
+    N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, TAIL: tl.constexpr,
+):
     q_off = _head_offset(s_qb, s_qh)
     g_off = _head_offset(s_gb, s_gh)
     o_off = _head_offset(s_ob, s_oh)
     row0 = _row_stats_offset(N, H)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_d = offs_d < HEAD_D
 
     k = _load_rows(K + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
     v = _load_rows(V + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + offs_m0
-        mask_m = offs_m < N
-        q = _load_rows(Q + q_off, offs_m, mask_m, offs_d, mask_d, s_qn)
-        do = _load_rows(DO + o_off, offs_m, mask_m, offs_d, mask_d, s_on)
-        lse2 = tl.load(LSE + row0 + offs_m, mask=mask_m, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + row0 + offs_m, mask=mask_m, other=0.0)
-        # transposed tiles: rows are keys (this program's block), columns are queries
-        st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-        valid = mask_n[:, None] & mask_m[None, :]
-        pt = tl.where(valid, tl.exp2(st - lse2[None, :]), 0.0)
-        dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=PREC)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=PREC)
+    dk = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    dv = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    m_main = _main_end(N, BLOCK_M, TAIL)
+    if TAIL > 0:
+        if m_main < N:
+            dk, dv = _bwd_dkdv_trip(k, v, Q, DO, LSE, DELTA, q_off, o_off, row0, m_main, N, mask_n, offs_d, mask_d,
+                                    s_qn, s_on, qk_scale, dk, dv, PREC, TAIL)
+    for start_m in range(0, m_main, BLOCK_M):
+        dk, dv = _bwd_dkdv_trip(k, v, Q, DO, LSE, DELTA, q_off, o_off, row0, start_m, N, mask_n, offs_d, mask_d,
+                                s_qn, s_on, qk_scale, dk, dv, PREC, BLOCK_M)
     _store_rows(DK + g_off, offs_n, mask_n, offs_d, mask_d, s_gn, dk * scale)
     _store_rows(DV + g_off, offs_n, mask_n, offs_d, mask_d, s_gn, dv)
 
 
 @triton.jit
-def _bwdbwd_q_tile(q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, mask_n, offs_d, mask_d, s_qn, s_gn,
-                   lse2, mask_m, r, qk_scale, scale, PREC: tl.constexpr):
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, LSE, DO, DELTA, DK, DV,
+    N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
+):
+    tl.static_assert(TAIL < BLOCK_M)
+    tl.static_assert(TAIL < BLOCK_N)
+    start_n = tl.program_id(0) * BLOCK_N
+    if TAIL == 0:  # no tail blocks (configs where they cost spills)
+        _attn_bwd_dkdv_rows(Q, K, V, LSE, DO, DELTA, DK, DV, start_n, N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn,
+                            s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC, BLOCK_M, BLOCK_N, TAIL)
+    elif start_n + TAIL >= N:
+        _attn_bwd_dkdv_rows(Q, K, V, LSE, DO, DELTA, DK, DV, start_n, N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn,
+                            s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC, BLOCK_M, TAIL, TAIL)
+    else:
+        _attn_bwd_dkdv_rows(Q, K, V, LSE, DO, DELTA, DK, DV, start_n, N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn,
+                            s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC, BLOCK_M, BLOCK_N, TAIL)
+
+
+@triton.jit
+def _bwdbwd_q_tile(q, do, gdq, K, V, GDK, GDV, q_off, g_off, start_n, N, offs_d, mask_d, s_qn, s_gn,
+                   lse2, mask_m, r, qk_scale, scale, PREC: tl.constexpr, COLS: tl.constexpr):
     """One key tile seen from a query block: k, gdk, v, gdv and P, dP, G - r, H (fp32 tiles)."""
+    offs_n = start_n + tl.arange(0, COLS)
+    mask_n = offs_n < N
     k = _load_rows(K + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
     v = _load_rows(V + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
     gdk = _load_rows(GDK + g_off, offs_n, mask_n, offs_d, mask_d, s_gn)
@@ -290,32 +408,70 @@ def _bwdbwd_q_tile(q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, mask_n, off
 
 
 @triton.jit
-def _attn_bwdbwd_q_kernel(
-    Q, K, V, O, LSE, DO, GDQ, GDK, GDV, GQ, GDO, STATS,
+def _bwdbwd_q_stats_trip(q, do, gdq, K, V, GDK, GDV, q_off, g_off, start_n, N, offs_d, mask_d, s_qn, s_gn,
+                         lse2, mask_m, r, delta, qk_scale, scale, c_i, e0_i, PREC: tl.constexpr, COLS: tl.constexpr):
+    """Two-sweep variant, sweep 1: the row sums C - r and E0 of one key tile."""
+    k, v, gdk, gdv, p, dp, g, h_ = _bwdbwd_q_tile(q, do, gdq, K, V, GDK, GDV, q_off, g_off, start_n, N, offs_d,
+                                                  mask_d, s_qn, s_gn, lse2, mask_m, r, qk_scale, scale, PREC, COLS)
+    return c_i + tl.sum(p * g, 1), e0_i + tl.sum(p * (g * (dp - delta[:, None]) + h_), 1)
+
+
+@triton.jit
+def _bwdbwd_q_direct_trip(q, do, gdq, K, V, GDK, GDV, q_off, g_off, start_n, N, offs_d, mask_d, s_qn, s_gn,
+                          lse2, mask_m, r, delta, qk_scale, scale, c_i, e0_i, acc_q, k_sum, acc_do,
+                          PREC: tl.constexpr, COLS: tl.constexpr):
+    """Two-sweep variant, sweep 2: dS2 and Z of one key tile from the finished C, E0."""
+    k, v, gdk, gdv, p, dp, g, h_ = _bwdbwd_q_tile(q, do, gdq, K, V, GDK, GDV, q_off, g_off, start_n, N, offs_d,
+                                                  mask_d, s_qn, s_gn, lse2, mask_m, r, qk_scale, scale, PREC, COLS)
+    dpd = dp - delta[:, None]
+    gc = g - c_i[:, None]                            # G - C
+    ds2, ds2_rows = _rounded(p * (gc * dpd + h_ - e0_i[:, None]), k.dtype)
+    acc_q = tl.dot((p * dpd).to(k.dtype), gdk, acc_q, input_precision=PREC)
+    acc_q = tl.dot(ds2, k, acc_q, input_precision=PREC)
+    acc_do = tl.dot(p.to(v.dtype), gdv, acc_do, input_precision=PREC)
+    acc_do = tl.dot((p * gc).to(v.dtype), v, acc_do, input_precision=PREC)  # Z V
+    return acc_q, k_sum + ds2_rows, acc_do
+
+
+@triton.jit
+def _bwdbwd_q_split_trip(q, do, gdq, K, V, GDK, GDV, q_off, g_off, start_n, N, offs_d, mask_d, s_qn, s_gn,
+                         lse2, mask_m, r, delta, qk_scale, scale,
+                         c_i, e0_i, acc_q, acc_dsk, acc_pk, acc_do, pw0_sum, ds_sum, p_sum,
+                         PREC: tl.constexpr, COLS: tl.constexpr):
+    """One-sweep variant: one key tile into the linear split's accumulators and row sums."""
+    k, v, gdk, gdv, p, dp, g, h_ = _bwdbwd_q_tile(q, do, gdq, K, V, GDK, GDV, q_off, g_off, start_n, N, offs_d,
+                                                  mask_d, s_qn, s_gn, lse2, mask_m, r, qk_scale, scale, PREC, COLS)
+    dpd = dp - delta[:, None]
+    pg = p * g
+    pw0 = p * (g * dpd + h_)
+    c_i += tl.sum(pg, 1)
+    e0_i += tl.sum(pw0, 1)
+    ds, ds_rows = _rounded(p * dpd, k.dtype)
+    pw0, pw0_rows = _rounded(pw0, k.dtype)
+    pc, p_rows = _rounded(p, k.dtype)
+    acc_q = tl.dot(ds, gdk, acc_q, input_precision=PREC)
+    acc_q = tl.dot(pw0, k, acc_q, input_precision=PREC)
+    acc_dsk = tl.dot(ds, k, acc_dsk, input_precision=PREC)
+    acc_pk = tl.dot(pc, k, acc_pk, input_precision=PREC)
+    acc_do = tl.dot(pc, gdv, acc_do, input_precision=PREC)
+    acc_do = tl.dot(pg.to(v.dtype), v, acc_do, input_precision=PREC)
+    return (c_i, e0_i, acc_q, acc_dsk, acc_pk, acc_do,
+            pw0_sum + pw0_rows, ds_sum + ds_rows, p_sum + p_rows)
+
+
+@triton.jit
+def _attn_bwdbwd_q_rows(
+    Q, K, V, O, LSE, DO, GDQ, GDK, GDV, GQ, GDO, STATS, start_m,
     N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, REF_ROWS: tl.constexpr, TWO_SWEEP: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr, REF_ROWS: tl.constexpr,
+    TWO_SWEEP: tl.constexpr,
 ):
-    """Query side of bwd-of-bwd: gQ, gdO and the row statistics D, C, E0.
-
-    TWO_SWEEP=False: one sweep over the keys with four [BLOCK_M, d] fp32 accumulators (gQ by the
-    linear split). TWO_SWEEP=True: sweep 1 accumulates the row statistics, sweep 2 forms dS2 and
-    Z with the finished statistics and accumulates gQ and gdO: 14 instead of 11 tile matmuls per
-    key tile, but two live accumulators instead of four, which is what lets BLOCK_M = 64/128 tiles
-    (Hopper wgmma) fit in registers.
-
-    Cancellation: G is used shifted by a row constant r (its value at the reference key row), which
-    changes none of the results (only G - C enters) but keeps a large component that every key
-    shares out of the sums; and every dot with K is corrected by the row sums of its rounded left
-    tile times the reference key row (see _attn_bwd_dq_kernel). docs/kernels.md has the derivation.
-    """
-    pid_m = tl.program_id(0)
     q_off = _head_offset(s_qb, s_qh)
     g_off = _head_offset(s_gb, s_gh)
     o_off = _head_offset(s_ob, s_oh)
     row0 = _row_stats_offset(N, H)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_m = start_m + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < N
     mask_d = offs_d < HEAD_D
@@ -330,69 +486,57 @@ def _attn_bwdbwd_q_kernel(
     r = tl.sum(gdq.to(tl.float32) * _ref_row(K + q_off, N, offs_d, mask_d, s_qn, REF_ROWS)[None, :]
                + q.to(tl.float32) * _ref_row(GDK + g_off, N, offs_d, mask_d, s_gn, REF_ROWS)[None, :], 1) * scale
 
-    c_i = tl.zeros([BLOCK_M], tl.float32)    # rowsum(P * (G - r)) = C - r
-    e0_i = tl.zeros([BLOCK_M], tl.float32)   # E0 = rowsum(P * ((G - r) * (dP - D) + H))
-    acc_do = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    c_i = tl.zeros([ROWS], tl.float32)    # rowsum(P * (G - r)) = C - r
+    e0_i = tl.zeros([ROWS], tl.float32)   # E0 = rowsum(P * ((G - r) * (dP - D) + H))
+    acc_do = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    n_main = _main_end(N, BLOCK_N, TAIL)
     if TWO_SWEEP:
-        for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + offs_n0
-            k, v, gdk, gdv, p, dp, g, h_ = _bwdbwd_q_tile(
-                q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, offs_n < N, offs_d, mask_d, s_qn, s_gn,
-                lse2, mask_m, r, qk_scale, scale, PREC)
-            c_i += tl.sum(p * g, 1)
-            e0_i += tl.sum(p * (g * (dp - delta[:, None]) + h_), 1)
-        acc_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # dS gdK + dS2 K
-        k_sum = tl.zeros([BLOCK_M], tl.float32)           # rowsum of the rounded dS2 tiles
-        for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + offs_n0
-            k, v, gdk, gdv, p, dp, g, h_ = _bwdbwd_q_tile(
-                q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, offs_n < N, offs_d, mask_d, s_qn, s_gn,
-                lse2, mask_m, r, qk_scale, scale, PREC)
-            dpd = dp - delta[:, None]
-            gc = g - c_i[:, None]                            # G - C
-            ds2, ds2_rows = _rounded(p * (gc * dpd + h_ - e0_i[:, None]), k.dtype)
-            k_sum += ds2_rows
-            acc_q = tl.dot((p * dpd).to(k.dtype), gdk, acc_q, input_precision=PREC)
-            acc_q = tl.dot(ds2, k, acc_q, input_precision=PREC)
-            acc_do = tl.dot(p.to(v.dtype), gdv, acc_do, input_precision=PREC)
-            acc_do = tl.dot((p * gc).to(v.dtype), v, acc_do, input_precision=PREC)  # Z V
+        if TAIL > 0:
+            if n_main < N:
+                c_i, e0_i = _bwdbwd_q_stats_trip(q, do, gdq, K, V, GDK, GDV, q_off, g_off, n_main, N, offs_d, mask_d,
+                                                 s_qn, s_gn, lse2, mask_m, r, delta, qk_scale, scale, c_i, e0_i,
+                                                 PREC, TAIL)
+        for start_n in range(0, n_main, BLOCK_N):
+            c_i, e0_i = _bwdbwd_q_stats_trip(q, do, gdq, K, V, GDK, GDV, q_off, g_off, start_n, N, offs_d, mask_d,
+                                             s_qn, s_gn, lse2, mask_m, r, delta, qk_scale, scale, c_i, e0_i,
+                                             PREC, BLOCK_N)
+        acc_q = tl.zeros([ROWS, BLOCK_D], tl.float32)  # dS gdK + dS2 K
+        k_sum = tl.zeros([ROWS], tl.float32)           # rowsum of the rounded dS2 tiles
+        if TAIL > 0:
+            if n_main < N:
+                acc_q, k_sum, acc_do = _bwdbwd_q_direct_trip(
+                    q, do, gdq, K, V, GDK, GDV, q_off, g_off, n_main, N, offs_d, mask_d, s_qn, s_gn, lse2, mask_m, r,
+                    delta, qk_scale, scale, c_i, e0_i, acc_q, k_sum, acc_do, PREC, TAIL)
+        for start_n in range(0, n_main, BLOCK_N):
+            acc_q, k_sum, acc_do = _bwdbwd_q_direct_trip(
+                q, do, gdq, K, V, GDK, GDV, q_off, g_off, start_n, N, offs_d, mask_d, s_qn, s_gn, lse2, mask_m, r,
+                delta, qk_scale, scale, c_i, e0_i, acc_q, k_sum, acc_do, PREC, BLOCK_N)
         k_ref = _ref_row(K + q_off, N, offs_d, mask_d, s_qn, REF_ROWS)  # reloaded: not live in the loops
         gq = (acc_q - k_sum[:, None] * k_ref[None, :]) * scale
         gdo = acc_do
     else:
-        acc_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)    # dS gdK + (P*W0) K
-        acc_dsk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # dS K
-        acc_pk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)   # P K
-        pw0_sum = tl.zeros([BLOCK_M], tl.float32)           # row sums of the rounded P*W0, dS, P tiles
-        ds_sum = tl.zeros([BLOCK_M], tl.float32)
-        p_sum = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, N, BLOCK_N):
-            offs_n = start_n + offs_n0
-            k, v, gdk, gdv, p, dp, g, h_ = _bwdbwd_q_tile(
-                q, do, gdq, K, V, GDK, GDV, q_off, g_off, offs_n, offs_n < N, offs_d, mask_d, s_qn, s_gn,
-                lse2, mask_m, r, qk_scale, scale, PREC)
-            dpd = dp - delta[:, None]
-            pg = p * g
-            pw0 = p * (g * dpd + h_)
-            c_i += tl.sum(pg, 1)
-            e0_i += tl.sum(pw0, 1)
-            ds, ds_rows = _rounded(p * dpd, k.dtype)
-            pw0, pw0_rows = _rounded(pw0, k.dtype)
-            pc, p_rows = _rounded(p, k.dtype)
-            ds_sum += ds_rows
-            pw0_sum += pw0_rows
-            p_sum += p_rows
-            acc_q = tl.dot(ds, gdk, acc_q, input_precision=PREC)
-            acc_q = tl.dot(pw0, k, acc_q, input_precision=PREC)
-            acc_dsk = tl.dot(ds, k, acc_dsk, input_precision=PREC)
-            acc_pk = tl.dot(pc, k, acc_pk, input_precision=PREC)
-            acc_do = tl.dot(pc, gdv, acc_do, input_precision=PREC)
-            acc_do = tl.dot(pg.to(v.dtype), v, acc_do, input_precision=PREC)
+        acc_q = tl.zeros([ROWS, BLOCK_D], tl.float32)    # dS gdK + (P*W0) K
+        acc_dsk = tl.zeros([ROWS, BLOCK_D], tl.float32)  # dS K
+        acc_pk = tl.zeros([ROWS, BLOCK_D], tl.float32)   # P K
+        pw0_sum = tl.zeros([ROWS], tl.float32)           # row sums of the rounded P*W0, dS, P tiles
+        ds_sum = tl.zeros([ROWS], tl.float32)
+        p_sum = tl.zeros([ROWS], tl.float32)
+        if TAIL > 0:
+            if n_main < N:
+                c_i, e0_i, acc_q, acc_dsk, acc_pk, acc_do, pw0_sum, ds_sum, p_sum = _bwdbwd_q_split_trip(
+                    q, do, gdq, K, V, GDK, GDV, q_off, g_off, n_main, N, offs_d, mask_d, s_qn, s_gn, lse2, mask_m, r,
+                    delta, qk_scale, scale, c_i, e0_i, acc_q, acc_dsk, acc_pk, acc_do, pw0_sum, ds_sum, p_sum,
+                    PREC, TAIL)
+        for start_n in range(0, n_main, BLOCK_N):
+            c_i, e0_i, acc_q, acc_dsk, acc_pk, acc_do, pw0_sum, ds_sum, p_sum = _bwdbwd_q_split_trip(
+                q, do, gdq, K, V, GDK, GDV, q_off, g_off, start_n, N, offs_d, mask_d, s_qn, s_gn, lse2, mask_m, r,
+                delta, qk_scale, scale, c_i, e0_i, acc_q, acc_dsk, acc_pk, acc_do, pw0_sum, ds_sum, p_sum,
+                PREC, BLOCK_N)
         # dS2 = P*W0 - (C - r) dS - E0 P per element, so dS2 K = (P*W0) K - (C - r)(dS K) - E0 (P K)
         k_sum = pw0_sum - c_i * ds_sum - e0_i * p_sum
         k_ref = _ref_row(K + q_off, N, offs_d, mask_d, s_qn, REF_ROWS)
         gq = (acc_q - c_i[:, None] * acc_dsk - e0_i[:, None] * acc_pk - k_sum[:, None] * k_ref[None, :]) * scale
-        # o is loaded again rather than kept live across the sweep (a [BLOCK_M, d] tile of registers)
+        # o is loaded again rather than kept live across the sweep (a [ROWS, d] tile of registers)
         o = _load_rows(O + o_off, offs_m, mask_m, offs_d, mask_d, s_on).to(tl.float32)
         gdo = acc_do - c_i[:, None] * o   # Z V = (P*(G - r)) V - (C - r) O
     _store_rows(GQ + g_off, offs_m, mask_m, offs_d, mask_d, s_gn, gq)
@@ -405,20 +549,86 @@ def _attn_bwdbwd_q_kernel(
 
 
 @triton.jit
-def _attn_bwdbwd_kv_kernel(
-    Q, K, V, LSE, DO, GDQ, GDK, GDV, STATS, GK, GV,
+def _attn_bwdbwd_q_kernel(
+    Q, K, V, O, LSE, DO, GDQ, GDK, GDV, GQ, GDO, STATS,
     N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale,
     HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr, REF_ROWS: tl.constexpr,
+    TWO_SWEEP: tl.constexpr,
 ):
-    """Key side of bwd-of-bwd: gK, gV (needs the finished row statistics D, C, E0)."""
-    pid_n = tl.program_id(0)
+    """Query side of bwd-of-bwd: gQ, gdO and the row statistics D, C, E0.
+
+    TWO_SWEEP=False: one sweep over the keys with four [BLOCK_M, d] fp32 accumulators (gQ by the
+    linear split). TWO_SWEEP=True: sweep 1 accumulates the row statistics, sweep 2 forms dS2 and
+    Z with the finished statistics and accumulates gQ and gdO: 14 instead of 11 tile matmuls per
+    key tile, but two live accumulators instead of four, which is what lets BLOCK_M = 64/128 tiles
+    (Hopper wgmma) fit in registers.
+
+    Cancellation: G is used shifted by a row constant r (its value at the reference key row), which
+    changes none of the results (only G - C enters) but keeps a large component that every key
+    shares out of the sums; and every dot with K is corrected by the row sums of its rounded left
+    tile times the reference key row (see _attn_bwd_dq_rows). docs/kernels.md has the derivation.
+    """
+    tl.static_assert(TAIL < BLOCK_M)
+    tl.static_assert(TAIL < BLOCK_N)
+    start_m = tl.program_id(0) * BLOCK_M
+    if TAIL == 0:  # no tail blocks (configs where they cost spills)
+        _attn_bwdbwd_q_rows(Q, K, V, O, LSE, DO, GDQ, GDK, GDV, GQ, GDO, STATS, start_m, N, H, s_qb, s_qh, s_qn,
+                            s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC,
+                            BLOCK_M, BLOCK_N, TAIL, REF_ROWS, TWO_SWEEP)
+    elif start_m + TAIL >= N:
+        _attn_bwdbwd_q_rows(Q, K, V, O, LSE, DO, GDQ, GDK, GDV, GQ, GDO, STATS, start_m, N, H, s_qb, s_qh, s_qn,
+                            s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC,
+                            TAIL, BLOCK_N, TAIL, REF_ROWS, TWO_SWEEP)
+    else:
+        _attn_bwdbwd_q_rows(Q, K, V, O, LSE, DO, GDQ, GDK, GDV, GQ, GDO, STATS, start_m, N, H, s_qb, s_qh, s_qn,
+                            s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC,
+                            BLOCK_M, BLOCK_N, TAIL, REF_ROWS, TWO_SWEEP)
+
+
+@triton.jit
+def _bwdbwd_kv_trip(k, v, gdk, gdv, Q, DO, GDQ, LSE, STATS, q_off, g_off, o_off, row0, zn, start_m, N, mask_n,
+                    offs_d, mask_d, s_qn, s_gn, s_on, qk_scale, scale, acc_k, acc_v,
+                    PREC: tl.constexpr, COLS: tl.constexpr):
+    offs_m = start_m + tl.arange(0, COLS)
+    mask_m = offs_m < N
+    q = _load_rows(Q + q_off, offs_m, mask_m, offs_d, mask_d, s_qn)
+    do = _load_rows(DO + o_off, offs_m, mask_m, offs_d, mask_d, s_on)
+    gdq = _load_rows(GDQ + g_off, offs_m, mask_m, offs_d, mask_d, s_gn)
+    row = row0 + offs_m
+    lse2 = tl.load(LSE + row, mask=mask_m, other=0.0) * 1.4426950408889634
+    delta = tl.load(STATS + row, mask=mask_m, other=0.0)
+    c_i = tl.load(STATS + zn + row, mask=mask_m, other=0.0)
+    e0_i = tl.load(STATS + 2 * zn + row, mask=mask_m, other=0.0)
+    # transposed tiles: rows are keys, columns are queries
+    st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
+    valid = mask_n[:, None] & mask_m[None, :]
+    pt = tl.where(valid, tl.exp2(st - lse2[None, :]), 0.0)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
+    gt = tl.dot(gdk, tl.trans(q), tl.dot(k, tl.trans(gdq), input_precision=PREC),
+                input_precision=PREC) * scale
+    ht = tl.dot(gdv, tl.trans(do), input_precision=PREC)
+    dpd = dpt - delta[None, :]
+    gc = gt - c_i[None, :]  # G - C per element: a row constant of G cancels here, in fp32
+    ds2t = pt * (gc * dpd + ht - e0_i[None, :])
+    acc_k = tl.dot((pt * dpd).to(q.dtype), gdq, acc_k, input_precision=PREC)
+    acc_k = tl.dot(ds2t.to(q.dtype), q, acc_k, input_precision=PREC)
+    acc_v = tl.dot((pt * gc).to(do.dtype), do, acc_v, input_precision=PREC)
+    return acc_k, acc_v
+
+
+@triton.jit
+def _attn_bwdbwd_kv_rows(
+    Q, K, V, LSE, DO, GDQ, GDK, GDV, STATS, GK, GV, start_n,
+    N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, ROWS: tl.constexpr, TAIL: tl.constexpr,
+):
     q_off = _head_offset(s_qb, s_qh)
     g_off = _head_offset(s_gb, s_gh)
     o_off = _head_offset(s_ob, s_oh)
     row0 = _row_stats_offset(N, H)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_n = start_n + tl.arange(0, ROWS)
     offs_d = tl.arange(0, BLOCK_D)
     mask_n = offs_n < N
     mask_d = offs_d < HEAD_D
@@ -428,35 +638,45 @@ def _attn_bwdbwd_kv_kernel(
     v = _load_rows(V + q_off, offs_n, mask_n, offs_d, mask_d, s_qn)
     gdk = _load_rows(GDK + g_off, offs_n, mask_n, offs_d, mask_d, s_gn)
     gdv = _load_rows(GDV + g_off, offs_n, mask_n, offs_d, mask_d, s_gn)
-    acc_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    acc_v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(0, N, BLOCK_M):
-        offs_m = start_m + offs_m0
-        mask_m = offs_m < N
-        q = _load_rows(Q + q_off, offs_m, mask_m, offs_d, mask_d, s_qn)
-        do = _load_rows(DO + o_off, offs_m, mask_m, offs_d, mask_d, s_on)
-        gdq = _load_rows(GDQ + g_off, offs_m, mask_m, offs_d, mask_d, s_gn)
-        row = row0 + offs_m
-        lse2 = tl.load(LSE + row, mask=mask_m, other=0.0) * 1.4426950408889634
-        delta = tl.load(STATS + row, mask=mask_m, other=0.0)
-        c_i = tl.load(STATS + zn + row, mask=mask_m, other=0.0)
-        e0_i = tl.load(STATS + 2 * zn + row, mask=mask_m, other=0.0)
-        # transposed tiles: rows are keys, columns are queries
-        st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale
-        valid = mask_n[:, None] & mask_m[None, :]
-        pt = tl.where(valid, tl.exp2(st - lse2[None, :]), 0.0)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PREC)
-        gt = tl.dot(gdk, tl.trans(q), tl.dot(k, tl.trans(gdq), input_precision=PREC),
-                    input_precision=PREC) * scale
-        ht = tl.dot(gdv, tl.trans(do), input_precision=PREC)
-        dpd = dpt - delta[None, :]
-        gc = gt - c_i[None, :]  # G - C per element: a row constant of G cancels here, in fp32
-        ds2t = pt * (gc * dpd + ht - e0_i[None, :])
-        acc_k = tl.dot((pt * dpd).to(q.dtype), gdq, acc_k, input_precision=PREC)
-        acc_k = tl.dot(ds2t.to(q.dtype), q, acc_k, input_precision=PREC)
-        acc_v = tl.dot((pt * gc).to(do.dtype), do, acc_v, input_precision=PREC)
+    acc_k = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    acc_v = tl.zeros([ROWS, BLOCK_D], tl.float32)
+    m_main = _main_end(N, BLOCK_M, TAIL)
+    if TAIL > 0:
+        if m_main < N:
+            acc_k, acc_v = _bwdbwd_kv_trip(k, v, gdk, gdv, Q, DO, GDQ, LSE, STATS, q_off, g_off, o_off, row0, zn, m_main,
+                                           N, mask_n, offs_d, mask_d, s_qn, s_gn, s_on, qk_scale, scale, acc_k, acc_v,
+                                           PREC, TAIL)
+    for start_m in range(0, m_main, BLOCK_M):
+        acc_k, acc_v = _bwdbwd_kv_trip(k, v, gdk, gdv, Q, DO, GDQ, LSE, STATS, q_off, g_off, o_off, row0, zn, start_m,
+                                       N, mask_n, offs_d, mask_d, s_qn, s_gn, s_on, qk_scale, scale, acc_k, acc_v,
+                                       PREC, BLOCK_M)
     _store_rows(GK + g_off, offs_n, mask_n, offs_d, mask_d, s_gn, acc_k * scale)
     _store_rows(GV + g_off, offs_n, mask_n, offs_d, mask_d, s_gn, acc_v)
+
+
+@triton.jit
+def _attn_bwdbwd_kv_kernel(
+    Q, K, V, LSE, DO, GDQ, GDK, GDV, STATS, GK, GV,
+    N, H, s_qb, s_qh, s_qn, s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale,
+    HEAD_D: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TAIL: tl.constexpr,
+):
+    """Key side of bwd-of-bwd: gK, gV (needs the finished row statistics D, C, E0)."""
+    tl.static_assert(TAIL < BLOCK_M)
+    tl.static_assert(TAIL < BLOCK_N)
+    start_n = tl.program_id(0) * BLOCK_N
+    if TAIL == 0:  # no tail blocks (configs where they cost spills)
+        _attn_bwdbwd_kv_rows(Q, K, V, LSE, DO, GDQ, GDK, GDV, STATS, GK, GV, start_n, N, H, s_qb, s_qh, s_qn,
+                             s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC,
+                             BLOCK_M, BLOCK_N, TAIL)
+    elif start_n + TAIL >= N:
+        _attn_bwdbwd_kv_rows(Q, K, V, LSE, DO, GDQ, GDK, GDV, STATS, GK, GV, start_n, N, H, s_qb, s_qh, s_qn,
+                             s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC,
+                             BLOCK_M, TAIL, TAIL)
+    else:
+        _attn_bwdbwd_kv_rows(Q, K, V, LSE, DO, GDQ, GDK, GDV, STATS, GK, GV, start_n, N, H, s_qb, s_qh, s_qn,
+                             s_gb, s_gh, s_gn, s_ob, s_oh, s_on, qk_scale, scale, HEAD_D, BLOCK_D, PREC,
+                             BLOCK_M, BLOCK_N, TAIL)
 
 
 # --------------------------------------------------------------------------------------------
@@ -484,7 +704,9 @@ AUTOTUNE_CONFIGS = {
     "bwd_dq": [(64, 64, 4, 2), (64, 32, 4, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
     "bwd_dkdv": [(32, 64, 4, 2), (64, 64, 4, 2), (32, 128, 8, 2), (64, 128, 8, 2)],
     "bwdbwd_q": [(32, 32, 4, 1), (32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2)]
-    + [(m, n, w, s, {"TWO_SWEEP": True}) for m, n, w, s in ((64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2))],
+    + [(m, n, w, s, {"TWO_SWEEP": True}) for m, n, w, s in ((64, 32, 4, 2), (64, 32, 8, 2))]
+    # without tail blocks: with them this one spills (8 bytes at head_dim 64, sm_90a)
+    + [(128, 32, 8, 2, {"TWO_SWEEP": True, "TAIL": 0})],
     "bwdbwd_kv": [(32, 32, 4, 2), (32, 64, 4, 1), (32, 64, 4, 2), (32, 128, 8, 1)],
 }
 #: One config per kernel and head-dim class (BLOCK_D <= 64, or 128) for deterministic mode and for
@@ -504,19 +726,33 @@ PINNED_CONFIGS = {
 DETERMINISTIC: bool = deterministic_from_env()
 
 
+def tile_blocks(n: int, block: int, tail: int = TAIL_ROWS) -> list:
+    """How the kernels tile a length-n dimension with blocks of `block` rows, as (rows computed,
+    rows valid) per block: the resident blocks of a grid and the trips of a sweep alike
+    (bench/attention_work.py counts the executed work from this). The last block runs with
+    `tail` rows when its valid rows fit (the kernels' `_rows` / `_trip` instances for TAIL; a
+    config's TAIL, config_meta)."""
+    out = []
+    for start in range(0, n, block):
+        valid = min(block, n - start)
+        out.append((tail if valid <= tail else block, valid))
+    return out
+
+
 def pinned_config(name: str, head_dim: int) -> tuple:
     return PINNED_CONFIGS[name][64 if head_dim <= 64 else 128]
 
 
 def config_meta(name: str, cfg: tuple) -> dict:
-    """The constexprs one autotune config sets (block sizes, and the variant where a kernel has one)."""
+    """The constexprs one autotune config sets (block sizes, the tail block, and the variant where a
+    kernel has one)."""
     extra = cfg[4] if len(cfg) > 4 else {}
-    return {"BLOCK_M": cfg[0], "BLOCK_N": cfg[1], **VARIANT_DEFAULTS.get(name, {}), **extra}
+    return {"BLOCK_M": cfg[0], "BLOCK_N": cfg[1], "TAIL": TAIL_ROWS, **VARIANT_DEFAULTS.get(name, {}), **extra}
 
 
 def _meta(name: str) -> dict:
     """Constexprs of the interpreter's fixed config (the tests flip VARIANT_DEFAULTS to cover variants)."""
-    return {**INTERPRET_BLOCKS, **VARIANT_DEFAULTS.get(name, {})}
+    return {**INTERPRET_BLOCKS, "TAIL": TAIL_ROWS, **VARIANT_DEFAULTS.get(name, {})}
 
 
 def _config_failures() -> tuple:

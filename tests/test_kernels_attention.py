@@ -317,6 +317,43 @@ def test_shared_key_component(dtype, bwdbwd_variant):
             assert e <= 2 * e0, f"offset {offset}: {name} error {e:.2e} > 2x its error at offset 0, {e0:.2e}"
 
 
+# -------------------------------------------------------------------------------- the GPU's block sizes and tails
+PINNED_CASES = [  # (N, head_dim, dtype)
+    (197, 64, torch.float32), (197, 40, torch.float16), (197, 80, torch.float32), (197, 32, torch.float16),
+    (50, 64, torch.float16), (50, 80, torch.float32), (1, 40, torch.float32), (1, 64, torch.float16),
+]
+
+
+@pytest.mark.parametrize("n,d,dtype", PINNED_CASES)
+def test_pinned_block_sizes_and_tail_blocks(n, d, dtype, bwdbwd_variant, monkeypatch):
+    """Every level with the pinned configs' block sizes (64-row blocks next to 32-row ones; the
+    two-sweep query kernel with 64 x 32) instead of the interpreter's 32 x 32. At N = 197 the last
+    block of every grid and every sweep runs as a TAIL_ROWS (16) block, at N = 50 the last block
+    is padded (18 valid rows do not fit 16), at N = 1 only the tail runs."""
+    if ON_GPU:
+        pytest.skip("the interpreter's block sizes; the GPU launches the configs themselves")
+    configs = {name: K.pinned_config(name, d)[:4] for name in K.LAUNCHERS}
+    if bwdbwd_variant:
+        configs["bwdbwd_q"] = (64, 32, 8, 2)
+    monkeypatch.setattr(K, "_meta", lambda name: K.config_meta(name, configs[name]))
+    scale = d ** -0.5
+    ins = [rand((1, 2, n, d), torch.float32, 100 + i).to(dtype) for i in range(7)]
+    got = attention_levels(attn_fwd, attn_bwd, attn_bwdbwd, ins, scale)
+    check(got, math_levels([t.double() for t in ins], scale), dtype, f"o..gdo at N={n}, d={d}")
+
+
+@pytest.mark.parametrize("n,dtype", [(197, torch.float32), (50, torch.float16)])
+def test_configs_without_tail_blocks(n, dtype, bwdbwd_variant, monkeypatch):
+    """TAIL = 0 in a config (AUTOTUNE_CONFIGS, where the tail blocks cost spills): the last block
+    is a padded full one, as before the tail blocks."""
+    if ON_GPU:
+        pytest.skip("the interpreter's block sizes; the GPU launches the configs themselves")
+    monkeypatch.setattr(K, "_meta", lambda name: K.config_meta(name, (64, 32, 4, 1, {"TAIL": 0})))
+    ins = [rand((1, 2, n, 40), torch.float32, 120 + i).to(dtype) for i in range(7)]
+    got = attention_levels(attn_fwd, attn_bwd, attn_bwdbwd, ins, 0.2)
+    check(got, math_levels([t.double() for t in ins], 0.2), dtype, f"o..gdo at N={n}, no tail blocks")
+
+
 # -------------------------------------------------------------------------------- layout, poison, determinism
 def test_non_contiguous_inputs_and_expanded_grad():
     b, n, h, d = 2, 50, 3, 40
