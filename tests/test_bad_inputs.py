@@ -27,7 +27,8 @@ from energyvit.cli import main
 from energyvit.training import LossTrend
 from helpers import tiny_checkpoint
 
-PICO = ["--model", "vit_pico_patch2", "--batch_size", "250", "--num_threads", "1", "--no-tensorboard"]
+PICO = ["--model", "vit_pico_patch2", "--batch_size", "250", "--num_threads", "1", "--no-tensorboard", "--probe_images",
+        "200"]
 MARKER = "MARKER"
 
 

@@ -8,7 +8,7 @@ import torch
 from energyvit.cli import main
 
 TINY = ["pretrain", "--model", "vit_pico_patch2", "--batch_size", "250", "--warmup_epochs", "1",
-        "--tasks", "mim:0.5,sort:0.25,denoise:0.25", "--restore_steps", "2"]
+        "--tasks", "mim:0.5,sort:0.25,denoise:0.25", "--restore_steps", "2", "--probe_images", "200"]
 
 
 @pytest.mark.parametrize("argv,needle", [

@@ -151,8 +151,8 @@ def test_torchrun_pretrain_two_cpu_processes(tmp_path):
     """DDP under torchrun; --cuda_graphs on the CPU falls back to it with one warning (rank 0's)."""
     cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "energyvit", "pretrain",
            "--model", "vit_pico_patch2", "--batch_size", "125", "--accum_iter", "2", "--epochs", "2", "--warmup_epochs", "1",
-           *THREE_TASKS_K2, "--num_threads", "1", "--grid_rows", "2", "--output_dir", str(tmp_path), "--device", "cpu",
-           "--cuda_graphs"]
+           *THREE_TASKS_K2, "--num_threads", "1", "--grid_rows", "2", "--probe_images", "200", "--output_dir",
+           str(tmp_path), "--device", "cpu", "--cuda_graphs"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,6 +1,7 @@
 """Smoke runs of the method comparison (experiments/compare_methods.py) on a tiny shapes set: every
 method, the equal-time MAE run, random init and raw pixels through every classifier; budgets of
 epochs as curves against training FLOPs; merging result files run in parts."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -11,6 +12,15 @@ import pytest
 from energyvit.data import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(monkeypatch, name: str, *argv) -> None:
+    """experiments/NAME.py's main in this process (a subprocess imports torch again: seconds each)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *map(str, argv)])
+    module.main()
 
 
 def tiny_shapes(tmp_path: Path) -> Path:
@@ -38,7 +48,7 @@ def test_compare_methods_runs_every_method_and_metric(tmp_path):
     assert "finetune" not in summary["raw_pixels"] and result["seeds"] == [0]
 
 
-def test_compare_methods_budgets_give_curves_against_training_flops(tmp_path):
+def test_compare_methods_budgets_give_curves_against_training_flops(tmp_path, monkeypatch, capsys):
     """Each budget is its own run; its FLOPs are its optimizer steps x the step's model FLOPs, so
     twice the epochs is twice the FLOPs, and an energy image costs more than an MAE image. MAE may
     have budgets of its own (--mae_budgets)."""
@@ -59,8 +69,9 @@ def test_compare_methods_budgets_give_curves_against_training_flops(tmp_path):
         assert 0.0 <= points[0]["linear"]["mean"] <= 1.0
     assert curves["energy"][1]["train_flops"]["mean"] > curves["mae"][0]["train_flops"]["mean"]  # 2 epochs each
     for flag in ("--budgets", "--mae_budgets"):
-        bad = subprocess.run(cmd[:-2] + [flag, "2", "2", "--out", str(out)], capture_output=True, text=True)
-        assert bad.returncode == 2 and flag in bad.stderr
+        with pytest.raises(SystemExit) as exit_:
+            run_script(monkeypatch, "compare_methods", *cmd[2:-2], flag, "2", "2", "--out", out)
+        assert exit_.value.code == 2 and flag in capsys.readouterr().err
 
 
 def _part(seed: int, linear: dict, budgets=None) -> dict:
@@ -74,8 +85,11 @@ def _part(seed: int, linear: dict, budgets=None) -> dict:
     return part
 
 
-def test_merge_results_pools_seeds_and_rebuilds_curves(tmp_path):
-    script = [sys.executable, str(ROOT / "experiments" / "merge_results.py")]
+def merge(monkeypatch, *argv) -> None:
+    run_script(monkeypatch, "merge_results", *argv)
+
+
+def test_merge_results_pools_seeds_and_rebuilds_curves(tmp_path, monkeypatch):
     budgets = ([1, 2], [2, 4])
     names = ("energy_e1", "energy_e2", "mae_e2", "mae_e4")
     files = []
@@ -83,23 +97,23 @@ def test_merge_results_pools_seeds_and_rebuilds_curves(tmp_path):
         files.append(tmp_path / f"s{seed}.json")
         files[-1].write_text(json.dumps(_part(seed, {n: base + i / 10 for i, n in enumerate(names)}, budgets)))
     out = tmp_path / "merged.json"
-    subprocess.run([*script, *map(str, files), "--out", str(out)], check=True, capture_output=True)
+    merge(monkeypatch, *files, "--out", out)
     merged = json.loads(out.read_text())
     assert merged["seeds"]["mae_e4"] == [0, 1] and merged["curve_budgets"] == {"energy": [1, 2], "mae": [2, 4]}
     assert merged["summary"]["energy_e2"]["linear"]["mean"] == pytest.approx(0.3)
     assert [p["linear"]["mean"] for p in merged["curves"]["mae"]] == pytest.approx([0.4, 0.5])
     assert [p["train_flops"]["mean"] for p in merged["curves"]["energy"]] == [10.0, 20.0]
     # the same seed again: counted once if its scores agree, an error if they differ
-    subprocess.run([*script, *map(str, files), str(files[0]), "--out", str(out)], check=True, capture_output=True)
+    merge(monkeypatch, *files, files[0], "--out", out)
     assert json.loads(out.read_text())["seeds"]["energy_e1"] == [0, 1]
     clash = tmp_path / "clash.json"
     clash.write_text(json.dumps(_part(0, {n: 0.9 for n in names}, budgets)))
-    bad = subprocess.run([*script, str(files[0]), str(clash), "--out", str(out)], capture_output=True, text=True)
-    assert bad.returncode != 0 and "appears twice with different scores" in bad.stderr
+    with pytest.raises(SystemExit, match="appears twice with different scores"):
+        merge(monkeypatch, files[0], clash, "--out", out)
     # a file with another MAE budget extends MAE's curve; each point keeps the seeds that ran it
     other = tmp_path / "other.json"
     other.write_text(json.dumps(_part(2, {"energy_e1": 0.5, "mae_e8": 0.7}, ([1], [8]))))
-    subprocess.run([*script, *map(str, files), str(other), "--out", str(out)], check=True, capture_output=True)
+    merge(monkeypatch, *files, other, "--out", out)
     merged = json.loads(out.read_text())
     assert merged["curve_budgets"] == {"energy": [1, 2], "mae": [2, 4, 8]}
     assert merged["seeds"]["energy_e1"] == [0, 1, 2] and merged["seeds"]["mae_e8"] == [2]

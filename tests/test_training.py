@@ -14,7 +14,7 @@ from helpers import THREE_TASKS_K2, images, tiny_model
 
 # --shift 1: a seeded augmentation per sample, which resume must reproduce too
 TINY = ["pretrain", "--model", "vit_pico_patch2", "--batch_size", "100", "--warmup_epochs", "1", *THREE_TASKS_K2,
-        "--shift", "1", "--num_threads", "1", "--grid_rows", "0", "--no-tensorboard"]
+        "--shift", "1", "--num_threads", "1", "--grid_rows", "0", "--no-tensorboard", "--probe_images", "200"]
 STEPS_PER_EPOCH = 15  # 1500 digits / 100
 
 

@@ -253,7 +253,8 @@ def test_pretrain_then_probe_finetune_restore_score_and_export(tmp_path, capsys)
     out = tmp_path / "run"
     argv = ["pretrain", "--encoder_input", "visible", "--model", "vit_pico_patch2", "--batch_size", "250",
             "--warmup_epochs", "1", "--restore_steps", "2", "--contrast_weight", "0.1", "--epochs", "1",
-            "--num_threads", "1", "--no-tensorboard", "--output_dir", str(out)]
+            "--num_threads", "1", "--no-tensorboard", "--probe_images", "200", "--eval_images", "200",
+            "--output_dir", str(out)]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "encoder on the visible patches" in printed
@@ -264,6 +265,19 @@ def test_pretrain_then_probe_finetune_restore_score_and_export(tmp_path, capsys)
     assert summary["tasks"]["mim"]["mse_restored"] < summary["tasks"]["mim"]["mse_corrupted"]
     model, _ = load_model(ckpt)
     assert model.cfg.encoder_input == "visible"
+
+    # resumed after epoch 1 of 2: the same weights as 2 epochs uninterrupted (the split's draws repeat)
+    at = argv.index("--epochs") + 1
+    two = [*argv[:at], "2", *argv[at + 1:-1]]
+    assert main(two + [str(tmp_path / "two")]) == 0
+    assert main(two + [str(tmp_path / "resumed"), "--resume", str(ckpt)]) == 0
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1]  # it ran epoch 1 only, from the checkpoint
+    a = torch.load(tmp_path / "two" / "checkpoint-last.pth", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint-last.pth", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
 
     assert main(["probe", str(ckpt), "--pool", "mean", "--output", str(tmp_path / "probe.json")]) == 0
     assert main(["finetune", str(ckpt), "--epochs", "1", "--batch_size", "250", "--warmup_epochs", "1",
