@@ -1,7 +1,9 @@
 """DDP on the CPU (gloo): the second-order step (inner autograd.grad with create_graph, outer
-backward) under DistributedDataParallel gives the gradients of one process on the global batch;
-so does the explicit gradient all-reduce that the compiled and the CUDA-graphed steps use
-(AllReduceGradients), with the ordinary step and with the graphed step's bookkeeping."""
+backward) under DistributedDataParallel gives the gradients of one process on the global batch,
+with the truncated second-order path and sparse restoration too (their energies pass split
+streams and `keep` through DDP's forward); so does the explicit gradient all-reduce that the
+compiled and the CUDA-graphed steps use (AllReduceGradients), with the ordinary step and with the
+graphed step's bookkeeping."""
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ from energyvit.cli import main
 from energyvit.distributed import AllReduceGradients, DDPGradients, DistInfo, broadcast_parameters, coalesced, \
     ddp_energy_fn, wrap_ddp
 from energyvit.objective import EnergyOptions, task_loss
+from energyvit.tasks import Corrupted, MaskedImageModeling
 from helpers import THREE_TASKS_K2, eager_replay_step, fixed_corruption, free_port, images, rank_share, sgd_steps, \
     tiny_checkpoint, tiny_model
 
@@ -45,6 +48,33 @@ def graphed_step_loss(model, accum):
     runs the ordinary step, the second captures in the middle of an optimizer step, the rest replay."""
     step = eager_replay_step(model, EnergyOptions(), warmup_steps=1, accum_iter=accum)
     return lambda clean, labels, seed: ("mim", step(clean, fixed_corruption(clean))), step
+
+
+# options whose energy reaches DDP's forward with more than the image: (model overrides, energy
+# options, mim's restore_fraction)
+OPTION_STEPS = {
+    "truncated": (dict(energy_head_depth=2, energy_head_dim=16), EnergyOptions(second_order_blocks=1), 1.0),
+    "sparse": ({}, EnergyOptions(), 0.5),
+}
+
+
+def option_grads(name: str, rank: int = 0, world: int = 1) -> dict:
+    """Parameter gradients of one step of an OPTION_STEPS option on this rank's share of a seeded
+    mim batch (every image hides and restores as many patches, so the mean over ranks is the
+    global batch's); under DDP when world > 1."""
+    head, opts, fraction = OPTION_STEPS[name]
+    model = tiny_model(**head)
+    model.norm.requires_grad_(bool(head))  # without a head nothing reads the final norm
+    c = MaskedImageModeling(2, 0.5, 0.5, fraction)(images(BATCH), torch.Generator().manual_seed(0))
+    x = images(BATCH)
+    energy_fn = None
+    if world > 1:
+        x = rank_share(x, rank, world, 1)
+        c = Corrupted(*(None if t is None else rank_share(t, rank, world, 1) for t in (
+            c.image, c.loss_mask, c.update_mask, c.keep, c.fill_mask, c.loss_weight, c.hidden)))
+        energy_fn = ddp_energy_fn(wrap_ddp(model, torch.device("cpu")), model)
+    task_loss(model, x, c, opts, energy_fn=energy_fn).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
@@ -74,8 +104,9 @@ def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         after_graphed = sgd_steps(model, step_loss, rank_share(images(2 * BATCH), rank, world, 2), BATCH // world // 2,
                                   2, info, AllReduceGradients(model), steps=2)
         assert step.mode == "graph" and all(p.grad is g for p, g in zip(step._params(), step.static_grads))
+        options = {name: option_grads(name, rank, world) for name in OPTION_STEPS}
         torch.save({"grads": grads, "after": after, "start": start, "after_explicit": after_explicit,
-                    "after_graphed": after_graphed}, f"{out}/rank{rank}.pt")
+                    "after_graphed": after_graphed, "options": options}, f"{out}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -109,6 +140,12 @@ def test_ddp_and_the_explicit_all_reduce_equal_one_process(tmp_path):
             torch.testing.assert_close(got["after_graphed"][name], expected_two_steps[name], rtol=1e-10, atol=1e-13,
                                        msg=name)
         assert not torch.equal(got["after_graphed"]["blocks.0.attn.qkv.weight"], initial["blocks.0.attn.qkv.weight"])
+        for option in OPTION_STEPS:
+            one = option_grads(option)
+            assert set(got["options"][option]) == set(one), option
+            for name, g in one.items():
+                torch.testing.assert_close(got["options"][option][name], g, rtol=1e-10, atol=1e-13,
+                                           msg=f"{option} {name}")
 
 
 def test_coalesced_packs_few_buffers_per_device_and_dtype():
