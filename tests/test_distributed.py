@@ -65,8 +65,8 @@ def option_grads(name: str, rank: int = 0, world: int = 1) -> dict:
     head, opts, fraction = OPTION_STEPS[name]
     model = tiny_model(**head)
     model.norm.requires_grad_(bool(head))  # without a head nothing reads the final norm
-    c = MaskedImageModeling(2, 0.5, 0.5, fraction)(images(BATCH), torch.Generator().manual_seed(0))
     x = images(BATCH)
+    c = MaskedImageModeling(2, 0.5, 0.5, fraction)(x, torch.Generator().manual_seed(0))
     energy_fn = None
     if world > 1:
         x = rank_share(x, rank, world, 1)
