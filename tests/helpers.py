@@ -1,8 +1,13 @@
 """Shared test helpers: tiny models and inputs, pieces of the multi-process tests."""
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import socket
+import sys
 
+import pytest
 import torch
 
 from energyvit.model import EnergyViT, model_config
@@ -11,6 +16,9 @@ from energyvit.tasks import Corrupted
 # `pretrain` flags for three tasks and two restoration steps, so tests of the training loop cover a
 # task mixture and steps after the first whatever the defaults are
 THREE_TASKS_K2 = ["--tasks", "mim:0.5,denoise:0.25,sr:0.25", "--restore_steps", "2"]
+
+TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
+needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun is not on PATH")
 
 
 def tiny_model(dtype=torch.float64, seed: int = 0, **overrides) -> EnergyViT:
@@ -55,6 +63,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def process_group(rank: int = 0, world: int = 1, port: int | None = None, **kwargs):
+    """A gloo process group of `world` processes on this machine (port: a free one when None, for a
+    group of one), destroyed on the way out; yields this rank's DistInfo."""
+    import torch.distributed as dist
+
+    from energyvit.distributed import DistInfo
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port or free_port()}", rank=rank, world_size=world,
+                            **kwargs)
+    try:
+        yield DistInfo(rank, world, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def assert_ddp_task_loss_grads(model, x: torch.Tensor, c: Corrupted, opts) -> None:
+    """Under DDP (a one-process gloo group) the first energy of a step is the wrapper's forward:
+    what the option passes through it (keep, the split streams) reaches the model, and the parameter
+    gradients of task_loss equal those without DDP."""
+    from energyvit.distributed import ddp_energy_fn, wrap_ddp
+    from energyvit.objective import task_loss
+
+    with process_group():
+        params = [p for p in model.parameters() if p.requires_grad]
+        ref = torch.autograd.grad(task_loss(model, x, c, opts), params)
+        ddp = wrap_ddp(model, torch.device("cpu"))
+        task_loss(model, x, c, opts, energy_fn=ddp_energy_fn(ddp, model)).backward()
+        for p, r in zip(params, ref):
+            torch.testing.assert_close(p.grad, r, rtol=1e-12, atol=1e-15)
 
 
 def fixed_corruption(x: torch.Tensor) -> Corrupted:

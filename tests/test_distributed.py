@@ -6,28 +6,23 @@ compiled and the CUDA-graphed steps use (AllReduceGradients), with the ordinary 
 graphed step's bookkeeping."""
 import json
 import os
-import shutil
 import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
 from energyvit.cli import main
-from energyvit.distributed import AllReduceGradients, DDPGradients, DistInfo, broadcast_parameters, coalesced, \
-    ddp_energy_fn, wrap_ddp
+from energyvit.distributed import AllReduceGradients, DDPGradients, broadcast_parameters, coalesced, ddp_energy_fn, \
+    wrap_ddp
 from energyvit.objective import EnergyOptions, task_loss
 from energyvit.tasks import Corrupted, MaskedImageModeling
-from helpers import THREE_TASKS_K2, eager_replay_step, fixed_corruption, free_port, images, rank_share, sgd_steps, \
-    tiny_checkpoint, tiny_model
+from helpers import THREE_TASKS_K2, TORCHRUN, eager_replay_step, fixed_corruption, free_port, images, process_group, rank_share, \
+    needs_torchrun, sgd_steps, tiny_checkpoint, tiny_model
 
 BATCH = 8
-TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun is not on PATH")
 
 
 def model_and_ddp(distributed: bool, seed: int = 0):
@@ -78,11 +73,8 @@ def option_grads(name: str, rank: int = 0, world: int = 1) -> dict:
 
 
 def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        info = DistInfo(rank, world, rank)
+    with process_group(rank, world, port) as info:
         # direct gradients of one micro-batch per rank, K = 2 restoration steps
         model, ddp = model_and_ddp(True)
         x = images(BATCH)
@@ -107,8 +99,6 @@ def ddp_worker(rank: int, world: int, port: int, out: str) -> None:
         options = {name: option_grads(name, rank, world) for name in OPTION_STEPS}
         torch.save({"grads": grads, "after": after, "start": start, "after_explicit": after_explicit,
                     "after_graphed": after_graphed, "options": options}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_ddp_and_the_explicit_all_reduce_equal_one_process(tmp_path):
@@ -167,8 +157,7 @@ def test_coalesced_packs_few_buffers_per_device_and_dtype():
 
 
 def test_all_reduce_refuses_a_parameter_without_gradient():
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
+    with process_group():
         model = tiny_model()
         sync = AllReduceGradients(model)
         for p in model.parameters():
@@ -179,8 +168,6 @@ def test_all_reduce_refuses_a_parameter_without_gradient():
         model.norm.weight.grad = torch.ones_like(model.norm.weight)
         sync.reduce()  # one rank: the mean is the gradient itself
         assert all(torch.equal(p.grad, torch.ones_like(p)) for p in model.parameters())
-    finally:
-        dist.destroy_process_group()
 
 
 @needs_torchrun

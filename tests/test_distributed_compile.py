@@ -8,20 +8,18 @@ Compiling on the CPU takes tens of seconds a graph, so every compiled step here 
 """
 import json
 import os
-import shutil
 import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from energyvit.compiled import compile_support, compiled_train_step
-from energyvit.distributed import AllReduceGradients, DistInfo, broadcast_parameters
+from energyvit.distributed import AllReduceGradients, broadcast_parameters
 from energyvit.objective import EnergyOptions, task_loss
-from helpers import fixed_corruption, free_port, images, rank_share, sgd_steps, tiny_model, write_image_folder
+from helpers import TORCHRUN, fixed_corruption, free_port, images, needs_torchrun, process_group, rank_share, \
+    sgd_steps, tiny_model, write_image_folder
 
 pytestmark = pytest.mark.skipif(not compile_support()[0], reason="this torch cannot trace autograd.grad")
 
@@ -46,9 +44,7 @@ def eager_step_loss(model):
 
 def compiled_worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        info = DistInfo(rank, world, rank)
+    with process_group(rank, world, port) as info:
         model = energy_model(seed=rank)  # other weights on rank 1 until the broadcast
         broadcast_parameters(model)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
@@ -61,8 +57,6 @@ def compiled_worker(rank: int, world: int, port: int, out: str) -> None:
             after_accum = sgd_steps(model, step_loss, share, BATCH // world // 2, 2, info, AllReduceGradients(model))
         assert step.mode == "compiled" and step.compiled_graphs() == 1
         torch.save({"after": after, "after_accum": after_accum}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_compiled_step_in_two_processes_equals_one_process(tmp_path, one_thread):
@@ -94,17 +88,15 @@ def test_compiled_step_in_two_processes_equals_one_process(tmp_path, one_thread)
         assert moved.abs().max() > 1e-4  # the step did something
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun is not on PATH")
+@needs_torchrun
 def test_torchrun_pretrain_compiled_two_cpu_processes(tmp_path):
     """`torchrun --nproc_per_node 2 ... pretrain --compile` on a small ImageFolder: compiled (no
     fallback warning), gradients all-reduced after each step, 2 epochs of 2 steps, 2 micro-batches
     per step, the epoch evaluation and the final probe on rank 0."""
     write_image_folder(tmp_path / "data" / "train", 16, 0)
     write_image_folder(tmp_path / "data" / "val", 4, 1)
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     out = tmp_path / "out"
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "energyvit", "pretrain",
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "energyvit", "pretrain",
            "--compile", "--device", "cpu", "--data_path", str(tmp_path / "data"), "--model", "vit_pico_patch2",
            "--input_size", "8", "--energy_head_depth", "0", "--batch_size", "4", "--accum_iter", "2", "--epochs", "2",
            "--warmup_epochs", "1", "--num_threads", "1", "--num_workers", "0", "--grid_rows", "2", "--no-tensorboard",

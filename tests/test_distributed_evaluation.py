@@ -8,9 +8,7 @@ Tolerances: the distributed and single-process runs add the same numbers in othe
 import datetime
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 
 import pytest
@@ -27,8 +25,7 @@ from energyvit.sampling import derive_seed
 from energyvit.evaluation.knn import knn_accuracy, knn_scores
 from energyvit.evaluation.mae_probe import GlobalBatchNorm, MAEProbeOptions, feature_dim, probe_head, train_mae_probe
 from energyvit.evaluation.streaming import classify_split, gather_shards, shard_features
-from helpers import tiny_checkpoint, tiny_model
-from test_distributed import free_port
+from helpers import TORCHRUN, free_port, needs_torchrun, process_group, tiny_checkpoint, tiny_model
 
 WORLD = 2
 RTOL, ATOL = 1e-9, 1e-12
@@ -117,13 +114,9 @@ def run_everything(info: DistInfo, batch_size: int) -> dict:
 
 
 def worker(rank: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        torch.save(run_everything(DistInfo(rank, WORLD, rank), batch_size=8), f"{folder}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    with process_group(rank, WORLD, port) as info:
+        torch.save(run_everything(info, batch_size=8), f"{folder}/rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -298,10 +291,7 @@ def image_folder(root) -> str:
     return str(root)
 
 
-TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
-
-
-@pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun is not installed")
+@needs_torchrun
 @pytest.mark.parametrize("protocol", ["mae", "lbfgs"])
 def test_torchrun_probe_two_cpu_processes_equals_one(protocol, tmp_path, capsys):
     from energyvit.cli import main

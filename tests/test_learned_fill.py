@@ -2,23 +2,21 @@
 fills mim's hidden patches and trains through the restoration. At init it is the constant 0.5
 fill bit for bit; its gradient is the loss's derivative; the compiled, graphed, fused and DDP steps
 give the eager gradients; checkpoints, export, restore and score carry it; refusals are one line."""
-import os
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from energyvit.checkpoint import load_model, save_checkpoint
 from energyvit.cli import main
-from energyvit.distributed import AllReduceGradients, DDPGradients, DistInfo, ddp_energy_fn, wrap_ddp
+from energyvit.distributed import AllReduceGradients, DDPGradients, ddp_energy_fn, wrap_ddp
 from energyvit.model import ENERGY_ONLY_KEYS, config_from_dict, config_to_dict
 from energyvit.objective import EnergyOptions, task_loss
 from energyvit.options import OptionError
 from energyvit.pretrain import PretrainOptions, RunOptions
 from energyvit.tasks import Corrupted, Denoise, MaskedImageModeling, TaskOptions, build_task
-from helpers import eager_replay_step, free_port, images, rank_share, sgd_steps, tiny_model
+from helpers import eager_replay_step, free_port, images, process_group, rank_share, sgd_steps, tiny_model
 
 PATCH = 2  # tiny_model: vit_pico_patch2 on 8x8 single-channel images
 MODELS = [dict(energy="norm", energy_head_depth=2, energy_head_dim=16), dict(energy="linear"), dict(energy="cls")]
@@ -303,11 +301,8 @@ def fill_model():
 
 
 def fill_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        info = DistInfo(rank, world, rank)
+    with process_group(rank, world, port) as info:
         share = rank_share(images(2 * BATCH), rank, world, 2)
         model = fill_model()
         ddp = wrap_ddp(model, torch.device("cpu"))
@@ -317,8 +312,6 @@ def fill_worker(rank: int, world: int, port: int, out: str) -> None:
         after_explicit = sgd_steps(model, alternating_step_loss(model), share, BATCH // world, 1, info,
                                    AllReduceGradients(model), steps=2)
         torch.save({"ddp": after_ddp, "explicit": after_explicit}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_processes_train_the_patch_as_one(tmp_path):

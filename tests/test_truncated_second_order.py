@@ -11,7 +11,7 @@ from energyvit.options import OptionError
 from energyvit.pretrain import PretrainOptions, RunOptions
 from energyvit.restore import input_gradient
 from energyvit.tasks import MaskedImageModeling, TaskOptions
-from helpers import images, tiny_model
+from helpers import assert_ddp_task_loss_grads, images, tiny_model
 
 DEPTH = 2  # tiny_model: vit_pico_patch2
 HEAD = dict(energy_head_depth=2, energy_head_dim=16)
@@ -72,30 +72,10 @@ def test_the_blocks_below_count_as_the_identity(blocks):
 
 
 def test_the_ddp_energy_passes_the_cut_through():
-    """Under DDP (a one-process gloo group) the first energy of a step is the wrapper's forward, the
-    split streams come back through it, and the gradients are those without DDP."""
-    import os
-
-    import torch.distributed as dist
-
-    from energyvit.distributed import ddp_energy_fn, wrap_ddp
-    from helpers import free_port
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        model = tiny_model(**HEAD)
-        x = images(3)
-        c = corrupted_batch(x, 0.5)
-        opts = EnergyOptions(second_order_blocks=1)
-        params = [p for p in model.parameters() if p.requires_grad]
-        ref = torch.autograd.grad(task_loss(model, x, c, opts), params)
-        ddp = wrap_ddp(model, torch.device("cpu"))
-        task_loss(model, x, c, opts, energy_fn=ddp_energy_fn(ddp, model)).backward()
-        for p, r in zip(params, ref):
-            torch.testing.assert_close(p.grad, r, rtol=1e-12, atol=1e-15)
-    finally:
-        dist.destroy_process_group()
+    """Under DDP the first energy of a step is the wrapper's forward, the split streams come back
+    through it, and the gradients are those without DDP."""
+    x = images(3)
+    assert_ddp_task_loss_grads(tiny_model(**HEAD), x, corrupted_batch(x, 0.5), EnergyOptions(second_order_blocks=1))
 
 
 def test_bad_cut_gives_a_clear_error():

@@ -4,19 +4,16 @@ own embedding of the hidden patches' pixels, and every restoration step runs the
 Checked in float64 against a reference built here by hand that recomputes the encoder at every step."""
 import json
 import os
-import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from energyvit.benchmark.flops import energy_step_flops, mae_step_flops, visible_step_flops
 from energyvit.checkpoint import load_model
 from energyvit.cli import main
-from energyvit.distributed import AllReduceGradients, DistInfo, broadcast_parameters
+from energyvit.distributed import AllReduceGradients, broadcast_parameters
 from energyvit.losses import restoration_loss
 from energyvit.methods.mae import default_decoder
 from energyvit.model import EnergyViT, ModelOptions, model_config
@@ -25,7 +22,8 @@ from energyvit.options import OptionError
 from energyvit.pretrain import PretrainOptions, RunOptions, build_method
 from energyvit.restore import VisibleEncoderEnergy, restore
 from energyvit.tasks import Corrupted, MaskedImageModeling, TaskOptions, build_task, mim_patch_counts
-from helpers import fixed_corruption, free_port, images, rank_share, sgd_steps, tiny_model, write_image_folder
+from helpers import TORCHRUN, fixed_corruption, free_port, images, needs_torchrun, process_group, rank_share, \
+    sgd_steps, tiny_model, write_image_folder
 
 PATCH, GRID, L = 2, 4, 16  # tiny_model: vit_pico_patch2 on 8x8 single-channel images
 HEAD = dict(energy_head_depth=2, energy_head_dim=16)
@@ -424,16 +422,12 @@ def split_step_loss(model):
 
 def worker(rank: int, world: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        info = DistInfo(rank, world, rank)
+    with process_group(rank, world, port) as info:
         model = visible_model(seed=rank)  # other weights on rank 1 until the broadcast
         broadcast_parameters(model)
         share = rank_share(images(BATCH), rank, world, 1)
         after = sgd_steps(model, split_step_loss(model), share, BATCH // world, 1, info, AllReduceGradients(model))
         torch.save(after, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_processes_equal_one_process(tmp_path, one_thread):
@@ -452,16 +446,14 @@ def test_two_processes_equal_one_process(tmp_path, one_thread):
         assert (one[name] - initial[name]).abs().max() > 1e-4, name  # the step moved it
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(os.path.join(os.path.dirname(sys.executable), "torchrun")),
-                    reason="torchrun is not on PATH")
+@needs_torchrun
 def test_torchrun_pretrain_two_cpu_processes(tmp_path):
     """`torchrun --nproc_per_node 2 ... pretrain --encoder_input visible`: the gradients are
     all-reduced after each step (no DDP), 1 epoch of 2 steps, the evaluation and probe on rank 0."""
     write_image_folder(tmp_path / "data" / "train", 16, 0)
     write_image_folder(tmp_path / "data" / "val", 4, 1)
-    torchrun = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
     out = tmp_path / "out"
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "energyvit", "pretrain",
+    cmd = [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "energyvit", "pretrain",
            "--encoder_input", "visible", "--device", "cpu", "--data_path", str(tmp_path / "data"), "--model",
            "vit_pico_patch2", "--input_size", "8", "--batch_size", "8", "--epochs", "1", "--warmup_epochs", "1",
            "--num_threads", "1", "--num_workers", "0", "--grid_rows", "2", "--no-tensorboard", "--output_dir", str(out)]
