@@ -1,6 +1,6 @@
 """Smoke runs of the method comparison (experiments/compare_methods.py) on a tiny shapes set: every
 method, the equal-time MAE run, random init and raw pixels through every classifier; budgets of
-epochs as curves against training FLOPs; merging result files run in parts."""
+epochs as curves against training FLOPs; merging result files run in parts; every run against MAE at equal compute."""
 import importlib.util
 import json
 import subprocess
@@ -118,3 +118,42 @@ def test_merge_results_pools_seeds_and_rebuilds_curves(tmp_path, monkeypatch):
     assert merged["curve_budgets"] == {"energy": [1, 2], "mae": [2, 4, 8]}
     assert merged["seeds"]["energy_e1"] == [0, 1, 2] and merged["seeds"]["mae_e8"] == [2]
     assert merged["curves"]["energy"][0]["linear"]["mean"] == pytest.approx(0.3)
+
+
+def _runs_file(path: Path, seeds: list[int], runs: dict, data: str = "d") -> Path:
+    """A result file: runs maps a run's name to (epochs, FLOPs, one linear score per seed, extra keys)."""
+    rows = {name: [{"epochs": e, "train_flops": f, "linear": v, "knn": v, "few_labels": v, **extra} for v in scores]
+            for name, (e, f, scores, extra) in runs.items()}
+    rows["random_init"] = [{"linear": 0.1, "knn": 0.1, "few_labels": 0.1} for _ in seeds]
+    path.write_text(json.dumps({"data": data, "model": "m", "epochs": 1, "seeds": seeds, "runs": rows}))
+    return path
+
+
+def test_equal_compute_pairs_each_run_with_mae_at_no_more_flops(tmp_path, monkeypatch, capsys):
+    curve = _runs_file(tmp_path / "curve.json", [0, 1], {
+        "mae_e10": (10, 1.0, [0.50, 0.60], {"finetune": 0.9}), "mae_e40": (40, 4.0, [0.70, 0.80], {}),
+        "energy_e10": (10, 4.5, [0.55, 0.70], {"finetune": 0.8})})
+    # the same energy run copied into another file, with another seed, and an option of no more FLOPs than MAE's least
+    other = _runs_file(tmp_path / "other.json", [1, 2], {
+        "energy": (10, 4.5, [0.70, 0.40], {}), "cheap": (5, 0.5, [0.9, 0.9], {}), "mae": (10, 1.0, [0.60, 0.30], {})})
+    out = tmp_path / "gaps.json"
+    run_script(monkeypatch, "equal_compute", curve, other, "--out", out)
+    table = {(r["method"], r["epochs"]): r for r in json.loads(out.read_text())["runs"]}
+    energy = table[("energy", 10)]
+    assert energy["seeds"] == [0, 1, 2] and energy["mae_epochs"] == {"linear": [10, 40], "knn": [10, 40],
+                                                                     "few_labels": [10, 40], "finetune": [10]}
+    # linear: seeds 0 and 1 against MAE 40 epochs (4.0 of 4.5 FLOPs), seed 2 against its only MAE run
+    assert energy["gap_points"]["linear"]["mean"] == pytest.approx(100 * (-0.15 - 0.10 + 0.10) / 3)
+    assert energy["gap_points"]["finetune"]["mean"] == pytest.approx(-10.0)
+    assert table[("cheap", 5)]["gap_points"]["linear"] is None and "none at this compute" in capsys.readouterr().out
+    assert table[("mae", 40)]["gap_points"]["linear"] is None
+    clash = _runs_file(tmp_path / "clash.json", [0], {"energy": (10, 4.5, [0.56], {})})
+    with pytest.raises(SystemExit, match="energy seed 0 at 10 epochs differs from another file in"):
+        run_script(monkeypatch, "equal_compute", curve, clash)
+    with pytest.raises(SystemExit, match="differ in data or model"):
+        run_script(monkeypatch, "equal_compute", curve, _runs_file(tmp_path / "x.json", [0], {}, data="e"))
+    old = json.loads(curve.read_text())
+    del old["runs"]["mae_e10"][0]["train_flops"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(SystemExit, match="run mae_e10 has no train_flops"):
+        run_script(monkeypatch, "equal_compute", tmp_path / "old.json")

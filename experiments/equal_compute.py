@@ -1,0 +1,120 @@
+"""How far each pretraining run is from MAE at equal compute: every run of experiments/compare_methods.py
+result files (one data set and model, any epochs) against the MAE run of the most training FLOPs
+that does not exceed its own (per seed and metric), seed by seed.
+
+    python experiments/equal_compute.py experiments/results/digits_*.json --out gaps.json
+
+A run is a method (its configuration name, without the `_eE` of a budget; `mae_time` and `mae_eE` are
+MAE) at a number of epochs. Rows of one run and seed found in several files are one row if the
+scores both have agree (a run copied into another file, or MAE run again beside other
+configurations) and an error otherwise; keys only one has (fine-tuning) are kept. Each cell is the
+mean over seeds and, in brackets, the paired difference from that MAE run in points (mean and
+sample standard deviation of the per-seed differences, over the seeds both have). MAE is given no
+more compute than the run, so a negative difference is a loss at equal compute or less.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+METRICS = ("linear", "knn", "few_labels", "finetune")
+HEADERS = ("linear", "kNN", "few labels", "fine-tuned")
+
+
+def method_of(name: str, epochs: int) -> str:
+    base = name[: -len(f"_e{epochs}")] if name.endswith(f"_e{epochs}") else name
+    return "mae" if base == "mae_time" else base
+
+
+def load_runs(files: list[Path]) -> tuple[str, dict]:
+    """{(method, epochs): {seed: row}} over the files, which must share data and model."""
+    runs: dict[tuple[str, int], dict[int, dict]] = {}
+    setting = set()
+    for f in files:
+        part = json.loads(f.read_text())
+        setting.add((part["data"], part["model"]))
+        for name, rows in part["runs"].items():
+            seeds = part["seeds"][name] if isinstance(part["seeds"], dict) else part["seeds"]
+            for seed, row in zip(seeds, rows):
+                if "epochs" not in row:
+                    continue  # random init and raw pixels: no training
+                if "train_flops" not in row:
+                    raise SystemExit(f"{f}: run {name} has no train_flops (a file from before FLOPs were counted)")
+                key = (method_of(name, row["epochs"]), row["epochs"])
+                known = runs.setdefault(key, {}).setdefault(seed, {})
+                clash = [m for m in METRICS if m in known and m in row and known[m] != row[m]]
+                if clash:
+                    raise SystemExit(f"{f}: {name} seed {seed} at {row['epochs']} epochs differs from another file "
+                                     f"in {clash}")
+                known.update(row)
+    if len(setting) != 1:
+        raise SystemExit(f"the files differ in data or model: {sorted(setting)}")
+    (data, model), = setting
+    return f"{data}, {model}", runs
+
+
+def mae_reference(runs: dict, flops: float, seed: int, metric: str) -> tuple[int, float] | None:
+    """(epochs, score) of seed's MAE run with `metric` and the most FLOPs not above `flops` (1e-9
+    relative over allowed, for rounding). Per seed: an equal-time MAE run has other epochs per seed."""
+    fits = [(rows[seed]["train_flops"], epochs, rows[seed][metric]) for (method, epochs), rows in runs.items()
+            if method == "mae" and seed in rows and metric in rows[seed]
+            and rows[seed]["train_flops"] <= flops * (1 + 1e-9)]
+    return max(fits)[1:] if fits else None
+
+
+def cell(runs: dict, key: tuple[str, int], metric: str) -> tuple[str, dict | None, set[int]]:
+    """The mean score over seeds, with its paired difference from MAE (and the MAE epochs used)."""
+    rows = runs[key]
+    values = [r[metric] for r in rows.values() if metric in r]
+    if not values:
+        return "-", None, set()
+    text = f"{statistics.fmean(values):.3f}"
+    refs = {} if key[0] == "mae" else {s: mae_reference(runs, r["train_flops"], s, metric)
+                                        for s, r in rows.items() if metric in r}
+    diffs = [100 * (rows[s][metric] - ref[1]) for s, ref in refs.items() if ref]
+    if not diffs:
+        return text, None, set()
+    gap = {"mean": statistics.fmean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+           "seeds": len(diffs)}
+    return f"{text} ({gap['mean']:+.1f} ± {gap['std']:.1f})", gap, {ref[0] for ref in refs.values() if ref}
+
+
+def epochs_text(epochs: set[int]) -> str:
+    return f"{min(epochs)} ep" if len(epochs) == 1 else f"{min(epochs)}-{max(epochs)} ep"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("files", nargs="+", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="also write the table's numbers as JSON here")
+    args = p.parse_args()
+    setting, runs = load_runs(args.files)
+    order = sorted(runs, key=lambda k: (k[0] != "mae", k[0], next(iter(runs[k].values()))["train_flops"]))
+    print(f"{setting}: mean over seeds (paired difference from MAE at equal or less compute, points)\n")
+    print("| method | epochs | seeds | TFLOP | train s | " + " | ".join(HEADERS) + " | MAE run |")
+    print("| --- " * (6 + len(HEADERS)) + "|")
+    table = []
+    for key in order:
+        rows = runs[key]
+        flops = next(iter(rows.values()))["train_flops"]
+        cells, gaps, ref_epochs = zip(*(cell(runs, key, m) for m in METRICS))
+        train_s = statistics.fmean(r["train_s"] for r in rows.values() if "train_s" in r) \
+            if any("train_s" in r for r in rows.values()) else float("nan")
+        used = [(h, e) for h, e in zip(HEADERS, ref_epochs) if e]
+        ref_text = "-" if key[0] == "mae" else epochs_text(used[0][1]) if used else "none at this compute"
+        ref_text += "".join(f"; {h}: {epochs_text(e)}" for h, e in used[1:] if e != used[0][1])
+        print(f"| {key[0]} | {key[1]} | {len(rows)} | {flops / 1e12:.2f} | {train_s:.0f} | " + " | ".join(cells)
+              + f" | {ref_text} |")
+        table.append({"method": key[0], "epochs": key[1], "seeds": sorted(rows), "train_flops": flops,
+                      "gap_points": dict(zip(METRICS, gaps)),
+                      "mae_epochs": {m: sorted(e) for m, e in zip(METRICS, ref_epochs) if e}})
+    if args.out:
+        args.out.write_text(json.dumps({"setting": setting, "files": [str(f) for f in args.files], "runs": table},
+                                       indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
