@@ -9,8 +9,10 @@ MAE) at a number of epochs. Rows of one run and seed found in several files are 
 scores both have agree (a run copied into another file, or MAE run again beside other
 configurations) and an error otherwise; keys only one has (fine-tuning) are kept. Each cell is the
 mean over seeds and, in brackets, the paired difference from that MAE run in points (mean and
-sample standard deviation of the per-seed differences, over the seeds both have). MAE is given no
-more compute than the run, so a negative difference is a loss at equal compute or less.
+sample standard deviation of the per-seed differences, over the seeds both have); the last column
+gives the MAE run's epochs and its FLOPs as a share of the run's. MAE is given no more compute than
+the run, so a negative difference is a loss at equal compute; a tie against an MAE run of a
+fraction of the FLOPs is not a tie at equal compute.
 """
 from __future__ import annotations
 
@@ -48,24 +50,28 @@ def load_runs(files: list[Path]) -> tuple[str, dict]:
                 if clash:
                     raise SystemExit(f"{f}: {name} seed {seed} at {row['epochs']} epochs differs from another file "
                                      f"in {clash}")
-                known.update(row)
+                for k, v in row.items():
+                    known.setdefault(k, v)  # the first file's training time, the scores agree
     if len(setting) != 1:
         raise SystemExit(f"the files differ in data or model: {sorted(setting)}")
     (data, model), = setting
     return f"{data}, {model}", runs
 
 
-def mae_reference(runs: dict, flops: float, seed: int, metric: str) -> tuple[int, float] | None:
-    """(epochs, score) of seed's MAE run with `metric` and the most FLOPs not above `flops` (1e-9
+def mae_reference(runs: dict, flops: float, seed: int, metric: str) -> tuple[int, float, float] | None:
+    """(epochs, FLOPs, score) of seed's MAE run with `metric` and the most FLOPs not above `flops` (1e-9
     relative over allowed, for rounding). Per seed: an equal-time MAE run has other epochs per seed."""
     fits = [(rows[seed]["train_flops"], epochs, rows[seed][metric]) for (method, epochs), rows in runs.items()
             if method == "mae" and seed in rows and metric in rows[seed]
             and rows[seed]["train_flops"] <= flops * (1 + 1e-9)]
-    return max(fits)[1:] if fits else None
+    if not fits:
+        return None
+    flops, epochs, score = max(fits)
+    return epochs, flops, score
 
 
-def cell(runs: dict, key: tuple[str, int], metric: str) -> tuple[str, dict | None, set[int]]:
-    """The mean score over seeds, with its paired difference from MAE (and the MAE epochs used)."""
+def cell(runs: dict, key: tuple[str, int], metric: str) -> tuple[str, dict | None, set[tuple[int, float]]]:
+    """The mean score over seeds, with its paired difference from MAE (and the MAE runs used)."""
     rows = runs[key]
     values = [r[metric] for r in rows.values() if metric in r]
     if not values:
@@ -73,16 +79,20 @@ def cell(runs: dict, key: tuple[str, int], metric: str) -> tuple[str, dict | Non
     text = f"{statistics.fmean(values):.3f}"
     refs = {} if key[0] == "mae" else {s: mae_reference(runs, r["train_flops"], s, metric)
                                         for s, r in rows.items() if metric in r}
-    diffs = [100 * (rows[s][metric] - ref[1]) for s, ref in refs.items() if ref]
+    diffs = [100 * (rows[s][metric] - ref[2]) for s, ref in refs.items() if ref]
     if not diffs:
         return text, None, set()
     gap = {"mean": statistics.fmean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
            "seeds": len(diffs)}
-    return f"{text} ({gap['mean']:+.1f} ± {gap['std']:.1f})", gap, {ref[0] for ref in refs.values() if ref}
+    return f"{text} ({gap['mean']:+.1f} ± {gap['std']:.1f})", gap, {ref[:2] for ref in refs.values() if ref}
 
 
-def epochs_text(epochs: set[int]) -> str:
-    return f"{min(epochs)} ep" if len(epochs) == 1 else f"{min(epochs)}-{max(epochs)} ep"
+def mae_text(used: set[tuple[int, float]], flops: float) -> str:
+    """MAE's epochs and its share of the run's FLOPs, e.g. '50 ep, 0.50x' (a range over seeds)."""
+    epochs, share = sorted(e for e, _ in used), sorted(f / flops for _, f in used)
+    text = f"{epochs[0]} ep" if epochs[0] == epochs[-1] else f"{epochs[0]}-{epochs[-1]} ep"
+    lo, hi = f"{share[0]:.2f}", f"{share[-1]:.2f}"
+    return f"{text}, {lo}x" if lo == hi else f"{text}, {lo}-{hi}x"
 
 
 def main() -> None:
@@ -93,23 +103,23 @@ def main() -> None:
     setting, runs = load_runs(args.files)
     order = sorted(runs, key=lambda k: (k[0] != "mae", k[0], next(iter(runs[k].values()))["train_flops"]))
     print(f"{setting}: mean over seeds (paired difference from MAE at equal or less compute, points)\n")
-    print("| method | epochs | seeds | TFLOP | train s | " + " | ".join(HEADERS) + " | MAE run |")
+    print("| method | epochs | seeds | TFLOP | train s | " + " | ".join(HEADERS) + " | MAE run, share of FLOPs |")
     print("| --- " * (6 + len(HEADERS)) + "|")
     table = []
     for key in order:
         rows = runs[key]
         flops = next(iter(rows.values()))["train_flops"]
-        cells, gaps, ref_epochs = zip(*(cell(runs, key, m) for m in METRICS))
+        cells, gaps, mae_runs = zip(*(cell(runs, key, m) for m in METRICS))
         train_s = statistics.fmean(r["train_s"] for r in rows.values() if "train_s" in r) \
             if any("train_s" in r for r in rows.values()) else float("nan")
-        used = [(h, e) for h, e in zip(HEADERS, ref_epochs) if e]
-        ref_text = "-" if key[0] == "mae" else epochs_text(used[0][1]) if used else "none at this compute"
-        ref_text += "".join(f"; {h}: {epochs_text(e)}" for h, e in used[1:] if e != used[0][1])
+        used = [(h, r) for h, r in zip(HEADERS, mae_runs) if r]
+        ref_text = "-" if key[0] == "mae" else mae_text(used[0][1], flops) if used else "none at this compute"
+        ref_text += "".join(f"; {h}: {mae_text(e, flops)}" for h, e in used[1:] if e != used[0][1])
         print(f"| {key[0]} | {key[1]} | {len(rows)} | {flops / 1e12:.2f} | {train_s:.0f} | " + " | ".join(cells)
               + f" | {ref_text} |")
         table.append({"method": key[0], "epochs": key[1], "seeds": sorted(rows), "train_flops": flops,
                       "gap_points": dict(zip(METRICS, gaps)),
-                      "mae_epochs": {m: sorted(e) for m, e in zip(METRICS, ref_epochs) if e}})
+                      "mae_epochs": {m: sorted({e for e, _ in r}) for m, r in zip(METRICS, mae_runs) if r}})
     if args.out:
         args.out.write_text(json.dumps({"setting": setting, "files": [str(f) for f in args.files], "runs": table},
                                        indent=2) + "\n")

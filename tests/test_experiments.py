@@ -145,7 +145,9 @@ def test_equal_compute_pairs_each_run_with_mae_at_no_more_flops(tmp_path, monkey
     # linear: seeds 0 and 1 against MAE 40 epochs (4.0 of 4.5 FLOPs), seed 2 against its only MAE run
     assert energy["gap_points"]["linear"]["mean"] == pytest.approx(100 * (-0.15 - 0.10 + 0.10) / 3)
     assert energy["gap_points"]["finetune"]["mean"] == pytest.approx(-10.0)
-    assert table[("cheap", 5)]["gap_points"]["linear"] is None and "none at this compute" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| 10-40 ep, 0.22-0.89x; fine-tuned: 10 ep, 0.22x |" in printed  # MAE's epochs, its share of FLOPs
+    assert table[("cheap", 5)]["gap_points"]["linear"] is None and "none at this compute" in printed
     assert table[("mae", 40)]["gap_points"]["linear"] is None
     clash = _runs_file(tmp_path / "clash.json", [0], {"energy": (10, 4.5, [0.56], {})})
     with pytest.raises(SystemExit, match="energy seed 0 at 10 epochs differs from another file in"):
