@@ -1,6 +1,6 @@
 """How far each pretraining run is from MAE at equal compute: every run of experiments/compare_methods.py
 result files (one data set and model, any epochs) against the MAE run of the most training FLOPs
-that does not exceed its own (per seed and metric), seed by seed.
+that does not exceed its own, seed by seed and metric by metric.
 
     python experiments/equal_compute.py experiments/results/digits_*.json --out gaps.json
 
@@ -35,10 +35,15 @@ def load_runs(files: list[Path]) -> tuple[str, dict]:
     runs: dict[tuple[str, int], dict[int, dict]] = {}
     setting = set()
     for f in files:
-        part = json.loads(f.read_text())
-        setting.add((part["data"], part["model"]))
-        for name, rows in part["runs"].items():
-            seeds = part["seeds"][name] if isinstance(part["seeds"], dict) else part["seeds"]
+        try:
+            part = json.loads(f.read_text())
+            setting.add((part["data"], part["model"]))
+            named_rows, file_seeds = part["runs"].items(), part["seeds"]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise SystemExit(f"{f}: not a result file of experiments/compare_methods.py ({type(e).__name__}: {e})")
+        for name, rows in named_rows:
+            # a merged file lists the seeds of each configuration, a file of one run all of them
+            seeds = file_seeds[name] if isinstance(file_seeds, dict) else file_seeds
             for seed, row in zip(seeds, rows):
                 if "epochs" not in row:
                     continue  # random init and raw pixels: no training

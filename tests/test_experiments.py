@@ -154,6 +154,10 @@ def test_equal_compute_pairs_each_run_with_mae_at_no_more_flops(tmp_path, monkey
         run_script(monkeypatch, "equal_compute", curve, clash)
     with pytest.raises(SystemExit, match="differ in data or model"):
         run_script(monkeypatch, "equal_compute", curve, _runs_file(tmp_path / "x.json", [0], {}, data="e"))
+    (tmp_path / "bad.json").write_text("{}")
+    for bad in (tmp_path / "missing.json", tmp_path / "bad.json"):
+        with pytest.raises(SystemExit, match=f"{bad.name}: not a result file of experiments/compare_methods.py"):
+            run_script(monkeypatch, "equal_compute", curve, bad)
     old = json.loads(curve.read_text())
     del old["runs"]["mae_e10"][0]["train_flops"]
     (tmp_path / "old.json").write_text(json.dumps(old))
