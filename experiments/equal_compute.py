@@ -21,6 +21,8 @@ import json
 import statistics
 from pathlib import Path
 
+from energyvit.benchmark import mean_std
+
 METRICS = ("linear", "knn", "few_labels", "finetune")
 HEADERS = ("linear", "kNN", "few labels", "fine-tuned")
 
@@ -87,8 +89,7 @@ def cell(runs: dict, key: tuple[str, int], metric: str) -> tuple[str, dict | Non
     diffs = [100 * (rows[s][metric] - ref[2]) for s, ref in refs.items() if ref]
     if not diffs:
         return text, None, set()
-    gap = {"mean": statistics.fmean(diffs), "std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
-           "seeds": len(diffs)}
+    gap = mean_std(diffs)
     return f"{text} ({gap['mean']:+.1f} ± {gap['std']:.1f})", gap, {ref[:2] for ref in refs.values() if ref}
 
 
@@ -115,8 +116,8 @@ def main() -> None:
         rows = runs[key]
         flops = next(iter(rows.values()))["train_flops"]
         cells, gaps, mae_runs = zip(*(cell(runs, key, m) for m in METRICS))
-        train_s = statistics.fmean(r["train_s"] for r in rows.values() if "train_s" in r) \
-            if any("train_s" in r for r in rows.values()) else float("nan")
+        times = [r["train_s"] for r in rows.values() if "train_s" in r]
+        train_s = statistics.fmean(times) if times else float("nan")
         used = [(h, r) for h, r in zip(HEADERS, mae_runs) if r]
         ref_text = "-" if key[0] == "mae" else mae_text(used[0][1], flops) if used else "none at this compute"
         ref_text += "".join(f"; {h}: {mae_text(e, flops)}" for h, e in used[1:] if e != used[0][1])

@@ -19,8 +19,8 @@ from energyvit.distributed import AllReduceGradients, DDPGradients, broadcast_pa
     wrap_ddp
 from energyvit.objective import EnergyOptions, task_loss
 from energyvit.tasks import Corrupted, MaskedImageModeling
-from helpers import THREE_TASKS_K2, TORCHRUN, eager_replay_step, fixed_corruption, free_port, images, process_group, rank_share, \
-    needs_torchrun, sgd_steps, tiny_checkpoint, tiny_model
+from helpers import THREE_TASKS_K2, TORCHRUN, eager_replay_step, fixed_corruption, free_port, images, needs_torchrun, \
+    process_group, rank_share, sgd_steps, tiny_checkpoint, tiny_model
 
 BATCH = 8
 
